@@ -1,0 +1,77 @@
+"""`PackedBatch`: what the packer hands to the model - whole samples packed into one token budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from mogao.attention.layout import TokenLayout
+
+
+@dataclass
+class PackedBatch:
+    """One packed batch. Token tensors are in the physical order of `layout` (see `mogao.attention.layout`).
+
+    N = number of tokens, I = number of images in the pack (image-major order: sample by sample, then the
+    order of the images inside each sample). Every image has a ViT copy and a clean VAE copy of gh*gw tokens
+    each; generation targets also have a noisy VAE copy of gh*gw tokens.
+
+    input_ids:      (N,)  text token ids at TEXT positions, 0 elsewhere
+    labels:         (N,)  next-token CE target of each token (-100 where none): the label of a text token is the
+                          next logical token when that token is loss-bearing text (incl. begin-of-image markers)
+    position_ids:   (3, N) IL-RoPE positions (T, H, W)
+    vit_pixels:     I tensors (3, gh*vit_patch, gw*vit_patch), float in [0, 1]
+    vae_pixels:     I tensors (3, gh*vae_patch, gw*vae_patch), float in [0, 1]
+    image_grid:     (I, 2) token grid (gh, gw) of each image
+    image_is_target:(I,) bool, True for generation targets (they have a noisy copy)
+    image_seed:     (I,) int64 seed of the image's timestep and noise draw (independent of the pack it lands in)
+    image_loss_weight: (I,) float weight of the image's flow loss (0 for condition images)
+    vit_index:      (sum gh*gw,) physical positions of ViT tokens; image-major, row-major inside an image
+    vae_clean_index:(sum gh*gw,) physical positions of clean VAE tokens; same order
+    noisy_index:    (sum over targets gh*gw,) physical positions of noisy VAE tokens; same order
+    sample_ids:     the samples' ids (file:line or the JSONL `id`), for logs and fault reports
+    budget:         the token budget the pack was filled to
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    layout: TokenLayout
+    vit_pixels: list[torch.Tensor]
+    vae_pixels: list[torch.Tensor]
+    image_grid: torch.Tensor
+    image_is_target: torch.Tensor
+    image_seed: torch.Tensor
+    image_loss_weight: torch.Tensor
+    vit_index: torch.Tensor
+    vae_clean_index: torch.Tensor
+    noisy_index: torch.Tensor
+    sample_ids: list[str] = field(default_factory=list)
+    budget: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_grid.shape[0])
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the token budget left unused by this pack."""
+        return 0.0 if self.budget <= 0 else 1.0 - self.num_tokens / self.budget
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            elif isinstance(v, TokenLayout):
+                v = v.to(device)
+            elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                v = [t.to(device, non_blocking=non_blocking) for t in v]
+            out[f.name] = v
+        return PackedBatch(**out)
