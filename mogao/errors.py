@@ -1,0 +1,24 @@
+"""The project's own error types: everything a user can cause raises one of these with a message that says
+where (file, line, field or config key) and what would fix it."""
+
+from __future__ import annotations
+
+
+class MogaoError(Exception):
+    """Base class of every error a user can cause."""
+
+
+class DataError(MogaoError, ValueError):
+    """Bad data: a sample, an image or a data file. The message names file, line and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
+        where = ":".join(str(p) for p in (file, line) if p is not None)
+        prefix = f"{where}: " if where else ""
+        if field:
+            prefix += f"field '{field}': "
+        super().__init__(prefix + message)
+        self.file, self.line, self.field = file, line, field
+
+
+class ConfigError(MogaoError, ValueError):
+    """Bad configuration: the message names the key or path."""
