@@ -1,0 +1,301 @@
+"""Lowering: a validated `Sample` -> a `SequencePlan`, the declarative token sequence the packer lays out.
+
+Logical order of a sample's tokens:
+
+    text segment          its tokens (no special tokens added by the tokenizer)
+    image segment         <|vision_start|>, [noisy VAE copy if generate], ViT copy, clean VAE copy, <|vision_end|>
+    end of sample         <|endoftext|>
+
+Each image copy is gh*gw tokens, row-major. Cross-entropy labels: a text token's label is the next logical token
+when that token is loss-bearing text, else -100. Loss-bearing text: tokens of `loss: true` text segments,
+`<|vision_start|>` of a generation target (so the model learns *when* to draw), never `<|vision_end|>`, and
+`<|endoftext|>` when the sample ends in loss-bearing text or a generated image.
+
+IL-RoPE positions (T, H, W): a text token is (t, t, t), t advancing by one per token; all copies of one image
+share T = the next t, with (H, W) the token's (row, column) in the grid; the text after it continues at T + 1.
+
+Condition dropout (for classifier-free guidance) and the per-image noise seeds are drawn from hashes of
+(seed, sample id, epoch[, image index]), so they are reproducible and do not depend on packing or workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from mogao.attention.layout import Span
+from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
+from mogao.data.samples import ImageSegment, Sample, TextSegment
+from mogao.data.tokenizer import SpecialTokens
+from mogao.errors import ConfigError
+from mogao.modality import Modality
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TooLong = Literal["error", "skip", "truncate"]
+
+
+@dataclass
+class DataConfig:
+    """How samples become packed batches. One docstring per field (they become CLI/YAML help)."""
+
+    token_budget: int = 4096
+    """Tokens per packed batch: every token of every sample in the pack (text and all image copies)."""
+    max_image_tokens: int = 256
+    """Most tokens of ONE copy of an image (gh*gw); a condition image costs 2x this, a generation target 3x."""
+    min_grid: int = 1
+    """Fewest tokens along either side of an image's grid."""
+    max_grid: int | None = None
+    """Most tokens along either side of an image's grid (None: only max_image_tokens limits it)."""
+    vit_patch: int = 14
+    """Pixels a side of one ViT token (the ViT's patch size)."""
+    vae_patch: int = 16
+    """Pixels a side of one VAE token: the VAE's downsampling factor times the latent patch size (8*2 = 16)."""
+    too_long: TooLong = "error"
+    """A sample over token_budget: 'error' stops, 'skip' drops it, 'truncate' drops trailing whole segments."""
+    p_drop_text: float = 0.1
+    """Probability of dropping all text of a sample that has a generation target (classifier-free guidance)."""
+    p_drop_images: float = 0.1
+    """Probability of dropping all condition images of a sample that has a generation target."""
+    seed: int = 0
+    """Seed of shuffling, condition dropout and the per-image noise seeds."""
+    lookahead: int = 8
+    """Samples the greedy packer may look ahead to fill a pack (more: less padding, more reordering)."""
+
+    def __post_init__(self) -> None:
+        if self.token_budget < 1:
+            raise ConfigError(f"data.token_budget must be >= 1, got {self.token_budget}")
+        if self.max_image_tokens < 1 or self.vit_patch < 1 or self.vae_patch < 1:
+            raise ConfigError("data.max_image_tokens, data.vit_patch and data.vae_patch must be >= 1, got "
+                              f"{self.max_image_tokens}, {self.vit_patch}, {self.vae_patch}")
+        if self.too_long not in ("error", "skip", "truncate"):
+            raise ConfigError(f"data.too_long must be 'error', 'skip' or 'truncate', got {self.too_long!r}")
+        for name in ("p_drop_text", "p_drop_images"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.lookahead < 1:
+            raise ConfigError(f"data.lookahead must be >= 1, got {self.lookahead}")
+        choose_grid(1, 1, self.max_image_tokens, self.min_grid, self.max_grid)  # raises ConfigError if none fits
+
+
+@dataclass(frozen=True)
+class PlanSpan:
+    """A run of tokens of one kind. Text spans carry their ids and per-token loss flags; image spans their image."""
+
+    kind: Modality
+    length: int
+    image: int = -1
+    token_ids: tuple[int, ...] = ()
+    loss: tuple[bool, ...] = ()
+
+
+@dataclass
+class PlanImage:
+    """An image of the plan (after dropout). `source_index` is its index among the sample's original images."""
+
+    tensors: ImageTensors
+    is_target: bool
+    loss_weight: float
+    seed: int
+    source_index: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.tensors.grid
+
+
+@dataclass
+class SequencePlan:
+    """A lowered sample. Token tensors are in logical order, length L = num_tokens.
+
+    input_ids (L,) text ids (0 at image tokens), labels (L,), position_ids (3, L), modality (L,);
+    copy_start[i][kind]: logical position of the first token of image i's copy `kind`.
+    """
+
+    sample_id: str
+    spans: list[PlanSpan]
+    images: list[PlanImage]
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    modality: torch.Tensor
+    copy_start: list[dict[Modality, int]]
+    index: int = -1
+    dropped: tuple[str, ...] = field(default_factory=tuple)
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def layout_spans(self) -> list[Span]:
+        return [Span(s.kind, s.length, s.image) for s in self.spans]
+
+
+def stable_seed(*parts: object) -> int:
+    """A non-negative int64 from a hash of `parts`: the same in every process, worker and run."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _load(seg: ImageSegment, sample: Sample, i: int) -> Image.Image:
+    field_name = f"segments[{i}].image"
+    img = seg.image if isinstance(seg.image, Image.Image) else open_image(
+        seg.image, file=sample.file, line=sample.line, field=field_name)
+    try:
+        return to_rgb(img)
+    except Exception as e:
+        raise sample.error(f"cannot convert image to RGB: {e}", field=field_name) from e
+
+
+def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None) -> int:
+    if isinstance(seg, TextSegment):
+        return len(ids or ())
+    assert grid is not None
+    return 2 + (3 if seg.generate else 2) * grid[0] * grid[1]
+
+
+def lower_sample(
+    sample: Sample, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, epoch: int = 0,
+    special: SpecialTokens | None = None, index: int = -1,
+) -> SequencePlan | None:
+    """Lower one sample; None when `too_long='skip'` (or 'truncate' cannot keep anything) drops it."""
+    special = special or SpecialTokens.from_tokenizer(tokenizer)
+    segs = list(sample.segments)
+    text_ids: dict[int, list[int]] = {}
+    rgb: dict[int, Image.Image] = {}
+    grids: dict[int, tuple[int, int]] = {}
+    costs = []
+    for i, seg in enumerate(segs):
+        if isinstance(seg, TextSegment):
+            ids = list(tokenizer(seg.text, add_special_tokens=False)["input_ids"])
+            if special.vision_start_id in ids or special.vision_end_id in ids:
+                raise sample.error("text contains an image marker token; put images in image segments",
+                                   field=f"segments[{i}].text")
+            text_ids[i] = ids
+        else:
+            rgb[i] = _load(seg, sample, i)
+            grids[i] = choose_grid(rgb[i].height, rgb[i].width, config.max_image_tokens, config.min_grid,
+                                   config.max_grid)
+        costs.append(_segment_cost(seg, text_ids.get(i), grids.get(i)))
+
+    total = sum(costs) + 1  # + <|endoftext|>
+    keep = len(segs)
+    if total > config.token_budget:
+        n_img = sum(c for i, c in enumerate(costs) if i in grids)
+        msg = (f"sample {sample.id!r} has {total} tokens ({n_img} in images), more than the token budget of "
+               f"{config.token_budget}; raise data.token_budget, lower data.max_image_tokens, split the sample, "
+               "or set data.too_long to 'skip' or 'truncate'")
+        if config.too_long == "error":
+            raise sample.error(msg, field="segments")
+        if config.too_long == "truncate":
+            used = 1
+            keep = 0
+            while keep < len(segs) and used + costs[keep] <= config.token_budget:
+                used += costs[keep]
+                keep += 1
+        if config.too_long == "skip" or keep == 0:
+            log.warning("skipping: %s", sample.error(msg, field="segments"))
+            return None
+    kept = list(range(keep))
+
+    # condition dropout: both draws always happen, so one sample's draws do not depend on the probabilities' use
+    dropped: list[str] = []
+    if any(isinstance(segs[i], ImageSegment) and segs[i].generate for i in kept):
+        rng = random.Random(stable_seed("dropout", config.seed, sample.id, epoch))
+        drop_text, drop_images = rng.random() < config.p_drop_text, rng.random() < config.p_drop_images
+        if drop_text:
+            kept = [i for i in kept if not isinstance(segs[i], TextSegment)]
+            dropped.append("text")
+        if drop_images:
+            kept = [i for i in kept if not (isinstance(segs[i], ImageSegment) and not segs[i].generate)]
+            dropped.append("images")
+
+    image_order = {i: n for n, i in enumerate(i for i, s in enumerate(segs) if isinstance(s, ImageSegment))}
+    spans: list[PlanSpan] = []
+    images: list[PlanImage] = []
+    for i in kept:
+        seg = segs[i]
+        if isinstance(seg, TextSegment):
+            if text_ids[i]:
+                spans.append(PlanSpan(Modality.TEXT, len(text_ids[i]), token_ids=tuple(text_ids[i]),
+                                      loss=(seg.loss,) * len(text_ids[i])))
+            continue
+        grid = grids[i]
+        tensors = ImageTensors(resize_to_grid(rgb[i], grid, config.vit_patch),
+                               resize_to_grid(rgb[i], grid, config.vae_patch), grid)
+        src = image_order[i]
+        k = len(images)
+        images.append(PlanImage(tensors, seg.generate, seg.flow_weight,
+                                stable_seed("image", config.seed, sample.id, src, epoch), src))
+        spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_start_id,), loss=(seg.generate,)))
+        copies = ([Modality.VAE_NOISY] if seg.generate else []) + [Modality.VIT, Modality.VAE_CLEAN]
+        spans.extend(PlanSpan(kind, grid[0] * grid[1], image=k) for kind in copies)
+        spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_end_id,), loss=(False,)))
+    last = segs[kept[-1]]
+    eos_loss = last.generate if isinstance(last, ImageSegment) else last.loss
+    spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.eos_id,), loss=(eos_loss,)))
+    return _build(sample.id, _merge_text(spans), images, index, tuple(dropped), keep < len(segs))
+
+
+def _merge_text(spans: list[PlanSpan]) -> list[PlanSpan]:
+    """Adjacent text spans become one (fewer spans, same tokens)."""
+    out: list[PlanSpan] = []
+    for s in spans:
+        if out and s.kind == Modality.TEXT and out[-1].kind == Modality.TEXT:
+            p = out.pop()
+            s = PlanSpan(Modality.TEXT, p.length + s.length, token_ids=p.token_ids + s.token_ids, loss=p.loss + s.loss)
+        out.append(s)
+    return out
+
+
+def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index: int,
+           dropped: tuple[str, ...], truncated: bool) -> SequencePlan:
+    """Per-token arrays (logical order) from the spans: ids, loss flags, IL-RoPE positions, copy offsets."""
+    ids: list[int] = []
+    loss: list[bool] = []
+    mods: list[int] = []
+    pos_t: list[int] = []
+    pos_h: list[int] = []
+    pos_w: list[int] = []
+    copy_start: list[dict[Modality, int]] = [{} for _ in images]
+    t = 0
+    for n, s in enumerate(spans):
+        if s.kind == Modality.TEXT:
+            ids += s.token_ids
+            loss += s.loss
+            mods += [int(Modality.TEXT)] * s.length
+            pos_t += range(t, t + s.length)
+            pos_h += range(t, t + s.length)
+            pos_w += range(t, t + s.length)
+            t += s.length
+            continue
+        gh, gw = images[s.image].grid
+        copy_start[s.image][s.kind] = len(ids)
+        ids += [0] * s.length
+        loss += [False] * s.length
+        mods += [int(s.kind)] * s.length
+        pos_t += [t] * s.length
+        pos_h += [r for r in range(gh) for _ in range(gw)]
+        pos_w += list(range(gw)) * gh
+        if n + 1 == len(spans) or spans[n + 1].image != s.image:  # last copy of this image
+            t += 1
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    is_text = torch.tensor(mods) == Modality.TEXT
+    target = is_text[1:] & torch.tensor(loss[1:], dtype=torch.bool) & is_text[:-1]
+    labels[:-1] = torch.where(target, input_ids[1:], labels[:-1])
+    return SequencePlan(
+        sample_id=sample_id, spans=spans, images=images, input_ids=input_ids, labels=labels,
+        position_ids=torch.tensor([pos_t, pos_h, pos_w], dtype=torch.long),
+        modality=torch.tensor(mods, dtype=torch.long), copy_start=copy_start, index=index, dropped=dropped,
+        truncated=truncated,
+    )

@@ -1,0 +1,239 @@
+"""The sample format users write (JSONL, one sample a line) and its validating loader.
+
+    {"id": "s1", "segments": [
+      {"text": "Draw a cat."},
+      {"image": "img/cat.png", "generate": true},
+      {"text": "Now make it sleep.", "loss": false},
+      {"image": "img/cat_sleep.png", "generate": true, "loss": 0.5}]}
+
+Keys
+  sample:   `id` (str, optional; default "FILE:LINE"), `segments` (non-empty list)
+  text:     `text` (non-empty str), `loss` (bool, default true: the text carries next-token loss)
+  image:    `image` (path relative to the JSONL file, or absolute), `generate` (bool, default false: a condition
+            image; true: a diffusion target that also gets a noisy copy), `loss` (number >= 0, default 1.0: the
+            weight of the image's flow loss; only meaningful for generation targets, so a condition image may
+            only give 0 / false)
+
+Every problem raises `DataError` naming file, line and field, so a bad line in a million-line file is found
+without a debugger. `check_samples` collects all problems of a file instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mogao.data.images import open_image, to_rgb
+from mogao.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_KEYS = ("id", "segments")
+TEXT_KEYS = ("text", "loss")
+IMAGE_KEYS = ("image", "generate", "loss")
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """A run of text; `loss` says whether its tokens are next-token targets."""
+
+    text: str
+    loss: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSegment:
+    """An image: a file path or, for generated in-memory data, a PIL image.
+
+    `loss` is the flow-loss weight of a generation target (ignored for condition images, which have no flow loss).
+    """
+
+    image: Path | Image.Image
+    generate: bool = False
+    loss: float = 1.0
+
+    @property
+    def flow_weight(self) -> float:
+        return float(self.loss) if self.generate else 0.0
+
+
+Segment = TextSegment | ImageSegment
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A validated sample. `file`/`line` locate it for error messages (line is 1-based; None in memory)."""
+
+    id: str
+    segments: tuple[Segment, ...]
+    file: str | None = None
+    line: int | None = None
+
+    @property
+    def has_target(self) -> bool:
+        return any(isinstance(s, ImageSegment) and s.generate for s in self.segments)
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        """A `DataError` located at this sample (used by later stages, e.g. the length check)."""
+        return DataError(message, file=self.file, line=self.line, field=field)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: Sequence[str], what: str, where: dict[str, Any], field: str | None):
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        raise DataError(
+            f"unknown key(s) {', '.join(repr(k) for k in unknown)} in {what}; allowed keys: {', '.join(allowed)}",
+            field=f"{field}.{unknown[0]}" if field else unknown[0], **where,
+        )
+
+
+def check_image(path: Path | Image.Image, *, where: dict[str, Any], field: str) -> None:
+    """Open, fully decode (which catches truncated files) and convert an image, so bad files fail at load time."""
+    if isinstance(path, Image.Image):
+        return
+    if not path.is_file():
+        raise DataError(f"image file not found: {path} (paths are relative to the JSONL file)", field=field, **where)
+    try:
+        to_rgb(open_image(path, field=field, **where))
+    except DataError as e:
+        if e.file is not None:
+            raise
+        raise DataError(str(e), field=field, **where) from e
+
+
+def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: bool) -> Segment:
+    field = f"segments[{i}]"
+    if not isinstance(raw, dict):
+        raise DataError(f"a segment must be an object, got {_type_name(raw)}", field=field, **where)
+    has_text, has_image = "text" in raw, "image" in raw
+    if has_text == has_image:
+        which = "both 'text' and 'image'" if has_text else "neither 'text' nor 'image'"
+        raise DataError(f"a segment needs exactly one of 'text' or 'image', this one has {which}", field=field, **where)
+    if has_text:
+        _check_keys(raw, TEXT_KEYS, "a text segment", where, field)
+        text, loss = raw["text"], raw.get("loss", True)
+        if not isinstance(text, str):
+            raise DataError(f"'text' must be a string, got {_type_name(text)}", field=f"{field}.text", **where)
+        if not text:
+            raise DataError("empty text; drop the segment or give it some text", field=f"{field}.text", **where)
+        if not isinstance(loss, bool):
+            raise DataError(f"'loss' of a text segment must be true or false, got {loss!r}", field=f"{field}.loss", **where)
+        return TextSegment(text, loss)
+    _check_keys(raw, IMAGE_KEYS, "an image segment", where, field)
+    image, generate, loss = raw["image"], raw.get("generate", False), raw.get("loss", 1.0)
+    if not isinstance(generate, bool):
+        raise DataError(f"'generate' must be true or false, got {generate!r}", field=f"{field}.generate", **where)
+    if not isinstance(loss, (bool, int, float)) or loss < 0 or loss != loss:
+        raise DataError(f"'loss' of an image must be a number >= 0 (flow-loss weight), got {loss!r}",
+                        field=f"{field}.loss", **where)
+    if not generate and "loss" in raw and float(loss) != 0.0:
+        raise DataError("'loss' is the flow-loss weight of a generation target; a condition image has no flow loss "
+                        "- remove 'loss' or set \"generate\": true", field=f"{field}.loss", **where)
+    if isinstance(image, str):
+        if not image:
+            raise DataError("empty image path", field=f"{field}.image", **where)
+        image = root / image
+    elif not isinstance(image, Image.Image):
+        raise DataError(f"'image' must be a path string, got {_type_name(image)}", field=f"{field}.image", **where)
+    if check_images:
+        check_image(image, where=where, field=f"{field}.image")
+    return ImageSegment(image, generate, float(loss) if generate else 0.0)
+
+
+def sample_from_dict(
+    raw: Any, *, root: str | Path = ".", file: str | None = None, line: int | None = None, check_images: bool = True,
+) -> Sample:
+    """Validate one sample given as a dict (a parsed JSONL line or built in memory).
+
+    Image paths are resolved against `root`; in-memory data may put a PIL image in place of the path.
+    """
+    where: dict[str, Any] = {"file": file, "line": line}
+    if not isinstance(raw, dict):
+        raise DataError(f"a sample must be a JSON object, got {_type_name(raw)}", **where)
+    _check_keys(raw, SAMPLE_KEYS, "a sample", where, None)
+    default_id = f"{file if file is not None else '<memory>'}:{line if line is not None else 0}"
+    sid = raw.get("id", default_id)
+    if not isinstance(sid, str) or not sid:
+        raise DataError(f"'id' must be a non-empty string, got {sid!r}", field="id", **where)
+    if "segments" not in raw:
+        raise DataError("missing 'segments' (a non-empty list of text and image segments)", field="segments", **where)
+    segs = raw["segments"]
+    if not isinstance(segs, list):
+        raise DataError(f"'segments' must be a list, got {_type_name(segs)}", field="segments", **where)
+    if not segs:
+        raise DataError("'segments' is empty; a sample needs at least one text or image segment",
+                        field="segments", **where)
+    root = Path(root)
+    segments = tuple(_segment(s, i, root, where, check_images) for i, s in enumerate(segs))
+    return Sample(sid, segments, file, line)
+
+
+def samples_from_dicts(
+    raws: Sequence[Any], *, root: str | Path = ".", name: str = "<memory>", check_images: bool = True,
+) -> list[Sample]:
+    """Validate in-memory samples (e.g. the built-in generated data sets); `name` stands in for the file name."""
+    return [sample_from_dict(r, root=root, file=name, line=i + 1, check_images=check_images)
+            for i, r in enumerate(raws)]
+
+
+def iter_samples(path: str | Path, *, check_images: bool = True) -> Iterator[Sample | DataError]:
+    """Yield each line's `Sample`, or the `DataError` describing what is wrong with it (blank lines are skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sample file not found: {path}", file=str(path))
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield DataError(f"invalid JSON: {e.msg} at column {e.colno}", file=str(path), line=n)
+                continue
+            try:
+                sample = sample_from_dict(raw, root=path.parent, file=str(path), line=n, check_images=check_images)
+            except DataError as e:
+                yield e
+                continue
+            if sample.id in seen:
+                yield DataError(f"duplicate id {sample.id!r} (first used on line {seen[sample.id]}); ids seed the "
+                                "noise and dropout draws, so they must be unique", file=str(path), line=n, field="id")
+                continue
+            seen[sample.id] = n
+            yield sample
+
+
+def load_samples(path: str | Path, *, strict: bool = True, check_images: bool = True) -> list[Sample]:
+    """Load and validate a JSONL sample file.
+
+    strict: raise the first `DataError`; otherwise skip bad lines with a logged warning (and a count).
+    check_images: open and decode every image now, so a corrupt file fails at start-up, not mid-training.
+    """
+    samples, bad = [], 0
+    for item in iter_samples(path, check_images=check_images):
+        if isinstance(item, DataError):
+            if strict:
+                raise item
+            bad += 1
+            log.warning("skipping sample: %s", item)
+        else:
+            samples.append(item)
+    if bad:
+        log.warning("%s: skipped %d invalid sample(s), kept %d", path, bad, len(samples))
+    return samples
+
+
+def check_samples(path: str | Path, *, check_images: bool = True) -> list[DataError]:
+    """Every problem of a sample file (empty list = valid); for `mogao data check`."""
+    return [item for item in iter_samples(path, check_images=check_images) if isinstance(item, DataError)]
