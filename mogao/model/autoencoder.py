@@ -1,0 +1,250 @@
+"""Latent autoencoders (frozen) and the map between latents and VAE tokens.
+
+The generation expert works on VAE tokens: an image's latent (C, h, w) is cut into p x p cells
+(`patchify`), each cell a token of C*p*p numbers, projected to the LLM width by `LatentProjector.proj_in`
+and back by `proj_out`. The autoencoder itself never trains: `encode` runs under `torch.no_grad` and the
+module stays in eval mode even when a parent calls `.train()`.
+
+Latents are *normalised* the diffusers way, `(z - shift_factor) * scaling_factor`, so they have roughly
+unit variance - the scale the flow objective's noise assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from mogao.errors import DataError
+
+
+def _check_image(i: int, img: torch.Tensor, multiple: int) -> tuple[int, int]:
+    if (
+        img.dim() != 3
+        or img.shape[0] != 3
+        or img.shape[1] == 0
+        or img.shape[1] % multiple
+        or img.shape[2] % multiple
+    ):
+        raise DataError(
+            f"autoencoder input {i} has shape {tuple(img.shape)}; expected (3, H, W) with H and W positive "
+            f"multiples of the downsample factor {multiple} - resize the image to a multiple of {multiple} pixels"
+        )
+    return int(img.shape[1]), int(img.shape[2])
+
+
+def _by_size(
+    items: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+) -> list[torch.Tensor]:
+    """Apply `fn` to stacks of equal-size tensors (at most `batch_size` at a time); results in input order."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in enumerate(items):
+        groups[tuple(t.shape)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            res = fn(torch.stack([items[i] for i in chunk]))
+            for j, i in enumerate(chunk):
+                out[i] = res[j]
+    return out  # type: ignore[return-value]
+
+
+class LatentAutoencoder(nn.Module):
+    """What the model needs from an autoencoder.
+
+    Attributes:
+        downsample: pixels per latent cell along each side.
+        latent_channels: channels C of a latent.
+
+    `encode(pixels)`: I images (3, H, W) in [0, 1] -> I normalised latents (C, H/downsample, W/downsample).
+    `decode(latents)`: the inverse map back to images (3, H, W) in [0, 1].
+    """
+
+    downsample: int
+    latent_channels: int
+
+    def encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> LatentAutoencoder:
+        # Frozen: a parent LightningModule's .train() must not switch the autoencoder out of eval mode.
+        return super().train(False)
+
+
+class DiffusersVAE(LatentAutoencoder):
+    """A frozen `diffusers.AutoencoderKL` (SD/SDXL/FLUX-class VAEs).
+
+    Args:
+        vae: the AutoencoderKL; its parameters are frozen here.
+        sample_posterior: draw z ~ q(z|x) instead of taking the posterior mean (the default: deterministic
+            latents, so an image encodes the same way wherever it is processed).
+        batch_size: most images per VAE call (images are batched only with others of the same size).
+
+    Normalisation follows the VAE config: `(z - shift) * scaling_factor / std`, where shift is
+    `latents_mean` (per channel) if set, else `shift_factor`, else 0, and std is `latents_std` if set, else 1.
+    Latents come back in float32 whatever the VAE's dtype; load SDXL's VAE in float32 (it overflows in fp16).
+    """
+
+    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = False, batch_size: int = 16):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.sample_posterior = sample_posterior
+        self.batch_size = batch_size
+        cfg = vae.config
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+        self.scaling_factor = float(cfg.scaling_factor)
+        c = self.latent_channels
+        # Per-channel shift and std as plain lists, not buffers: nothing to restore after a meta-device
+        # init or `to_empty`; the (C, 1, 1) tensors are made on the fly on the latent's device.
+        if getattr(cfg, "latents_mean", None) is not None:
+            self.latent_shift = [float(v) for v in cfg.latents_mean]
+        else:
+            self.latent_shift = [float(cfg.shift_factor or 0.0)] * c
+        std = getattr(cfg, "latents_std", None)
+        self.latent_std = [float(v) for v in std] if std is not None else [1.0] * c
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        subfolder: str | None = None,
+        sample_posterior: bool = False,
+        batch_size: int = 16,
+        **kwargs,
+    ) -> DiffusersVAE:
+        """Load an AutoencoderKL checkpoint (a VAE folder, or a pipeline folder with `subfolder="vae"`)."""
+        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, **kwargs)
+        return cls(vae, sample_posterior=sample_posterior, batch_size=batch_size)
+
+    @classmethod
+    def from_config(cls, config: dict, sample_posterior: bool = False, batch_size: int = 16) -> DiffusersVAE:
+        """A randomly initialised VAE (tests, tiny recipes). Block types default to one per block width."""
+        config = dict(config)
+        n = len(config.get("block_out_channels", (64,)))
+        config.setdefault("down_block_types", ["DownEncoderBlock2D"] * n)
+        config.setdefault("up_block_types", ["UpDecoderBlock2D"] * n)
+        return cls(
+            AutoencoderKL.from_config(config), sample_posterior=sample_posterior, batch_size=batch_size
+        )
+
+    @property
+    def config(self):
+        """The AutoencoderKL config; `from_config(dict(config))` rebuilds the architecture."""
+        return self.vae.config
+
+    def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = torch.tensor(self.latent_shift, device=z.device).view(-1, 1, 1)
+        return shift, torch.tensor(self.latent_std, device=z.device).view(-1, 1, 1)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latent (C, h, w) or (B, C, h, w) -> the normalised float32 latent the model sees."""
+        shift, std = self._stats(z)
+        return (z.float() - shift) * (self.scaling_factor / std)
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalise`: back to the VAE's raw latent scale (float32)."""
+        shift, std = self._stats(z)
+        return z.float() * (std / self.scaling_factor) + shift
+
+    @torch.no_grad()
+    def encode(
+        self, pixels: list[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        """I images (3, H, W) in [0, 1] -> I normalised float32 latents (C, H/ds, W/ds).
+
+        `generator` is used only with `sample_posterior=True`.
+        """
+        for i, img in enumerate(pixels):
+            _check_image(i, img, self.downsample)
+        p = next(self.vae.parameters())
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            post = self.vae.encode((x.float() * 2 - 1).to(p.device, p.dtype)).latent_dist
+            z = post.sample(generator=generator) if self.sample_posterior else post.mode()
+            return self.normalise(z)
+
+        return _by_size(pixels, run, self.batch_size)
+
+    @torch.no_grad()
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """I normalised latents (C, h, w) -> I float32 images (3, h*ds, w*ds) in [0, 1]."""
+        p = next(self.vae.parameters())
+
+        def run(z: torch.Tensor) -> torch.Tensor:
+            x = self.vae.decode(self.denormalise(z.to(p.device)).to(p.dtype)).sample
+            return ((x.float() + 1) / 2).clamp(0, 1)
+
+        return _by_size(latents, run, self.batch_size)
+
+
+class PixelAutoencoder(LatentAutoencoder):
+    """The identity 'autoencoder' of tiny CPU recipes: latent = pixels * 2 - 1 (3 channels, downsample 1).
+
+    Lets a recipe train image generation without a trained VAE; `patchify` then makes the tokens.
+    """
+
+    downsample = 1
+    latent_channels = 3
+
+    @torch.no_grad()
+    def encode(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i, x in enumerate(pixels):
+            _check_image(i, x, 1)
+        return [x.float() * 2 - 1 for x in pixels]
+
+    @torch.no_grad()
+    def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [((z.float() + 1) / 2).clamp(0, 1) for z in latents]
+
+
+def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """latent (C, h, w) -> tokens (h/p * w/p, C*p*p): p x p cells in row-major order.
+
+    Inside a token the numbers are ordered (C, p, p), the layout FLUX's latent packing uses.
+    """
+    if latent.dim() != 3:
+        raise DataError(f"patchify expects a latent (C, h, w), got shape {tuple(latent.shape)}")
+    c, h, w = latent.shape
+    if h % p or w % p:
+        raise DataError(
+            f"latent of shape {tuple(latent.shape)} cannot be cut into {p}x{p} cells: h={h} and w={w} must be "
+            f"multiples of {p} - make image sides multiples of (autoencoder downsample x {p}) pixels"
+        )
+    gh, gw = h // p, w // p
+    return latent.reshape(c, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, grid_hw: tuple[int, int], p: int, channels: int) -> torch.Tensor:
+    """tokens (gh*gw, C*p*p) -> latent (C, gh*p, gw*p); the exact inverse of `patchify`."""
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    if tokens.shape != (gh * gw, channels * p * p):
+        raise ValueError(
+            f"unpatchify: tokens of shape {tuple(tokens.shape)} do not match grid {gh}x{gw} with "
+            f"{channels} channels and patch {p} (expected {(gh * gw, channels * p * p)})"
+        )
+    return tokens.reshape(gh, gw, channels, p, p).permute(2, 0, 3, 1, 4).reshape(channels, gh * p, gw * p)
+
+
+class LatentProjector(nn.Module):
+    """Linear maps between VAE tokens (token_dim = C*p*p) and the LLM width (hidden).
+
+    `proj_out` (weight and bias) starts at zero, so the predicted velocity starts at 0: the first steps do not
+    push random outputs through the loss, and the copied LLM weights of the generation expert are disturbed
+    as little as possible. Re-initialising this module with a generic init would undo that.
+    """
+
+    def __init__(self, token_dim: int, hidden: int):
+        super().__init__()
+        self.proj_in = nn.Linear(token_dim, hidden)
+        self.proj_out = nn.Linear(hidden, token_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
