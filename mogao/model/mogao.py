@@ -1,0 +1,243 @@
+"""`MogaoModel`: the one shared model every stage trains - backbone, ViT + connector, autoencoder + latent
+projections, timestep conditioning - and its forward on a `PackedBatch`, returning the loss terms."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mogao.attention import get_attention_backend
+from mogao.data.batch import PackedBatch
+from mogao.diffusion.flow import FlowMatchingLoss, TimestepSampling, add_noise, draw_sigmas_and_noise, velocity_target
+from mogao.errors import ConfigError
+from mogao.model.autoencoder import DiffusersVAE, LatentAutoencoder, LatentProjector, PixelAutoencoder, patchify
+from mogao.model.backbone import GenerationModulation, MoTBackbone
+from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
+from mogao.model.vision import MLPConnector, VisionEncoder
+from mogao.training.objectives import LossTerms
+
+CONFIG_NAME = "mogao_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """How to build a Mogao model from pretrained parts.
+
+    Attributes:
+        llm: directory of a `transformers` decoder LLM (Qwen2/Qwen3/Llama-style), loaded with `from_pretrained`.
+        vit: directory of a `transformers` SigLIP vision model.
+        autoencoder: "pixel" for the pixel-space autoencoder of tiny recipes, else a directory of a
+            `diffusers` AutoencoderKL (frozen).
+        autoencoder_subfolder: subfolder of `autoencoder` holding the VAE (e.g. "vae" inside a pipeline).
+        latent_patch: side of the latent patch that becomes one VAE token (2 = 2x2 latent cells).
+        attention: ECTF attention backend: "sdpa_dense", "flash_varlen" or "flex".
+        text_sees_vae: whether text/ViT queries may attend to VAE tokens (Mogao: false).
+        timestep_conditioning: "adaln" (Mogao: AdaLN in the generation expert) or "additive" (BAGEL).
+        vit_feature_layer: -1 = last ViT layer, -2 = penultimate.
+        vocab_size: resize the LLM's embeddings to this size (after adding special tokens); None = keep.
+        timestep_sampling: how sigma is drawn for generation targets.
+        lambda_text / lambda_image: weights of the CE and flow losses in the total.
+    """
+
+    llm: str
+    vit: str
+    autoencoder: str = "pixel"
+    autoencoder_subfolder: str | None = None
+    latent_patch: int = 2
+    attention: str = "sdpa_dense"
+    text_sees_vae: bool = False
+    timestep_conditioning: Literal["adaln", "additive"] = "adaln"
+    vit_feature_layer: int = -1
+    vocab_size: int | None = None
+    timestep_sampling: TimestepSampling = field(default_factory=TimestepSampling)
+    lambda_text: float = 1.0
+    lambda_image: float = 1.0
+
+
+@dataclass
+class ModelOutput:
+    terms: LossTerms
+    velocity: torch.Tensor | None = None  # (n_noisy, token_dim) predicted velocity of the noisy tokens
+    text_logits: torch.Tensor | None = None  # (n_und, vocab) when requested
+
+
+def _check_dir(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"{what} checkpoint directory not found: '{path}' (give a local directory saved with save_pretrained)")
+    return p
+
+
+class MogaoModel(nn.Module):
+    """One causal transformer reading and writing interleaved text and images (see DESIGN §2).
+
+    Build from pretrained parts with `MogaoModel.from_parts(cfg)`; save/load a trained model with
+    `save_pretrained(dir)` / `MogaoModel.from_pretrained(dir)` (architecture from the saved configs, weights
+    from safetensors - the original part checkpoints are not needed).
+    """
+
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, vit: VisionEncoder, autoencoder: LatentAutoencoder) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vocab_size is not None and cfg.vocab_size != llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(cfg.vocab_size)
+        hidden = int(llm.config.hidden_size)
+        self.time_embed = TimestepEmbedder(hidden)
+        adaln = cfg.timestep_conditioning == "adaln"
+        if cfg.timestep_conditioning not in ("adaln", "additive"):
+            raise ConfigError(f"timestep_conditioning must be 'adaln' or 'additive', got '{cfg.timestep_conditioning}'")
+        self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None)
+        self.additive_time = None if adaln else AdditiveTimestep(hidden)
+        self.vit = vit
+        self.connector = MLPConnector(vit.hidden_size, hidden)
+        self.autoencoder = autoencoder
+        self.token_dim = autoencoder.latent_channels * cfg.latent_patch**2
+        self.latent_proj = LatentProjector(self.token_dim, hidden)
+        self.flow_loss = FlowMatchingLoss()
+        self.attention = get_attention_backend(cfg.attention)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, cfg: ModelConfig, dtype: torch.dtype | None = None) -> MogaoModel:
+        """Initialise from pretrained parts: the LLM (both experts), SigLIP and the autoencoder."""
+        from transformers import AutoModelForCausalLM
+
+        llm = AutoModelForCausalLM.from_pretrained(_check_dir(cfg.llm, "LLM"), dtype=dtype or torch.float32)
+        vit = VisionEncoder.from_pretrained(str(_check_dir(cfg.vit, "ViT")), feature_layer=cfg.vit_feature_layer)
+        return cls(cfg, llm, vit, _autoencoder_from_path(cfg))
+
+    @classmethod
+    def from_configs(cls, cfg: ModelConfig, llm_config: dict, vit_config: dict, ae_config: dict | None) -> MogaoModel:
+        """Random-init architecture from configs (used to load a saved model, and on the meta device)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig
+
+        llm_cfg = AutoConfig.for_model(**llm_config)
+        llm = AutoModelForCausalLM.from_config(llm_cfg)
+        vit = VisionEncoder.from_config(SiglipVisionConfig(**vit_config), feature_layer=cfg.vit_feature_layer)
+        ae = PixelAutoencoder() if ae_config is None else DiffusersVAE.from_config(ae_config)
+        return cls(cfg, llm, vit, ae)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "model": asdict(self.cfg),
+            "llm_config": self.backbone.config.to_dict(),
+            "vit_config": self.vit.config.to_dict(),
+            "autoencoder_config": None if isinstance(self.autoencoder, PixelAutoencoder) else dict(self.autoencoder.config),
+        }
+        (d / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
+        save_model(self, str(d / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: object) -> MogaoModel:
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise ConfigError(f"'{d}' is not a saved mogao model: {CONFIG_NAME} missing")
+        meta = json.loads((d / CONFIG_NAME).read_text())
+        mc = dict(meta["model"])
+        mc["timestep_sampling"] = TimestepSampling(**mc.get("timestep_sampling", {}))
+        mc["vocab_size"] = None  # the saved LLM config already has the final size
+        mc.update(overrides)
+        model = cls.from_configs(ModelConfig(**mc), meta["llm_config"], meta["vit_config"], meta["autoencoder_config"])
+        load_model(model, str(d / WEIGHTS_NAME))
+        return model
+
+    # ---- properties the data side links to ---------------------------------------------------
+    @property
+    def vit_patch(self) -> int:
+        """Pixels per ViT token side."""
+        return int(self.vit.patch_size)
+
+    @property
+    def vae_patch(self) -> int:
+        """Pixels per VAE token side (autoencoder downsample x latent patch)."""
+        return int(self.autoencoder.downsample * self.cfg.latent_patch)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def embed_images(self, batch: PackedBatch, x: torch.Tensor):
+        """Write ViT, clean-VAE and noisy-VAE token embeddings into x (N, hidden); returns the flow targets."""
+        p = self.cfg.latent_patch
+        vit_tokens = self.connector(torch.cat(self.vit(batch.vit_pixels), dim=0)).to(x.dtype)
+        x = x.index_copy(0, batch.vit_index, vit_tokens)
+        latents = self.autoencoder.encode(batch.vae_pixels)
+        x0 = [patchify(lat, p).to(x.dtype) for lat in latents]  # per image (gh*gw, C*p*p)
+        x = x.index_copy(0, batch.vae_clean_index, self.latent_proj.proj_in(torch.cat(x0, dim=0)))
+        target_ids = batch.image_is_target.nonzero().flatten().tolist()
+        if not target_ids:
+            return x, None, None, None
+        x0_t = [x0[i] for i in target_ids]
+        sigmas, noise = draw_sigmas_and_noise(
+            batch.image_seed[target_ids], [tuple(t.shape) for t in x0_t], [t.shape[0] for t in x0_t],
+            self.cfg.timestep_sampling, x.device, x.dtype,
+        )
+        counts = torch.tensor([t.shape[0] for t in x0_t], device=x.device)
+        sigma_tok = sigmas.repeat_interleave(counts)[:, None]
+        x0_cat, eps = torch.cat(x0_t), torch.cat(noise)
+        x = x.index_copy(0, batch.noisy_index, self.latent_proj.proj_in(add_noise(x0_cat, eps, sigma_tok)))
+        weights = batch.image_loss_weight[target_ids].to(x.dtype).repeat_interleave(counts)
+        return x, sigmas, velocity_target(x0_cat, eps), weights
+
+    def _modulation(self, batch: PackedBatch, sigmas: torch.Tensor | None, dtype: torch.dtype) -> GenerationModulation:
+        """Timestep conditioning rows: row 0 is sigma=0 (clean VAE tokens), row 1+i the i-th target's sigma."""
+        lay = batch.layout
+        n_gen = lay.num_tokens - lay.n_und
+        dev = batch.input_ids.device
+        rows = torch.zeros(1, device=dev)
+        index = torch.zeros(n_gen, dtype=torch.long, device=dev)
+        if sigmas is not None:
+            rows = torch.cat((rows, sigmas.float()))
+            grids = batch.image_grid[batch.image_is_target]
+            per = torch.arange(1, grids.shape[0] + 1, device=dev).repeat_interleave(grids[:, 0] * grids[:, 1])
+            index[batch.noisy_index - lay.n_und] = per
+        return GenerationModulation(self.time_embed(rows).to(dtype), index)
+
+    def forward(self, batch: PackedBatch, return_logits: bool = False) -> ModelOutput:
+        lay = batch.layout
+        n_und = lay.n_und
+        x = self.backbone.embed_tokens(batch.input_ids)
+        sigmas = v_target = weights = None
+        if batch.num_images:
+            x, sigmas, v_target, weights = self.embed_images(batch, x)
+        mod = None
+        if lay.num_tokens > n_und:
+            mod = self._modulation(batch, sigmas, x.dtype)
+            if self.additive_time is not None:
+                add = self.additive_time(mod.cond).index_select(0, mod.index)
+                x = torch.cat((x[:n_und], x[n_und:] + add))
+                mod = None
+        prepared = self.attention.prepare(lay, self.cfg.text_sees_vae)
+        h_und, h_gen = self.backbone(x, batch.position_ids, n_und, self.attention, prepared, mod)
+
+        labels = batch.labels[:n_und]
+        sel = labels != -100
+        logits_sel = self.backbone.lm_head(h_und[sel]).float()
+        text_sum = F.cross_entropy(logits_sel, labels[sel], reduction="sum")
+        text_weight = sel.sum().to(text_sum.dtype)
+        velocity = None
+        if v_target is not None:
+            velocity = self.latent_proj.proj_out(h_gen.index_select(0, batch.noisy_index - n_und))
+            image_sum, image_weight = self.flow_loss(velocity.float(), v_target.float(), weights.float())
+        else:
+            image_sum = h_gen.sum() * 0.0 if h_gen.numel() else text_sum * 0.0
+            image_weight = torch.zeros((), device=x.device)
+        terms = LossTerms(text_sum, text_weight, image_sum, image_weight)
+        logits = self.backbone.lm_head(h_und).float() if return_logits else None
+        return ModelOutput(terms=terms, velocity=velocity, text_logits=logits)
+
+
+def _autoencoder_from_path(cfg: ModelConfig) -> LatentAutoencoder:
+    if cfg.autoencoder == "pixel":
+        return PixelAutoencoder()
+    return DiffusersVAE.from_pretrained(str(_check_dir(cfg.autoencoder, "autoencoder")), subfolder=cfg.autoencoder_subfolder)
