@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random parts saved with save_pretrained, loaded through the real code path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts, train_tokenizer
+from mogao.data.shapes_mini import caption_corpus, interleaved_samples
+from mogao.model.tiny import save_tiny_llm, save_tiny_vae, save_tiny_vit
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """Directories of a tiny tokenizer, Qwen2 LLM, SigLIP ViT (patch 4) and AutoencoderKL (downsample 2)."""
+    root = tmp_path_factory.mktemp("tiny_parts")
+    tok = train_tokenizer(caption_corpus(), vocab_size=300)
+    tok.save_pretrained(root / "tokenizer")
+    return {
+        "root": root,
+        "tokenizer": tok,
+        "llm": str(save_tiny_llm(root / "llm", vocab_size=len(tok), hidden_size=64, layers=2)),
+        "vit": str(save_tiny_vit(root / "vit", hidden_size=32, patch_size=4)),
+        "vae": str(save_tiny_vae(root / "vae")),
+    }
+
+
+def make_batch(tokenizer, samples: list[dict], vit_patch: int = 4, vae_patch: int = 4, budget: int = 4096,
+               max_image_tokens: int = 16, p_drop: float = 0.0):
+    cfg = DataConfig(token_budget=budget, max_image_tokens=max_image_tokens, vit_patch=vit_patch,
+                     vae_patch=vae_patch, p_drop_text=p_drop, p_drop_images=p_drop)
+    plans = [lower_sample(s, tokenizer, cfg) for s in samples_from_dicts(samples)]
+    return collate_plans(plans, budget)
+
+
+@pytest.fixture(scope="session")
+def shapes_dicts():
+    return interleaved_samples(4, seed=3, max_targets=3)
