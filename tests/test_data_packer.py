@@ -262,3 +262,24 @@ def test_random_samples_lower_and_pack(raws, budget, lookahead, p_drop, epoch):
     assert sorted(s for b in batches for s in b.sample_ids) == sorted(by_id)
     for b in batches:
         check_batch(b, [by_id[s] for s in b.sample_ids])
+
+
+def test_packed_layout_gives_the_ectf_mask_its_rules():
+    from mogao.attention.mask import ectf_mask
+
+    img = make_image(size=(8, 8))
+    samples = samples_from_dicts([
+        {"segments": [{"text": "draw a cat"}, {"image": img, "generate": True}, {"text": "the dog"}]},
+        {"segments": [{"text": "a red square"}]},
+    ])
+    plans = [lower_sample(s, tiny_tokenizer(), small_config()) for s in samples]
+    batch = collate_plans(plans, budget=256)
+    mask, lay = ectf_mask(batch.layout), batch.layout
+    noisy, vit, clean = batch.noisy_index, batch.vit_index, batch.vae_clean_index
+    t_img = batch.position_ids[0, noisy[0]]
+    text0 = (lay.sample == 0) & (lay.modality == Modality.TEXT)
+    prompt, after = text0 & (batch.position_ids[0] < t_img), text0 & (batch.position_ids[0] > t_img)
+    assert prompt.sum() > 1 and after.sum() > 1
+    assert mask[noisy][:, prompt].all() and not mask[noisy][:, vit].any() and not mask[noisy][:, clean].any()
+    assert mask[after][:, vit].all() and not mask[after][:, noisy].any()
+    assert not mask[lay.sample == 1][:, lay.sample == 0].any()

@@ -137,6 +137,8 @@ def test_in_memory_samples_with_pil_images_and_root(data_dir):
     assert samples[0].segments[1].image is img and samples[0].has_target and not samples[1].has_target
     with pytest.raises(DataError, match=r"shapes:1: field 'segments\[0\].image': image file not found"):
         samples_from_dicts([{"segments": [{"image": "nope.png"}]}], root=data_dir, name="shapes")
+    with pytest.raises(DataError, match=r"shapes:2: field 'id': duplicate id 'x' \(first used by item 1\)"):
+        samples_from_dicts([{"id": "x", "segments": [{"text": "a"}]}] * 2, name="shapes")
 
 
 # --- images -----------------------------------------------------------------------------------------------

@@ -197,7 +197,8 @@ class PackedDataset(IterableDataset):
         state = {"epoch": self.epoch, "read": 0, "buffer": [], "shard": list(shard), "num_samples": len(self.source)}
         packer = GreedyPacker(self.config.token_budget, self.config.lookahead)
         if resume is not None and resume["epoch"] == self.epoch:
-            if list(resume.get("shard", shard)) != list(shard) or resume.get("num_samples", len(self.source)) != len(self.source):
+            saved = (list(resume.get("shard", shard)), resume.get("num_samples", len(self.source)))
+            if saved != (list(shard), len(self.source)):
                 raise ConfigError(f"cannot resume: the saved data state is for shard {resume.get('shard')} of "
                                   f"{resume.get('num_samples')} samples, this process reads shard {list(shard)} of "
                                   f"{len(self.source)}; resume with the same world size, workers and data")

@@ -207,7 +207,7 @@ def lower_sample(
             return None
     kept = list(range(keep))
 
-    # condition dropout: both draws always happen, so one sample's draws do not depend on the probabilities' use
+    # condition dropout: both draws always happen, so changing one probability leaves the other draw as it was
     dropped: list[str] = []
     if any(isinstance(segs[i], ImageSegment) and segs[i].generate for i in kept):
         rng = random.Random(stable_seed("dropout", config.seed, sample.id, epoch))

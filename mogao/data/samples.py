@@ -182,8 +182,14 @@ def samples_from_dicts(
     raws: Sequence[Any], *, root: str | Path = ".", name: str = "<memory>", check_images: bool = True,
 ) -> list[Sample]:
     """Validate in-memory samples (e.g. the built-in generated data sets); `name` stands in for the file name."""
-    return [sample_from_dict(r, root=root, file=name, line=i + 1, check_images=check_images)
-            for i, r in enumerate(raws)]
+    samples = [sample_from_dict(r, root=root, file=name, line=i + 1, check_images=check_images)
+               for i, r in enumerate(raws)]
+    first: dict[str, int] = {}
+    for s in samples:
+        if first.setdefault(s.id, s.line or 0) != s.line:
+            raise s.error(f"duplicate id {s.id!r} (first used by item {first[s.id]}); ids seed the noise and "
+                          "dropout draws, so they must be unique", field="id")
+    return samples
 
 
 def iter_samples(path: str | Path, *, check_images: bool = True) -> Iterator[Sample | DataError]:

@@ -39,7 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, extra_special_tokens=[VISION_START, VISION_END],
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, additional_special_tokens=[VISION_START, VISION_END],
     )
 
 
