@@ -45,6 +45,12 @@ def _cu(*lengths: int) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to the largest magnitude: bf16 kernels round P and dS, so per-element rtol misleads."""
+    scale = want.float().abs().max().clamp_min(1e-6)
+    return ((got.float() - want.float()).abs().max() / scale).item()
+
+
 RAW_CASES = [  # (q lengths, k lengths, causal, window_left, window_right)
     ((130, 70), (130, 70), True, -1, -1),
     ((40, 200), (90, 120), True, -1, -1),  # bottom-right with sq < sk and sq > sk (empty rows)
@@ -70,16 +76,16 @@ def test_real_kernels_match_the_emulator(kernels: str, heads: tuple[int, int], c
     empty = lse_e == float("inf")
     assert torch.equal(lse == float("inf"), empty)
     torch.testing.assert_close(lse[~empty], lse_e[~empty], atol=2e-2, rtol=0)
-    torch.testing.assert_close(out.float(), out_e.float(), atol=2e-2, rtol=0)
-    assert out.transpose(0, 1)[empty].abs().max() == 0 if bool(empty.any()) else True
+    assert _rel_err(out, out_e) < 2e-2
+    assert not out.transpose(0, 1)[empty].any()  # empty rows are exactly 0
     # backward from the kernel's own out/lse, on rows that have keys (the merge never passes +inf rows)
     dout = torch.randn_like(out)
     lse_b = lse.masked_fill(empty, 0.0).contiguous()
     dq, dk, dv = ops.varlen_bwd(dout, q, k, v, out, lse_b, *args)
     dq_e, dk_e, dv_e = emu.varlen_bwd(dout, q, k, v, out, lse_b, *args)
-    for got, want in ((dq, dq_e), (dk, dk_e), (dv, dv_e)):
+    for name, got, want in (("dq", dq, dq_e), ("dk", dk, dk_e), ("dv", dv, dv_e)):
         assert got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+        assert _rel_err(got, want) < 3e-2, name
 
 
 def _bf16_rule(layout: TokenLayout, text_sees_vae: bool, run, heads: tuple[int, int] = (8, 2)) -> None:
@@ -114,13 +120,23 @@ def test_flash_varlen_bf16_rule(kernels: str, text_sees_vae: bool) -> None:
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("text_sees_vae", [False, True])
 @pytest.mark.parametrize("case", sorted(fixed_cases()))
-def test_flash_varlen_edge_cases_on_real_kernels(kernels: str, case: str) -> None:
-    # tiny segments, one-token images, zero-length dummies, max_q close to 1 with GQA
+def test_flash_varlen_edge_cases_on_real_kernels(kernels: str, case: str, text_sees_vae: bool) -> None:
+    # tiny segments, one-token images, zero-length dummies, calls whose pieces are all one row long, GQA.
+    # Too small for the bf16 rule to be meaningful (a one-key row has dq = 0 exactly in fp32), so: close to the
+    # emulated run on the same bf16 inputs.
     layout = layout_of(fixed_cases()[case]).to(DEV)
-    backend = FlashVarlenAttention(kernels=kernels)
-    plan = backend.prepare(layout, False)
-    _bf16_rule(layout, False, lambda q, k, v: backend(q, k, v, plan))
+    q, k, v = (x.bfloat16().requires_grad_() for x in _qkv(layout.num_tokens, 8, 2, seed=2))
+    dout = torch.randn_like(q)
+    results = []
+    for kernels_name in (kernels, "emulator"):
+        backend = FlashVarlenAttention(kernels=kernels_name)
+        out = backend(q, k, v, backend.prepare(layout, text_sees_vae))
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(got.float()).all(), name
+        assert _rel_err(got, want) < 3e-2, name
 
 
 @pytest.mark.parametrize("text_sees_vae", [False, True])
@@ -131,11 +147,16 @@ def test_flex_bf16_rule(text_sees_vae: bool) -> None:
     _bf16_rule(layout, text_sees_vae, lambda q, k, v: backend(q, k, v, plan))
 
 
-def test_sdpa_dense_bf16_rule() -> None:
+def test_sdpa_dense_runs_in_bf16() -> None:
+    # the reference backend: no accuracy rule of its own (SDPA picks its kernel), only that it runs and is close
     layout = _big_layout().to(DEV)
     backend = get_attention_backend("sdpa_dense")
-    plan = backend.prepare(layout, False)
-    _bf16_rule(layout, False, lambda q, k, v: backend(q, k, v, plan))
+    q32, k32, v32 = _qkv(layout.num_tokens, 8, 2, seed=1)
+    q, k, v = (x.bfloat16().requires_grad_() for x in (q32, k32, v32))
+    out = backend(q, k, v, backend.prepare(layout, False))
+    assert _rel_err(out, reference_attention(q32, k32, v32, ectf_mask(layout, False).to(DEV))) < 2e-2
+    out.float().sum().backward()
+    assert all(torch.isfinite(x.grad.float()).all() for x in (q, k, v))
 
 
 def test_flash_varlen_fp32_on_cuda_falls_back_to_the_emulator() -> None:

@@ -153,3 +153,26 @@ def test_backward_with_a_merged_lse_splits_the_gradient_exactly() -> None:
 def test_cpu_selects_the_emulator() -> None:
     assert select_kernels("cpu", torch.float64) is EMULATOR
     assert select_kernels("cpu", torch.bfloat16) is EMULATOR
+
+
+def test_flash_attn_keyword_arguments_fit_old_and_new_signatures() -> None:
+    from mogao.attention.fa2_ops import _fa_kwargs
+
+    def fwd_26(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size=(-1, -1),
+               softcap=0.0, alibi_slopes=None, return_softmax=False, block_table=None):
+        pass
+
+    def fwd_27(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size_left=-1,
+               window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False, block_table=None,
+               leftpad_k=None, seqused_k=None):
+        pass
+
+    class CustomOp:  # how torch.library.custom_op exposes the wrapped function
+        _init_fn = staticmethod(fwd_27)
+
+    old = _fa_kwargs(fwd_26, 0.1, True, 0, -1)
+    assert old["window_size"] == (0, -1) and "window_size_left" not in old and old["block_table"] is None
+    for fn in (fwd_27, CustomOp()):
+        new = _fa_kwargs(fn, 0.1, True, 0, -1)
+        assert (new["window_size_left"], new["window_size_right"]) == (0, -1) and "window_size" not in new
+        assert new["seqused_k"] is None and new["softmax_scale"] == 0.1 and new["dropout_p"] == 0.0

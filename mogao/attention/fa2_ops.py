@@ -59,36 +59,36 @@ def _flash_attn_interface() -> ModuleType | None:
     return flash_attn_interface
 
 
-def _params(fn: object) -> set[str]:
-    # flash_attn >= 2.7 wraps these functions as torch custom ops; the Python function sits in `_init_fn`
-    target = getattr(fn, "_init_fn", fn)
+_FA_OPTIONAL = {  # every optional argument of the low-level varlen ops across flash_attn 2.6-2.8, disabled
+    "dropout_p": 0.0, "softcap": 0.0, "alibi_slopes": None, "return_softmax": False, "block_table": None,
+    "leftpad_k": None, "seqused_k": None, "deterministic": False, "rng_state": None, "zero_tensors": False,
+}
+
+
+def _fa_kwargs(fn: object, scale: float, causal: bool, window_left: int, window_right: int) -> dict[str, object]:
+    """Keyword arguments for one of flash_attn's low-level varlen ops, fitted to the installed version."""
+    target = getattr(fn, "_init_fn", fn)  # flash_attn >= 2.7 wraps them as torch custom ops
     try:
-        return set(inspect.signature(target).parameters)  # type: ignore[arg-type]
+        params = set(inspect.signature(target).parameters)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return {"window_size_left", "window_size_right", "softcap"}
-
-
-def _window_kwargs(params: set[str], window_left: int, window_right: int) -> dict[str, object]:
-    # flash_attn 2.7 takes window_size_left/right; 2.6 took one window_size tuple
+        params = set(_FA_OPTIONAL) | {"window_size_left"}
+    kwargs: dict[str, object] = {"softmax_scale": scale, "causal": causal}
+    # 2.7+ takes window_size_left/right; 2.6 took one window_size tuple
     if "window_size_left" in params:
-        return {"window_size_left": window_left, "window_size_right": window_right}
-    return {"window_size": (window_left, window_right)}
+        kwargs.update(window_size_left=window_left, window_size_right=window_right)
+    else:
+        kwargs["window_size"] = (window_left, window_right)
+    kwargs.update({k: v for k, v in _FA_OPTIONAL.items() if k in params})
+    return kwargs
 
 
 def _flash_attn_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
     causal: bool, window_left: int, window_right: int, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    fai = _flash_attn_interface()
-    fn = fai._flash_attn_varlen_forward  # type: ignore[union-attr]
-    params = _params(fn)
-    kwargs: dict[str, object] = {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
-                                 "alibi_slopes": None, "return_softmax": False}
-    kwargs.update(_window_kwargs(params, window_left, window_right))
-    if "softcap" in params:
-        kwargs["softcap"] = 0.0
-    res = fn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-    # >= 2.6: (out, lse, S_dmask, rng_state); older: (out, q, k, v, out_padded, lse, S_dmask, rng_state)
+    fn = _flash_attn_interface()._flash_attn_varlen_forward  # type: ignore[union-attr]
+    res = fn(q, k, v, cu_q, cu_k, max_q, max_k, **_fa_kwargs(fn, scale, causal, window_left, window_right))
+    # 2.6+: (out, lse, S_dmask, rng_state); 2.5: (out, q, k, v, out_padded, lse, S_dmask, rng_state)
     out, lse = (res[0], res[5]) if len(res) == 8 else (res[0], res[1])
     return out, lse
 
@@ -98,16 +98,11 @@ def _flash_attn_bwd(
     cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
     causal: bool, window_left: int, window_right: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fai = _flash_attn_interface()
-    fn = fai._flash_attn_varlen_backward  # type: ignore[union-attr]
-    params = _params(fn)
+    fn = _flash_attn_interface()._flash_attn_varlen_backward  # type: ignore[union-attr]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kwargs: dict[str, object] = {"dropout_p": 0.0, "softmax_scale": scale, "causal": causal,
-                                 "alibi_slopes": None, "deterministic": False, "rng_state": None}
-    kwargs.update(_window_kwargs(params, window_left, window_right))
-    if "softcap" in params:
-        kwargs["softcap"] = 0.0
-    fn(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, **kwargs)  # writes dq, dk, dv in place
+    # writes dq, dk, dv in place (dk/dv already summed over each kv head's query group)
+    fn(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
+       **_fa_kwargs(fn, scale, causal, window_left, window_right))
     return dq, dk, dv
 
 
