@@ -195,6 +195,10 @@ def test_clear_errors() -> None:
         dense(q[:-1], k[:-1], v[:-1], dense.prepare(layout, False))
     with pytest.raises(TypeError, match="prepare"):
         dense(q, k, v, object())
+    for name in ("sdpa_dense", "flash_varlen", "flex"):
+        backend = get_attention_backend(name)
+        with pytest.raises(ValueError, match="move the layout"):
+            backend(*(x.detach().to("meta") for x in (q, k, v)), backend.prepare(layout, False))
 
 
 def test_flash_varlen_rejects_a_non_physical_layout() -> None:

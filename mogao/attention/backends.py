@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from mogao.attention.layout import TokenLayout
@@ -75,8 +76,8 @@ def get_attention_backend(name: str) -> EctfAttention:
     return factory()
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int, backend: str) -> None:
-    """Shape checks shared by the backends, so a wrong shape fails here with a readable message."""
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int, backend: str, plan_device: torch.device) -> None:
+    """Checks shared by the backends, so a wrong shape or device fails here with a readable message."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"{backend}: q, k, v must be (tokens, heads, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -96,3 +97,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, num_tokens: int, backend: str) ->
         raise ValueError(f"{backend}: q head_dim {q.shape[2]} != k head_dim {k.shape[2]}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"{backend}: q, k, v must share dtype and device; got {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.device != plan_device:
+        raise ValueError(
+            f"{backend}: prepare() built this batch's plan on {plan_device} but q is on {q.device}; "
+            "move the layout first (layout.to(device))"
+        )

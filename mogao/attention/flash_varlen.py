@@ -80,6 +80,7 @@ class FlashVarlenPlan:
     calls: list[KernelCall]
     num_tokens: int
     pieces: list[Piece]
+    device: torch.device
 
 
 def _check_physical_order(layout: TokenLayout) -> None:
@@ -274,13 +275,14 @@ class FlashVarlenAttention:
 
     def prepare(self, layout: TokenLayout, text_sees_vae: bool) -> FlashVarlenPlan:
         pieces = ectf_pieces(layout, text_sees_vae)
-        return FlashVarlenPlan(pack_pieces(pieces, layout.sample.device), layout.num_tokens, pieces)
+        device = layout.sample.device
+        return FlashVarlenPlan(pack_pieces(pieces, device), layout.num_tokens, pieces, device)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared: object, scale: float | None = None) -> Tensor:
         plan = prepared
         if not isinstance(plan, FlashVarlenPlan):
             raise TypeError(f"flash_varlen got a {type(plan).__name__} plan; call this backend's prepare() first")
-        check_qkv(q, k, v, plan.num_tokens, self.name)
+        check_qkv(q, k, v, plan.num_tokens, self.name, plan.device)
         kernels = select_kernels(q.device, q.dtype, self.kernels)
         check_kernel_inputs(kernels, q)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -33,8 +33,9 @@ BLOCK_SIZE = 128  # FlexAttention's default tile; buckets are multiples of it
 def padded_length(n: int) -> int:
     """The bucket a pack of n tokens is padded to: a power of two up to 8192 tokens, then multiples of 8192.
 
-    Few distinct lengths means few recompiles; padded tokens only attend to themselves, and their blocks are
-    skipped by the block mask, so the padding costs little.
+    Few distinct lengths means few recompiles (each bucket compiles once; dynamo's recompile limit, 8 by
+    default, caps how many buckets one process should see); padded tokens only attend to themselves, and their
+    blocks are skipped by the block mask, so the padding costs little.
     """
     if n <= BLOCK_SIZE:
         return BLOCK_SIZE
@@ -50,6 +51,7 @@ class FlexPlan:
     block_mask: BlockMask
     num_tokens: int
     padded: int
+    device: torch.device
 
 
 def _padded_ids(layout: TokenLayout, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,13 +122,13 @@ class FlexEctfAttention:
             ectf_mask_mod(layout, text_sees_vae, length), None, None, length, length, device=device,
             BLOCK_SIZE=BLOCK_SIZE, _compile=device.type == "cuda",
         )
-        return FlexPlan(block_mask=block_mask, num_tokens=layout.num_tokens, padded=length)
+        return FlexPlan(block_mask=block_mask, num_tokens=layout.num_tokens, padded=length, device=device)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared: object, scale: float | None = None) -> Tensor:
         plan = prepared
         if not isinstance(plan, FlexPlan):
             raise TypeError(f"flex got a {type(plan).__name__} plan; call this backend's prepare() first")
-        check_qkv(q, k, v, plan.num_tokens, self.name)
+        check_qkv(q, k, v, plan.num_tokens, self.name, plan.device)
         on_cuda = q.device.type == "cuda"
         if not on_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise ConfigError(

@@ -75,7 +75,7 @@ class SdpaDenseAttention:
         plan = prepared
         if not isinstance(plan, DensePlan):
             raise TypeError(f"sdpa_dense got a {type(plan).__name__} plan; call this backend's prepare() first")
-        check_qkv(q, k, v, plan.num_tokens, self.name)
+        check_qkv(q, k, v, plan.num_tokens, self.name, plan.mask.device)
         if plan.num_tokens == 0:
             return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
         num_samples, longest = plan.gather.shape
