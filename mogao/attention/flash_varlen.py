@@ -17,8 +17,9 @@ copies, `ectf_pieces` emits (N_U(o) = U's tokens with order < o, likewise N_C):
 No piece touches a noisy key outside its own copy, and without text_sees_vae no und row sees a VAE key, so the
 pieces partition exactly the allowed (row, key) pairs of `ectf_mask` (the tests check this against it).
 
-`pack_pieces` chains pieces of one mode into as few kernel calls as it can: a call's q ranges and k ranges must
-each increase, and gaps between consecutive pieces become two dummy batch entries (q len 0, k = gap) and
+`pack_pieces` greedily chains pieces of one mode into kernel calls: a call's q ranges and k ranges must each
+increase (so pieces that start at the same key, like the prefixes of one sample, need separate calls: about
+2 + 2 * images-per-sample calls in all), and gaps between consecutive pieces become two dummy batch entries (q len 0, k = gap) and
 (q = gap, k len 0), never one entry with both gaps (those rows would see those keys). Rows with no key come
 back with lse = +inf and out = 0 and drop out of the merge. Q/K/V enter the kernels as contiguous slices of the
 physical tensors: no copies.
