@@ -22,6 +22,8 @@ import torch
 from mogao.modality import Modality
 
 _SECTION_OF = {Modality.TEXT: 0, Modality.VIT: 0, Modality.VAE_CLEAN: 1, Modality.VAE_NOISY: 2}
+# order of an image's copies inside a sample: the mask rules rely on the noisy copy coming first
+_COPY_RANK = {Modality.VAE_NOISY: 0, Modality.VIT: 1, Modality.VAE_CLEAN: 2}
 
 
 @dataclass(frozen=True)
@@ -80,33 +82,50 @@ class TokenLayout:
     @classmethod
     def from_spans(cls, samples: Sequence[Sequence[Span]]) -> TokenLayout:
         """Lay out samples (each a list of spans in logical order) in the three-section physical order."""
-        rows: list[tuple[int, int, int, int, int, int]] = []  # (section, sample, order, modality, block, logical)
+        # one row per span (section, sample, first order, length, modality, block); tokens are expanded at once
+        span_rows: list[tuple[int, int, int, int, int, int]] = []
         block_id = 0
-        logical = 0
         lengths = []
         for s, spans in enumerate(samples):
             if not spans:
                 raise ValueError(f"sample {s} of the pack has no spans")
             order = 0
+            seen: set[int] = set()
+            prev: tuple[int, int] | None = None  # (image, copy rank) of the previous span
             for span in spans:
                 blk = -1
-                if span.kind != Modality.TEXT:
+                if span.kind == Modality.TEXT:
+                    prev = None
+                else:
+                    rank = _COPY_RANK[span.kind]
+                    if prev is not None and prev[0] == span.image:
+                        if rank <= prev[1]:
+                            raise ValueError(f"sample {s}: copies of image {span.image} must be ordered noisy, ViT, "
+                                             f"clean VAE; got {span.kind.name} after a copy of rank {prev[1]}")
+                    elif span.image in seen:
+                        raise ValueError(f"sample {s}: the copies of image {span.image} are not adjacent")
+                    seen.add(span.image)
+                    prev = (span.image, rank)
                     blk = block_id
                     block_id += 1
-                for _ in range(span.length):
-                    rows.append((_SECTION_OF[span.kind], s, order, int(span.kind), blk, logical))
-                    order += 1
-                    logical += 1
+                span_rows.append((_SECTION_OF[span.kind], s, order, span.length, int(span.kind), blk))
+                order += span.length
             lengths.append(order)
+        t = torch.tensor(span_rows, dtype=torch.long).reshape(-1, 6)
+        counts = t[:, 3]
+        n = int(counts.sum())
+        section, sample, modality, block = (t[:, i].repeat_interleave(counts) for i in (0, 1, 4, 5))
+        first = torch.cumsum(counts, 0) - counts  # logical position of each span's first token
+        within = torch.arange(n) - first.repeat_interleave(counts)
+        order = t[:, 2].repeat_interleave(counts) + within
         # stable sort by (section, sample, order) gives the physical layout
-        rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        t = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
-        sections = t[:, 0]
-        logical_index = torch.empty(len(rows), dtype=torch.long)
-        logical_index[t[:, 5]] = torch.arange(len(rows))
+        key = (section * (len(samples) + 1) + sample) * (max(lengths) + 1) + order
+        perm = torch.argsort(key, stable=True)  # physical position -> logical position
+        logical_index = torch.empty(n, dtype=torch.long)
+        logical_index[perm] = torch.arange(n)
+        sections = section[perm]
         return cls(
-            sample=t[:, 1].contiguous(), order=t[:, 2].contiguous(), modality=t[:, 3].contiguous(),
-            block=t[:, 4].contiguous(),
+            sample=sample[perm], order=order[perm], modality=modality[perm], block=block[perm],
             n_und=int((sections == 0).sum()), n_gen_clean=int((sections == 1).sum()), n_noisy=int((sections == 2).sum()),
             logical_index=logical_index, sample_lengths=lengths,
         )

@@ -20,8 +20,10 @@ def ectf_allowed(
     """Whether query q may attend to key k. Broadcasts over its arguments (per-token ids)."""
     same_sample = q_sample == k_sample
     same_block = (q_block == k_block) & (q_block >= 0)
-    q_noisy = q_mod == Modality.VAE_NOISY
-    k_noisy = k_mod == Modality.VAE_NOISY
+    # compare with plain ints: torch.compile does not trace comparisons of tensors with IntEnum members
+    noisy, vit, vae_clean = int(Modality.VAE_NOISY), int(Modality.VIT), int(Modality.VAE_CLEAN)
+    q_noisy = q_mod == noisy
+    k_noisy = k_mod == noisy
     earlier_or_same = k_order <= q_order
     # rule 4: nothing attends to a noisy copy except that copy (and rule 3: a noisy copy sees itself)
     to_noisy = k_noisy & same_block
@@ -31,8 +33,8 @@ def ectf_allowed(
     clean_to_clean = ~q_noisy & ~k_noisy & (earlier_or_same | same_block)
     if not text_sees_vae:
         # rule 5: text and ViT queries never see VAE tokens
-        q_und = q_mod <= Modality.VIT
-        clean_to_clean = clean_to_clean & ~(q_und & (k_mod == Modality.VAE_CLEAN))
+        q_und = q_mod <= vit
+        clean_to_clean = clean_to_clean & ~(q_und & (k_mod == vae_clean))
     return same_sample & (to_noisy | noisy_to_clean | clean_to_clean)
 
 
