@@ -44,7 +44,7 @@ def naive_passes(r: int) -> list[list[dict]]:
     segs = story(r)
     image_pos = [i for i, s in enumerate(segs) if "image" in s]
     out = []
-    for k, pos in enumerate(image_pos):
+    for pos in image_pos:
         prefix = [dict(s, generate=False) if "image" in s else s for s in segs[:pos]]
         out.append(prefix + [segs[pos]])
     return out

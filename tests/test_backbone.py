@@ -8,10 +8,10 @@ from transformers import AutoModelForCausalLM
 
 from mogao.attention import get_attention_backend
 from mogao.attention.layout import Span, TokenLayout
+from mogao.modality import Modality
 from mogao.model.backbone import MoTBackbone
 from mogao.model.rope import InterleavedRope, frequency_axes
 from mogao.model.tiny import save_tiny_llm
-from mogao.modality import Modality
 
 
 def _packed_text(lengths: list[int], vocab: int, seed: int = 0):

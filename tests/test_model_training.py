@@ -119,3 +119,34 @@ def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="LLM checkpoint directory not found: '.*nope'"):
         MogaoModel.from_parts(ModelConfig(llm=str(tmp_path / "nope"), vit=str(tmp_path)))
+
+
+def test_additive_timestep_and_pixel_autoencoder_options(tiny_parts, shapes_dicts):
+    torch.manual_seed(0)
+    cfg = ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel", latent_patch=4,
+                      timestep_conditioning="additive")
+    model = MogaoModel.from_parts(cfg)
+    assert model.vae_patch == 4 and model.token_dim == 3 * 16
+    assert all(layer.gen_adaln is None for layer in model.backbone.layers)
+    batch = make_batch(tiny_parts["tokenizer"], shapes_dicts, vae_patch=model.vae_patch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # the second step sees non-zero out-projection and additive-embedding weights
+        opt.zero_grad()
+        combine_losses(model(batch).terms).loss.backward()
+        opt.step()
+    assert sum(float(p.grad.abs().sum()) for p in model.additive_time.parameters()) > 0
+    assert sum(float(p.grad.abs().sum()) for p in model.backbone.layers[0].gen.parameters()) > 0
+
+
+def test_unknown_timestep_conditioning_is_refused(tiny_parts):
+    from mogao.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timestep_conditioning must be 'adaln' or 'additive'"):
+        MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], timestep_conditioning="x"))
+
+
+def test_unknown_attention_backend_is_refused(tiny_parts):
+    from mogao.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sdpa_dense"):
+        MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], attention="nope"))

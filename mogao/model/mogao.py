@@ -14,9 +14,21 @@ from torch import nn
 
 from mogao.attention import get_attention_backend
 from mogao.data.batch import PackedBatch
-from mogao.diffusion.flow import FlowMatchingLoss, TimestepSampling, add_noise, draw_sigmas_and_noise, velocity_target
+from mogao.diffusion.flow import (
+    FlowMatchingLoss,
+    TimestepSampling,
+    add_noise,
+    draw_sigmas_and_noise,
+    velocity_target,
+)
 from mogao.errors import ConfigError
-from mogao.model.autoencoder import DiffusersVAE, LatentAutoencoder, LatentProjector, PixelAutoencoder, patchify
+from mogao.model.autoencoder import (
+    DiffusersVAE,
+    LatentAutoencoder,
+    LatentProjector,
+    PixelAutoencoder,
+    patchify,
+)
 from mogao.model.backbone import GenerationModulation, MoTBackbone
 from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
 from mogao.model.vision import MLPConnector, VisionEncoder
@@ -89,10 +101,10 @@ class MogaoModel(nn.Module):
         if cfg.vocab_size is not None and cfg.vocab_size != llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(cfg.vocab_size)
         hidden = int(llm.config.hidden_size)
-        self.time_embed = TimestepEmbedder(hidden)
-        adaln = cfg.timestep_conditioning == "adaln"
         if cfg.timestep_conditioning not in ("adaln", "additive"):
             raise ConfigError(f"timestep_conditioning must be 'adaln' or 'additive', got '{cfg.timestep_conditioning}'")
+        adaln = cfg.timestep_conditioning == "adaln"
+        self.time_embed = TimestepEmbedder(hidden)
         self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None)
         self.additive_time = None if adaln else AdditiveTimestep(hidden)
         self.vit = vit
