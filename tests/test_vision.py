@@ -9,31 +9,18 @@ import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from mogao.errors import ConfigError, DataError
+from mogao.model.tiny import save_tiny_vit
 from mogao.model.vision import MLPConnector, VisionEncoder
-
-
-def _save_vit(path, patch_size: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=patch_size,
-    )
-    SiglipVisionModel(cfg).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory):
-    return _save_vit(tmp_path_factory.mktemp("vit"))
+    return save_tiny_vit(tmp_path_factory.mktemp("vit"))
 
 
 @pytest.mark.parametrize("patch", [4, 8])
 def test_shapes_for_mixed_sizes(tmp_path, patch):
-    enc = VisionEncoder.from_pretrained(_save_vit(tmp_path, patch_size=patch)).eval()
+    enc = VisionEncoder.from_pretrained(save_tiny_vit(tmp_path, patch_size=patch)).eval()
     assert enc.patch_size == patch and enc.hidden_size == 32
     grids = [(4, 4), (2, 3), (4, 4), (1, 5)]
     g = torch.Generator().manual_seed(0)
@@ -78,7 +65,7 @@ def test_interpolation_only_for_non_native_sizes(vit_dir, monkeypatch):
 
 
 def test_processor_mean_std_read_from_checkpoint(tmp_path):
-    path = _save_vit(tmp_path)
+    path = save_tiny_vit(tmp_path)
     (path / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [1, 2, 4]})
     )
