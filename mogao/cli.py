@@ -1,13 +1,103 @@
 """The `mogao` console script.
 
-    mogao demo [--out DIR] [--steps N]     tiny end-to-end training run on CPU (built-in shapes data)
-    mogao data check FILE.jsonl            validate a data set: every problem with file, line and field
+    mogao fit --config RECIPE.yaml [--key.sub=value ...]    train one stage (LightningCLI; --print_config)
+    mogao validate --config RECIPE.yaml [--ckpt_path ...]   validate a stage
+    mogao curriculum CURRICULUM.yaml [--out DIR]            run the stages in order, resumable
+    mogao list                                              the shipped recipes, one line each
+    mogao demo [--out DIR]                                  the tiny curriculum on CPU with an HTML report
+    mogao data check FILE.jsonl                             validate a data set: every problem with file, line, field
+
+A recipe may be given as a path or by its name under recipes/ (e.g. `tiny/t2i`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
+
+from mogao.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TRAINER_VERBS = ("fit", "validate")
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe path as given, or `recipes/<name>[.yaml]`; ConfigError naming what was tried when none exists."""
+    p = Path(name).expanduser()
+    tried = [p]
+    if p.is_file():
+        return p
+    for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        tried.append(cand)
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"recipe file not found: '{name}' (looked at {', '.join(str(t) for t in tried)}); "
+                      "`mogao list` shows the shipped recipes")
+
+
+def _rewrite_config_args(argv: list[str]) -> list[str]:
+    """Resolve every `--config X` / `-c X` / `--config=X` to an existing file before anything heavy is imported."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            out += [a, str(resolve_recipe(argv[i + 1]))]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            out.append("--config=" + str(resolve_recipe(a.split("=", 1)[1])))
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = True):
+    """Run (or, with run=False, only parse and instantiate) a LightningCLI over the mogao stages and data."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from callbacks.history import MetricsHistory
+    from mogao.training.datamodule import MogaoDataModule
+    from mogao.training.module import MogaoModule
+
+    class MogaoCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.init_args.tokenizer", "data.tokenizer")
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = cfg["trainer"]
+            root = trainer.get("default_root_dir") or "runs/default"
+            trainer["default_root_dir"] = root
+            if trainer.get("logger") in (None, True):
+                # one directory per run: logs, config.yaml, checkpoints/, metrics.jsonl, model/
+                trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                     "init_args": {"save_dir": root, "name": "", "version": ""}}
+
+    return MogaoCLI(
+        MogaoModule, MogaoDataModule, subclass_mode_model=True, args=args, run=run,
+        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,
+        trainer_defaults={"callbacks": [MetricsHistory(), *(callbacks or [])]},
+        parser_kwargs={"parser_mode": "omegaconf"} if not run else {v: {"parser_mode": "omegaconf"} for v in TRAINER_VERBS},
+    )
+
+
+def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:
+    """(name, description) of every recipe: the description is the first comment line that is not the command."""
+    rows = []
+    for path in sorted(root.rglob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            text = line.lstrip("# ").strip()
+            if text and not text.startswith("mogao "):
+                desc = text
+                break
+        rows.append((str(path.relative_to(root).with_suffix("")), desc))
+    return rows
 
 
 def _data_check(path: str) -> int:
@@ -28,19 +118,51 @@ def _data_check(path: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="mogao", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="verb", required=True)
-    sub.add_parser("demo", help="tiny end-to-end training run on CPU", add_help=False)
-    data = sub.add_parser("data", help="data set tools")
-    data_sub = data.add_subparsers(dest="data_verb", required=True)
-    check = data_sub.add_parser("check", help="validate a JSONL data set")
-    check.add_argument("file")
+    try:
+        return _main(argv)
+    except ConfigError as e:
+        print(f"mogao: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in TRAINER_VERBS:
+        build_cli(_rewrite_config_args(argv))
+        return 0
     if argv[:1] == ["demo"]:
         from mogao.demo import main as demo_main
 
         demo_main(argv[1:])
         return 0
-    args = ap.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="mogao", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    for verb in TRAINER_VERBS:
+        sub.add_parser(verb, help=f"LightningCLI {verb} (see `mogao {verb} --help`)", add_help=False)
+    sub.add_parser("demo", help="the tiny curriculum on CPU with an HTML report", add_help=False)
+    cur = sub.add_parser("curriculum", help="run the stages of a curriculum in order (resumable)")
+    cur.add_argument("file", help="curriculum YAML (path or name under recipes/)")
+    cur.add_argument("--out", help="run directory (default: the file's `out`)")
+    cur.add_argument("--fresh", action="store_true", help="start over: ignore finished stages and checkpoints")
+    cur.add_argument("overrides", nargs="*", help="extra --key=value overrides applied to every stage")
+    sub.add_parser("list", help="list the shipped recipes")
+    data = sub.add_parser("data", help="data set tools")
+    data_sub = data.add_subparsers(dest="data_verb", required=True)
+    check = data_sub.add_parser("check", help="validate a JSONL data set")
+    check.add_argument("file")
+    args, rest = ap.parse_known_args(argv)
+    if args.verb == "list":
+        rows = list_recipes()
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, desc in rows:
+            print(f"{name:<{width}}  {desc}")
+        return 0
+    if args.verb == "curriculum":
+        from mogao.curriculum import run_curriculum
+
+        run_curriculum(resolve_recipe(args.file), out=args.out, fresh=args.fresh, overrides=args.overrides + rest)
+        return 0
+    if rest:
+        ap.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.verb == "data" and args.data_verb == "check":
         return _data_check(args.file)
     return 2

@@ -32,6 +32,8 @@ class PackedBatch:
     noisy_index:    (sum over targets gh*gw,) physical positions of noisy VAE tokens; same order
     sample_ids:     the samples' ids (file:line or the JSONL `id`), for logs and fault reports
     budget:         the token budget the pack was filled to
+    data_state:     the data stream's position right after this batch (set by the training stream, so the loader
+                    position saved in a checkpoint is that of the last batch trained on, not of one prefetched)
     """
 
     input_ids: torch.Tensor
@@ -49,6 +51,7 @@ class PackedBatch:
     noisy_index: torch.Tensor
     sample_ids: list[str] = field(default_factory=list)
     budget: int = 0
+    data_state: dict | None = None
 
     @property
     def num_tokens(self) -> int:

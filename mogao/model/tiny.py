@@ -3,6 +3,10 @@ through exactly the code path real checkpoints use (no hub downloads anywhere)."
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -75,3 +79,66 @@ def save_tiny_vae(directory: str | Path, latent_channels: int = 4, seed: int = 0
     out = Path(directory)
     vae.save_pretrained(out)
     return out
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny random parts the CPU recipes build on first use (then load like real checkpoints)."""
+
+    hidden_size: int = 96
+    """Hidden size of the tiny LLM (both experts)."""
+    layers: int = 3
+    """Decoder layers."""
+    heads: int = 4
+    """Attention heads."""
+    kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    family: str = "qwen2"
+    """LLM family: qwen2, qwen3 or llama."""
+    vit_hidden_size: int = 48
+    """Hidden size of the tiny SigLIP."""
+    vit_patch_size: int = 4
+    """Pixels per ViT patch side."""
+    vocab_size: int = 400
+    """Target vocabulary of the tokenizer trained on the built-in corpus."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+
+def _build_atomically(target: Path, build) -> None:
+    """Build into a temporary sibling directory and rename it into place (safe if interrupted or raced)."""
+    if target.is_dir():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path, vit: str | Path) -> None:
+    """Create whichever of the tokenizer / LLM / ViT directories is missing, deterministically from `spec`.
+
+    The tokenizer is trained on `mogao.data.builtin.builtin_corpus()`; the LLM's vocabulary matches it.
+    Existing directories are left as they are (they may be real checkpoints).
+    """
+    from transformers import AutoTokenizer
+
+    from mogao.data.builtin import builtin_corpus
+    from mogao.data.tokenizer import train_tokenizer
+
+    tokenizer, llm, vit = Path(tokenizer), Path(llm), Path(vit)
+    _build_atomically(tokenizer, lambda d: train_tokenizer(builtin_corpus(), vocab_size=spec.vocab_size).save_pretrained(d))
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    _build_atomically(llm, lambda d: save_tiny_llm(d, vocab_size=vocab, hidden_size=spec.hidden_size,
+                                                   layers=spec.layers, heads=spec.heads, kv_heads=spec.kv_heads,
+                                                   family=spec.family, seed=spec.seed))
+    _build_atomically(vit, lambda d: save_tiny_vit(d, hidden_size=spec.vit_hidden_size,
+                                                   patch_size=spec.vit_patch_size))

@@ -1,0 +1,272 @@
+"""`MogaoDataModule`: named data sources (built-in generators or JSONL files), mixed by weight into one
+endless stream of packed batches, with an exact, checkpointed position.
+
+The training stream picks the source of batch b from (seed, b) and the mixture weights in force at b, then takes
+that source's next packed batch (each source is a `PackedDataset`: shuffled per epoch, sharded by rank and
+worker, cycling epochs forever). Every batch carries the stream position right after it (`data_state`); the
+training module hands the position of each batch it trained on back to the data module, and that is what a
+checkpoint stores - not the position of a batch the loader already prefetched. Resuming therefore continues
+with the exact next batch: no sample skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mogao.data import DataConfig, PackedBatch, PackedDataset, load_samples, samples_from_dicts, stable_seed
+from mogao.data.samples import Sample
+from mogao.errors import ConfigError
+
+
+@dataclass
+class Source:
+    """One named data source of a mixture."""
+
+    name: str
+    """Name used in logs (`val/<name>/...`) and in mixture schedules."""
+    builtin: str | None = None
+    """A built-in generated task (see `mogao.data.builtin.TASKS`), or None for a JSONL file."""
+    path: str | None = None
+    """JSONL file of samples (image paths relative to the file), or None for a built-in task."""
+    weight: float = 1.0
+    """Share of training batches drawn from this source (weights are normalised over sources)."""
+    n: int = 1000
+    """Built-in: number of training samples generated."""
+    val_n: int = 0
+    """Built-in: number of validation samples (held-out split); 0 = no validation for this source."""
+    val_path: str | None = None
+    """JSONL file of validation samples for this source."""
+    seed: int = 0
+    """Built-in: generator seed."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Built-in: generator options (e.g. max_objects, image_size)."""
+
+    def __post_init__(self) -> None:
+        if (self.builtin is None) == (self.path is None):
+            raise ConfigError(f"data source '{self.name}': give exactly one of 'builtin' (a task) or 'path' (a JSONL file)")
+        if self.weight < 0:
+            raise ConfigError(f"data source '{self.name}': weight must be >= 0, got {self.weight}")
+        for p in (self.path, self.val_path):
+            if p is not None and not Path(p).expanduser().is_file():
+                raise ConfigError(f"data source '{self.name}': file not found: '{p}'")
+
+    def load(self, split: str) -> list[Sample]:
+        if self.builtin is not None:
+            from mogao.data.builtin import make_builtin
+
+            n = self.n if split == "train" else self.val_n
+            if n <= 0:
+                return []
+            made = make_builtin(self.builtin, split=split, n=n, seed=self.seed, **self.options)
+            return samples_from_dicts(made.samples, name=f"builtin:{self.builtin}:{split}")
+        path = self.path if split == "train" else self.val_path
+        return [] if path is None else load_samples(Path(path).expanduser())
+
+
+def _at(schedule: list[tuple[int, Any]], step: int, default: Any) -> Any:
+    """Value of a piecewise-constant schedule [(start_step, value), ...] (sorted) at `step`."""
+    i = bisect.bisect_right([s for s, _ in schedule], step) - 1
+    return default if i < 0 else schedule[i][1]
+
+
+class MixtureStream(IterableDataset):
+    """Endless packed batches from several `PackedDataset`s; see the module docstring.
+
+    With DataLoader workers, worker w of W produces batches b = w, w + W, ... (the loader returns them in that
+    order), so the source of each batch stays a function of b alone.
+    """
+
+    def __init__(self, datasets: dict[str, PackedDataset], weights: dict[str, float], seed: int = 0,
+                 mixture_schedule: list[tuple[int, dict[str, float]]] | None = None,
+                 resolution_schedule: list[tuple[int, int]] | None = None) -> None:
+        self.datasets, self.weights, self.seed = datasets, weights, seed
+        self.mixture_schedule = mixture_schedule or []
+        self.resolution_schedule = resolution_schedule or []
+        self.base_configs = {k: ds.config for k, ds in datasets.items()}
+        self.names = list(datasets)
+        self._resume: dict[int, dict[str, Any]] = {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`state`: {"workers": {worker id: {"batch": b, "sources": {name: PackedDataset state}}}}."""
+        workers = state.get("workers", {})
+        self._resume = {int(k): copy.deepcopy(v) for k, v in workers.items()}
+
+    def weights_at(self, batch: int) -> list[float]:
+        w = _at(self.mixture_schedule, batch, self.weights)
+        unknown = set(w) - set(self.names)
+        if unknown:
+            raise ConfigError(f"mixture schedule names unknown source(s) {sorted(unknown)}; sources: {self.names}")
+        out = [float(w.get(n, 0.0)) for n in self.names]
+        if sum(out) <= 0:
+            raise ConfigError(f"mixture weights at batch {batch} are all zero: {w}")
+        return out
+
+    def source_of(self, batch: int) -> str:
+        return random.Random(stable_seed("mixture", self.seed, batch)).choices(self.names, self.weights_at(batch))[0]
+
+    def _apply_resolution(self, batch: int) -> None:
+        tokens = _at(self.resolution_schedule, batch, None)
+        for k, ds in self.datasets.items():
+            want = self.base_configs[k] if tokens is None else replace(self.base_configs[k], max_image_tokens=tokens)
+            if ds.config != want:
+                ds.config = want
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        resume = self._resume.get(worker)
+        b = worker if resume is None else int(resume["batch"])
+        if resume is not None:
+            for k, st in resume["sources"].items():
+                if k not in self.datasets:
+                    raise ConfigError(f"cannot resume: the saved data position has source '{k}', not configured now")
+                self.datasets[k].load_state_dict(st)
+        iters: dict[str, Iterator[PackedBatch]] = {}
+        while True:
+            self._apply_resolution(b)
+            name = self.source_of(b)
+            ds = self.datasets[name]
+            batch = None
+            for _ in range(2):  # an exhausted epoch starts the next one
+                it = iters.get(name)
+                if it is None:
+                    it = iters[name] = iter(ds)
+                batch = next(it, None)
+                if batch is not None:
+                    break
+                iters.pop(name)
+                ds.set_epoch(ds.epoch + 1)
+            if batch is None:
+                raise ConfigError(f"data source '{name}' yields no batches for this process (too few samples for "
+                                  "the number of ranks and workers?)")
+            b += workers
+            batch.data_state = {"worker": worker, "batch": b, "source": name,
+                                "sources": {k: d.state_dict() for k, d in self.datasets.items()}}
+            yield batch
+
+
+class MogaoDataModule(pl.LightningDataModule):
+    """Training and validation data of a stage.
+
+    Args:
+        tokenizer: directory of the (fast) tokenizer; the same one the model was built with.
+        sources: the named sources of the mixture.
+        data: packing and lowering (token budget, image sizes, condition dropout, seed). The ViT/VAE patch sizes
+            are taken from the model when one is attached.
+        num_workers: DataLoader worker processes (0 = in the training process).
+        val_budget: token budget of validation packs (default: data.token_budget).
+    """
+
+    def __init__(self, tokenizer: str, sources: list[Source], data: DataConfig | None = None, num_workers: int = 0,
+                 val_budget: int | None = None) -> None:
+        super().__init__()
+        if not sources:
+            raise ConfigError("data.sources is empty: give at least one built-in task or JSONL file")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: duplicate names {names}")
+        self.tokenizer_path = tokenizer
+        self.sources = sources
+        self.data = data or DataConfig()
+        self.num_workers = num_workers
+        self.val_budget = val_budget
+        self.mixture_schedule: list[tuple[int, dict[str, float]]] = []
+        self.resolution_schedule: list[tuple[int, int]] = []
+        self.tokenizer = None
+        self._train: MixtureStream | None = None
+        self._val: list[tuple[str, list[PackedBatch]]] | None = None
+        self._consumed: dict[int, dict[str, Any]] = {}
+        self._loaded: dict[str, Any] | None = None
+
+    # ---- schedules (set by the curriculum-schedule callback before the loaders are built) ----------------
+    def set_schedules(self, mixture: list[tuple[int, dict[str, float]]] | None = None,
+                      resolution: list[tuple[int, int]] | None = None, accumulate: int = 1) -> None:
+        """Piecewise-constant schedules keyed by optimizer step (converted to batch index here)."""
+        self.mixture_schedule = sorted((s * accumulate, w) for s, w in (mixture or []))
+        self.resolution_schedule = sorted((s * accumulate, t) for s, t in (resolution or []))
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    def _data_config(self) -> DataConfig:
+        cfg = self.data
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model = getattr(module, "model", None)
+        if model is not None:
+            cfg = replace(cfg, vit_patch=model.vit_patch, vae_patch=model.vae_patch)
+        return cfg
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def setup(self, stage: str) -> None:
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            from mogao.model.mogao import resolve_checkpoint
+
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer_path, "tokenizer"))
+        cfg = self._data_config()
+        rank, world = self._rank()
+        if stage == "fit" and self._train is None:
+            datasets = {s.name: PackedDataset(s.load("train"), self.tokenizer, cfg, rank=rank, world_size=world)
+                        for s in self.sources}
+            weights = {s.name: s.weight for s in self.sources}
+            self._train = MixtureStream(datasets, weights, seed=cfg.seed, mixture_schedule=self.mixture_schedule,
+                                        resolution_schedule=self.resolution_schedule)
+            if self._loaded is not None:
+                self._train.load_state_dict(self._loaded)
+        if stage in ("fit", "validate") and self._val is None:
+            vcfg = replace(cfg, p_drop_text=0.0, p_drop_images=0.0, token_budget=self.val_budget or cfg.token_budget)
+            self._val = []
+            for s in self.sources:
+                samples = s.load("validation")
+                if samples:
+                    ds = PackedDataset(samples, self.tokenizer, vcfg, rank=rank, world_size=world, shuffle=False)
+                    self._val.append((s.name, list(ds)))
+
+    def train_dataloader(self) -> DataLoader:
+        assert self._train is not None, "setup('fit') first"
+        self._train.mixture_schedule = self.mixture_schedule
+        self._train.resolution_schedule = self.resolution_schedule
+        return DataLoader(self._train, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    @property
+    def val_names(self) -> list[str]:
+        return [name for name, _ in (self._val or [])]
+
+    def val_samples(self, name: str) -> list[Sample]:
+        src = next(s for s in self.sources if s.name == name)
+        return src.load("validation")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(batches, batch_size=None, collate_fn=_identity) for _, batches in (self._val or [])]
+
+    # ---- position ------------------------------------------------------------------------------------
+    def consumed(self, batch: PackedBatch) -> None:
+        """Record that `batch` was trained on (called by the module at the end of each training batch)."""
+        if batch.data_state is not None:
+            self._consumed[int(batch.data_state["worker"])] = batch.data_state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"workers": copy.deepcopy(self._consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._consumed = {int(k): v for k, v in state.get("workers", {}).items()}
+        self._loaded = state
+        if self._train is not None:
+            self._train.load_state_dict(state)
+
+
+def _identity(x):
+    return x

@@ -1,0 +1,52 @@
+"""Named parts of a `MogaoModel` that stages train or freeze: one place that says which parameter is where."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from mogao.errors import ConfigError
+
+PARTS = ("und", "gen", "vit", "connector")
+"""und: the understanding expert (embeddings, its half of every layer, final norm, LM head);
+gen: the generation expert (its half of every layer, AdaLN, timestep embedding, latent projections);
+vit: the SigLIP encoder; connector: the ViT→LLM MLP. The autoencoder is always frozen."""
+
+
+def part_parameters(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
+    """{part: {qualified parameter name: parameter}} covering every parameter outside the autoencoder."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    gen = list(model.backbone.generation_parameters()) + list(model.time_embed.parameters())
+    gen += list(model.latent_proj.parameters())
+    if getattr(model, "additive_time", None) is not None:
+        gen += list(model.additive_time.parameters())
+    groups = {
+        "und": list(model.backbone.understanding_parameters()),
+        "gen": gen,
+        "vit": list(model.vit.parameters()),
+        "connector": list(model.connector.parameters()),
+    }
+    return {k: {names[id(p)]: p for p in ps} for k, ps in groups.items()}
+
+
+def check_parts(parts: Iterable[str], what: str = "train") -> list[str]:
+    parts = list(parts)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ConfigError(f"{what}: unknown part(s) {bad}; choose from {list(PARTS)}")
+    return parts
+
+
+def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, int]:
+    """Make exactly `parts` trainable (everything else frozen); returns trainable parameter counts per part."""
+    parts = check_parts(parts)
+    groups = part_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    counts = {}
+    for name in parts:
+        for p in groups[name].values():
+            p.requires_grad_(True)
+        counts[name] = sum(p.numel() for p in groups[name].values())
+    return counts
