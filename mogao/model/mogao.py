@@ -28,6 +28,7 @@ from mogao.model.autoencoder import (
     LatentProjector,
     PixelAutoencoder,
     patchify,
+    unpatchify,
 )
 from mogao.model.backbone import GenerationModulation, MoTBackbone
 from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
@@ -53,7 +54,7 @@ class ModelConfig:
         text_sees_vae: whether text/ViT queries may attend to VAE tokens (Mogao: false).
         timestep_conditioning: "adaln" (Mogao: AdaLN in the generation expert) or "additive" (BAGEL).
         vit_feature_layer: -1 = last ViT layer, -2 = penultimate.
-        vocab_size: resize the LLM's embeddings to this size (after adding special tokens); None = keep.
+        vocab_size: grow the LLM's embeddings to at least this size (e.g. the tokenizer's length); None = keep.
         timestep_sampling: how sigma is drawn for generation targets.
         lambda_text / lambda_image: weights of the CE and flow losses in the total.
     """
@@ -74,17 +75,44 @@ class ModelConfig:
 
 
 @dataclass
+class NoisyState:
+    """The current noisy latents of a batch's generation targets, given by a sampler (not the seeded draw).
+
+    sigmas: (T,) the σ of each generation target, in the batch's target order (`batch.image_is_target`).
+    tokens: (n_noisy, token_dim) the noisy latent tokens x_σ in `batch.noisy_index` order (target by target,
+        row-major inside a target): what the seeded draw would have made with `add_noise`.
+    """
+
+    sigmas: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass
 class ModelOutput:
     terms: LossTerms
     velocity: torch.Tensor | None = None  # (n_noisy, token_dim) predicted velocity of the noisy tokens
     text_logits: torch.Tensor | None = None  # (n_und, vocab) when requested
 
 
-def _check_dir(path: str, what: str) -> Path:
+def resolve_checkpoint(path: str, what: str) -> Path:
+    """A local checkpoint directory: the path itself, or a hub id ("org/name") already in the local HF cache.
+
+    Nothing is ever downloaded here; a missing checkpoint is a ConfigError naming it and saying how to get it.
+    """
     p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ConfigError(f"{what} checkpoint directory not found: '{path}' (give a local directory saved with save_pretrained)")
-    return p
+    if p.is_dir():
+        return p
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (or no hub library): report below
+            pass
+        raise ConfigError(f"{what} checkpoint '{path}' is neither a local directory nor in the local Hugging Face "
+                          f"cache; fetch it first (`huggingface-cli download {path}`) or give a local directory")
+    raise ConfigError(f"{what} checkpoint directory not found: '{path}' (give a local directory saved with "
+                      "save_pretrained, or a hub id already downloaded)")
 
 
 class MogaoModel(nn.Module):
@@ -98,7 +126,7 @@ class MogaoModel(nn.Module):
     def __init__(self, cfg: ModelConfig, llm: nn.Module, vit: VisionEncoder, autoencoder: LatentAutoencoder) -> None:
         super().__init__()
         self.cfg = cfg
-        if cfg.vocab_size is not None and cfg.vocab_size != llm.get_input_embeddings().num_embeddings:
+        if cfg.vocab_size is not None and cfg.vocab_size > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(cfg.vocab_size)
         hidden = int(llm.config.hidden_size)
         if cfg.timestep_conditioning not in ("adaln", "additive"):
@@ -121,8 +149,8 @@ class MogaoModel(nn.Module):
         """Initialise from pretrained parts: the LLM (both experts), SigLIP and the autoencoder."""
         from transformers import AutoModelForCausalLM
 
-        llm = AutoModelForCausalLM.from_pretrained(_check_dir(cfg.llm, "LLM"), dtype=dtype or torch.float32)
-        vit = VisionEncoder.from_pretrained(str(_check_dir(cfg.vit, "ViT")), feature_layer=cfg.vit_feature_layer)
+        llm = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.llm, "LLM"), dtype=dtype or torch.float32)
+        vit = VisionEncoder.from_pretrained(str(resolve_checkpoint(cfg.vit, "ViT")), feature_layer=cfg.vit_feature_layer)
         return cls(cfg, llm, vit, _autoencoder_from_path(cfg))
 
     @classmethod
@@ -178,17 +206,42 @@ class MogaoModel(nn.Module):
         return int(self.autoencoder.downsample * self.cfg.latent_patch)
 
     # ---- forward ------------------------------------------------------------------------------
-    def embed_images(self, batch: PackedBatch, x: torch.Tensor):
-        """Write ViT, clean-VAE and noisy-VAE token embeddings into x (N, hidden); returns the flow targets."""
+    def image_tokens(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Images (3, H, W) in [0, 1] -> their latent tokens (gh*gw, token_dim): the x₀ of flow matching."""
+        return [patchify(lat, self.cfg.latent_patch) for lat in self.autoencoder.encode(pixels)]
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Latent tokens (gh*gw, token_dim) of one image -> the image (3, H, W), float32 in [0, 1].
+
+        The inverse of `image_tokens`: `unpatchify` to the latent, then the autoencoder's decoder.
+        """
         p = self.cfg.latent_patch
+        latent = unpatchify(tokens.float(), grid, p, self.autoencoder.latent_channels)
+        return self.autoencoder.decode([latent])[0]
+
+    def embed_images(self, batch: PackedBatch, x: torch.Tensor, noisy: NoisyState | None = None):
+        """Write ViT, clean-VAE and noisy-VAE token embeddings into x (N, hidden); returns the flow targets.
+
+        With `noisy` the noisy copies take the given tokens and σ instead of the seeded draw; there is then no
+        flow target (the returned target and weights are None).
+        """
         vit_tokens = self.connector(torch.cat(self.vit(batch.vit_pixels), dim=0)).to(x.dtype)
         x = x.index_copy(0, batch.vit_index, vit_tokens)
-        latents = self.autoencoder.encode(batch.vae_pixels)
-        x0 = [patchify(lat, p).to(x.dtype) for lat in latents]  # per image (gh*gw, C*p*p)
+        x0 = [t.to(x.dtype) for t in self.image_tokens(batch.vae_pixels)]  # per image (gh*gw, C*p*p)
         x = x.index_copy(0, batch.vae_clean_index, self.latent_proj.proj_in(torch.cat(x0, dim=0)))
         target_ids = batch.image_is_target.nonzero().flatten().tolist()
         if not target_ids:
             return x, None, None, None
+        if noisy is not None:
+            want = ((len(target_ids),), (batch.noisy_index.numel(), self.token_dim))
+            got = (tuple(noisy.sigmas.shape), tuple(noisy.tokens.shape))
+            if got != want:
+                raise ValueError(f"NoisyState: sigmas {got[0]} and tokens {got[1]} do not match the batch: "
+                                 f"expected {want[0]} and {want[1]}")
+            noisy_in = self.latent_proj.proj_in(noisy.tokens.to(x.device, x.dtype))
+            x = x.index_copy(0, batch.noisy_index, noisy_in)
+            return x, noisy.sigmas.to(x.device, torch.float32), None, None
         x0_t = [x0[i] for i in target_ids]
         sigmas, noise = draw_sigmas_and_noise(
             batch.image_seed[target_ids], [tuple(t.shape) for t in x0_t], [t.shape[0] for t in x0_t],
@@ -215,13 +268,20 @@ class MogaoModel(nn.Module):
             index[batch.noisy_index - lay.n_und] = per
         return GenerationModulation(self.time_embed(rows).to(dtype), index)
 
-    def forward(self, batch: PackedBatch, return_logits: bool = False) -> ModelOutput:
+    def forward(
+        self, batch: PackedBatch, return_logits: bool = False, noisy: NoisyState | None = None
+    ) -> ModelOutput:
+        """Loss terms of a packed batch; optionally the text logits of the understanding tokens.
+
+        noisy: sampling mode - the targets' noisy tokens and σ come from the caller (see `NoisyState`) instead
+            of the seeded draw; `velocity` is then the prediction for those tokens and the flow loss is 0.
+        """
         lay = batch.layout
         n_und = lay.n_und
         x = self.backbone.embed_tokens(batch.input_ids)
         sigmas = v_target = weights = None
         if batch.num_images:
-            x, sigmas, v_target, weights = self.embed_images(batch, x)
+            x, sigmas, v_target, weights = self.embed_images(batch, x, noisy)
         mod = None
         if lay.num_tokens > n_und:
             mod = self._modulation(batch, sigmas, x.dtype)
@@ -238,8 +298,9 @@ class MogaoModel(nn.Module):
         text_sum = F.cross_entropy(logits_sel, labels[sel], reduction="sum")
         text_weight = sel.sum().to(text_sum.dtype)
         velocity = None
-        if v_target is not None:
+        if v_target is not None or (noisy is not None and sigmas is not None):
             velocity = self.latent_proj.proj_out(h_gen.index_select(0, batch.noisy_index - n_und))
+        if v_target is not None:
             image_sum, image_weight = self.flow_loss(velocity.float(), v_target.float(), weights.float())
         else:
             image_sum = h_gen.sum() * 0.0 if h_gen.numel() else text_sum * 0.0
@@ -252,4 +313,4 @@ class MogaoModel(nn.Module):
 def _autoencoder_from_path(cfg: ModelConfig) -> LatentAutoencoder:
     if cfg.autoencoder == "pixel":
         return PixelAutoencoder()
-    return DiffusersVAE.from_pretrained(str(_check_dir(cfg.autoencoder, "autoencoder")), subfolder=cfg.autoencoder_subfolder)
+    return DiffusersVAE.from_pretrained(str(resolve_checkpoint(cfg.autoencoder, "autoencoder")), subfolder=cfg.autoencoder_subfolder)
