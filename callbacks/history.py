@@ -49,8 +49,8 @@ class MetricsHistory(pl.Callback):
         self.path: Path | None = None
         self._t0 = time.perf_counter()
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:  # (on_train_start: the resumed global step is known here)
             return
         self.path = run_dir(trainer) / self.filename
         self.path.parent.mkdir(parents=True, exist_ok=True)

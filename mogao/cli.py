@@ -54,8 +54,12 @@ def _rewrite_config_args(argv: list[str]) -> list[str]:
     return out
 
 
-def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = True):
-    """Run (or, with run=False, only parse and instantiate) a LightningCLI over the mogao stages and data."""
+def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = True, instantiate: bool = True):
+    """Run (or, with run=False, only parse and instantiate) a LightningCLI over the mogao stages and data.
+
+    With instantiate=False (and run=False) the config is only parsed and checked; `cli.model_config` is then
+    the recipe's `ModelConfig` (e.g. for building the model on the meta device).
+    """
     from lightning.pytorch.cli import LightningCLI
 
     from callbacks.history import MetricsHistory
@@ -76,6 +80,22 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
                 trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                      "init_args": {"save_dir": root, "name": "", "version": ""}}
 
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+                return
+            from mogao.diffusion.flow import TimestepSampling
+            from mogao.model.mogao import ModelConfig
+
+            model = self.config["model"]["init_args"]["model"].as_dict()
+            model["timestep_sampling"] = TimestepSampling(**(model.get("timestep_sampling") or {}))
+            self.model_config = ModelConfig(**model)
+
+    if not instantiate and run:
+        raise ValueError("instantiate=False needs run=False")
+    import warnings
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return MogaoCLI(
         MogaoModule, MogaoDataModule, subclass_mode_model=True, args=args, run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,

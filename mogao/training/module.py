@@ -185,7 +185,8 @@ class MogaoModule(pl.LightningModule):
                        "train/image_loss": total.image_loss}, prog_bar=True, batch_size=1)
         return total.loss
 
-    def on_train_batch_end(self, outputs: Any, batch: PackedBatch, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
+        # recorded before the step: a checkpoint written at the end of this step must include this batch
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "consumed"):
             dm.consumed(batch)

@@ -1,0 +1,294 @@
+"""Stages, recipes, the Lightning CLI and the curriculum: every shipped recipe instantiates, every stage trains,
+the curriculum chains stages, and interrupted runs resume to the same losses and data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from callbacks.history import read_history
+from mogao.cli import RECIPES_DIR, build_cli, list_recipes, main
+from mogao.curriculum import run_curriculum
+from mogao.model.tiny import TinySpec, ensure_tiny_parts
+
+TINY = ["understanding", "t2i", "interleaved"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage_parts")
+    spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
+    d = {k: root / k for k in ("tokenizer", "llm", "vit")}
+    ensure_tiny_parts(spec, **d)
+    return d
+
+
+def small(parts, root: Path, steps: int = 4) -> list[str]:
+    """Overrides shrinking a tiny recipe to seconds: test parts, few samples, small budget, no progress bar."""
+    return [
+        f"--model.init_args.tokenizer={parts['tokenizer']}", f"--model.init_args.model.llm={parts['llm']}",
+        f"--model.init_args.model.vit={parts['vit']}", "--model.init_args.tiny=null",
+        "--model.init_args.model.latent_patch=8", "--model.init_args.exact_match_samples=2",
+        f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, "
+        "init_args: {save_last: true, every_n_train_steps: 1}}]",
+        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
+        "--data.data.token_budget=400", "--data.data.max_image_tokens=16",
+    ]
+
+
+def _shrink_sources(config: Path, out: Path) -> Path:
+    """Copy of a tiny recipe with 24 samples per source and 4 validation samples (fast data setup)."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    for s in cfg["data"]["sources"]:
+        s["n"], s["val_n"] = 24, 4
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recipes")
+    for name in TINY:
+        _shrink_sources(RECIPES_DIR / "tiny" / f"{name}.yaml", d / f"{name}.yaml")
+    (d / "curriculum.yaml").write_text((RECIPES_DIR / "tiny" / "curriculum.yaml").read_text())
+    return d
+
+
+def train_rows(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_history(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
+class Interrupt(pl.Callback):
+    """Stop a run with an exception at the start of step `at` (after the checkpoint of step `at` was written)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError(f"interrupted at step {self.at}")
+
+
+class SeenSamples(pl.Callback):
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ids.append(list(batch.sample_ids))
+
+
+# ---- recipes ------------------------------------------------------------------------------------------
+
+
+def test_every_recipe_is_listed_with_a_description_and_its_command():
+    rows = dict(list_recipes())
+    files = sorted(RECIPES_DIR.rglob("*.yaml"))
+    assert len(rows) == len(files) >= 12
+    for f in files:
+        name = str(f.relative_to(RECIPES_DIR).with_suffix(""))
+        assert rows[name], f"{name} has no description line"
+        first = f.read_text().splitlines()[0]
+        assert first.startswith("# mogao ") and str(f.relative_to(RECIPES_DIR.parent)) in first, first
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_recipe_instantiates(name, parts, recipes, tmp_path):
+    cli = build_cli(["--config", str(recipes / f"{name}.yaml"), *small(parts, tmp_path)], run=False)
+    assert type(cli.model).__name__.lower().startswith(name[:3])
+    n = sum(p.numel() for p in cli.model.model.parameters())
+    trainable = sum(p.numel() for p in cli.model.model.parameters() if p.requires_grad)
+    print(f"tiny/{name}: {n} parameters, {trainable} trainable, parts {cli.model.train_parts}")
+    assert 0 < trainable < n
+
+
+def _layer_params(c: dict) -> int:
+    """Parameters of one Qwen2 decoder layer from its config numbers (q/k/v have biases, o does not)."""
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+@pytest.mark.parametrize("stage", TINY)
+def test_real_scale_recipe_on_meta_device(size, stage):
+    from mogao.model.known import KNOWN_LLMS, PUBLISHED_LLM_PARAMS, build_on_meta
+
+    cli = build_cli(["--config", str(RECIPES_DIR / f"qwen2.5-{size}" / f"{stage}.yaml")], run=False,
+                    instantiate=False)
+    cfg = cli.model_config
+    model = build_on_meta(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    llm = KNOWN_LLMS[cfg.llm]
+    h, L, V = llm["hidden_size"], llm["num_hidden_layers"], llm["vocab_size"]
+    und = sum(p.numel() for p in model.backbone.understanding_parameters())
+    heads = 1 if llm["tie_word_embeddings"] else 2
+    assert und == heads * V * h + L * _layer_params(llm) + h
+    assert abs(und - PUBLISHED_LLM_PARAMS[cfg.llm]) / PUBLISHED_LLM_PARAMS[cfg.llm] < 0.01
+    gen_layers = sum(p.numel() for layer in model.backbone.layers for p in layer.gen.parameters())
+    assert gen_layers == L * _layer_params(llm)  # the generation expert: a full copy of every layer
+    total = sum(p.numel() for p in model.parameters())
+    print(f"qwen2.5-{size}/{stage}: {total / 1e9:.2f}B parameters (understanding expert {und / 1e9:.2f}B, "
+          f"generation expert layers {gen_layers / 1e9:.2f}B)")
+
+
+# ---- one stage ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_stage_fast_dev_run(name, parts, recipes, tmp_path):
+    cli = build_cli(["fit", "--config", str(recipes / f"{name}.yaml"), *small(parts, tmp_path),
+                     "--trainer.fast_dev_run=true"])
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_stage_run_writes_model_config_history_and_validation(parts, recipes, tmp_path):
+    build_cli(["fit", "--config", str(recipes / "t2i.yaml"), *small(parts, tmp_path, steps=4)])
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    rows = read_history(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    val = [r for r in rows if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4] and "val/t2i/image_loss" in val[0]
+
+
+def test_resume_from_last_checkpoint_gives_the_same_losses_and_data(parts, recipes, tmp_path):
+    cfg = str(recipes / "interleaved.yaml")
+    seen_a = SeenSamples()
+    build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "a", steps=6)], callbacks=[seen_a])
+    seen_b = SeenSamples()
+    with pytest.raises(RuntimeError, match="interrupted at step 3"):
+        build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=6)], callbacks=[Interrupt(3), seen_b])
+    build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=6), "--ckpt_path=last"],
+              callbacks=[seen_b])
+    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(4, 7):
+        for key in ("loss", "text_loss", "image_loss"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
+        assert a[step]["source"] == b[step]["source"]
+    assert seen_a.ids == seen_b.ids  # no sample skipped or repeated across the interruption
+
+
+def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
+    sched = ("--trainer.callbacks+={class_path: callbacks.CurriculumSchedule, init_args: {milestones: "
+             "[{step: 0, train: [gen]}, {step: 2, train: [gen, und], lambda_text: 0.5}]}}")
+    cfg = str(recipes / "t2i.yaml")
+    build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "a", steps=4), sched])
+    with pytest.raises(RuntimeError):
+        build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched], callbacks=[Interrupt(3)])
+    cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, "--ckpt_path=last"])
+    assert cli.model.train_parts == ["gen", "und"] and cli.model.lambda_text == 0.5
+    assert len(cli.trainer.optimizers[0].param_groups) == 4  # gen (decay, no decay) + und (decay, no decay)
+    a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
+    assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-6
+
+
+# ---- curriculum ---------------------------------------------------------------------------------------
+
+
+def _curriculum(recipes: Path, parts, out: Path, **kw):
+    over = [o for o in small(parts, out, steps=3) if not o.startswith("--trainer.default_root_dir")]
+    return run_curriculum(recipes / "curriculum.yaml", out=out, overrides=over, **kw)
+
+
+@pytest.fixture(scope="module")
+def curriculum_run(parts, recipes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("curriculum")
+    models = _curriculum(recipes, parts, out)
+    return out, models
+
+
+def test_curriculum_runs_three_stages_each_from_the_last(curriculum_run, parts, recipes):
+    out, models = curriculum_run
+    assert [m.parent.name for m in models] == ["1-understanding", "2-t2i", "3-interleaved"]
+    for m in models:
+        assert (m / "model.safetensors").is_file() and (m.parent / "done.json").is_file()
+        assert [r["step"] for r in read_history(m.parent / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+    # stage 2 starts from stage 1's weights: instantiate it without training and compare
+    from mogao.curriculum import load_curriculum, stage_args
+
+    spec = load_curriculum(recipes / "curriculum.yaml", out=out)
+    over = [o for o in small(parts, out, steps=3) if not o.startswith("--trainer.default_root_dir")]
+    cli = build_cli(stage_args(spec, 1, over)[1:], run=False)
+    saved = load_file(str(models[0] / "model.safetensors"))
+    state = cli.model.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    # a finished curriculum run again skips every stage
+    assert _curriculum(recipes, parts, out) == models
+
+
+def test_curriculum_resumes_inside_a_stage_with_the_same_losses(curriculum_run, parts, recipes, tmp_path):
+    ref, _ = curriculum_run
+    with pytest.raises(RuntimeError, match="interrupted at step 2"):
+        _curriculum(recipes, parts, tmp_path, stage_callbacks={"t2i": [Interrupt(2)]})
+    assert (tmp_path / "1-understanding" / "done.json").is_file()
+    assert not (tmp_path / "2-t2i" / "done.json").is_file()
+    _curriculum(recipes, parts, tmp_path)
+    for stage in ("2-t2i", "3-interleaved"):
+        a, b = train_rows(ref / stage), train_rows(tmp_path / stage)
+        assert sorted(a) == sorted(b) == [1, 2, 3]
+        for step in a:
+            assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6, (stage, step)
+
+
+# ---- bad configs --------------------------------------------------------------------------------------
+
+
+def _fails_fast(args, capsys, expect: str) -> None:
+    t0 = time.perf_counter()
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code not in (0, None), err
+    assert expect in err, err
+    assert took < 2.0, f"took {took:.2f} s"
+
+
+@pytest.fixture(scope="module")
+def _warm(parts):
+    """Import everything once, so timings measure the check and not the first import of Lightning."""
+    build_cli(["--config", str(RECIPES_DIR / "tiny" / "t2i.yaml")], run=False, instantiate=False)
+
+
+def test_unknown_key_fails_fast_naming_it(_warm, capsys):
+    _fails_fast(["fit", "--config", "tiny/t2i", "--model.init_args.no_such_key=1"], capsys, "no_such_key")
+
+
+def test_wrong_type_fails_fast_naming_the_key(_warm, capsys):
+    _fails_fast(["fit", "--config", "tiny/t2i", "--trainer.max_steps=many"], capsys, "max_steps")
+
+
+def test_missing_checkpoint_fails_fast_naming_the_path(_warm, capsys, tmp_path):
+    _fails_fast(["fit", "--config", "tiny/t2i", "--model.init_args.tiny=null",
+                 f"--model.init_args.tokenizer={tmp_path}/nowhere-tok"], capsys, f"{tmp_path}/nowhere-tok")
+
+
+def test_recipe_not_found_fails_fast_naming_it(capsys):
+    _fails_fast(["fit", "--config", "tiny/no-such-recipe"], capsys, "tiny/no-such-recipe")
+
+
+def test_curriculum_file_errors_name_the_problem(tmp_path):
+    from mogao.curriculum import load_curriculum
+    from mogao.errors import ConfigError
+
+    f = tmp_path / "c.yaml"
+    f.write_text(json.dumps({"stages": [{"name": "a", "config": "missing.yaml"}]}))
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_curriculum(f)
+    f.write_text(json.dumps({"stages": [], "colour": 1}))
+    with pytest.raises(ConfigError, match="colour"):
+        load_curriculum(f)
