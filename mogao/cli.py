@@ -82,7 +82,10 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
 
         def instantiate_classes(self) -> None:
             if instantiate:
-                super().instantiate_classes()
+                try:
+                    super().instantiate_classes()
+                except ValueError as e:  # jsonargparse wraps errors raised while building the classes
+                    raise _unwrap(e) from e
                 return
             from mogao.diffusion.flow import TimestepSampling
             from mogao.model.mogao import ModelConfig
@@ -102,6 +105,20 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
         trainer_defaults={"callbacks": [MetricsHistory(), *(callbacks or [])]},
         parser_kwargs={"parser_mode": "omegaconf"} if not run else {v: {"parser_mode": "omegaconf"} for v in TRAINER_VERBS},
     )
+
+
+def _unwrap(e: ValueError) -> Exception:
+    """The project's own error inside a jsonargparse instantiation error, or a ConfigError with its reasons."""
+    from mogao.errors import MogaoError
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, MogaoError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    reasons = [ln.strip()[2:] for ln in str(e).splitlines()
+               if ln.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in ln]
+    return ConfigError("; ".join(reasons) or str(e))
 
 
 def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:

@@ -90,7 +90,7 @@ class MogaoModule(pl.LightningModule):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"))
-        self.model = self._build_model(model, init_from)
+        self.model = self._build_model(model, init_from).train()  # checkpoints load in eval mode
         self.train_parts = check_parts(train if train is not None else self.default_train, "model.train")
         self.trainable_counts = set_trainable(self.model, self.train_parts)
         self.optimizer_parts = list(self.train_parts)

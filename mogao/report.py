@@ -1,0 +1,200 @@
+"""A self-contained HTML report of a curriculum run: per stage, what the model draws for fixed prompts (including
+held-out colour-shape pairs), how it answers questions about validation images, how it edits an image; the loss
+curves of all stages as one PNG; and the validation metrics. Images are embedded, so the file can be mailed."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from callbacks.history import read_history
+from mogao.curriculum import load_curriculum
+
+T2I_PROMPTS = [
+    "A large red circle on a white background.",
+    "A large blue square on a white background.",
+    "A large green triangle on a white background.",
+    "A large yellow cross on a white background.",
+    "A large purple circle on a white background.",
+    "A large orange square on a white background.",
+    "Draw the digit 3.",
+    "Draw the digit 7.",
+]
+HELD_OUT_PROMPTS = [  # colour-shape pairs no training sample ever shows
+    "A large red triangle on a white background.",
+    "A large blue circle on a white background.",
+    "A large purple square on a white background.",
+    "A large green cross on a white background.",
+]
+
+
+def _png(img: Image.Image, scale: int = 4) -> str:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def prompted_colour_share(img: Image.Image, colour: str) -> float:
+    """Share of the non-background pixels whose nearest palette colour is `colour` (a quick look, not a judge)."""
+    from mogao.data.builtin.shapes import COLOURS
+
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], dtype=np.float32)
+    px = np.asarray(img.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+    fg = px[np.abs(px - 255).max(axis=1) > 60]
+    if len(fg) == 0:
+        return 0.0
+    nearest = np.argmin(((fg[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    return float((nearest == names.index(colour)).mean())
+
+
+def _stage_examples(model_dir: Path, seed: int = 0) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from mogao.data.builtin import make_builtin
+    from mogao.data.builtin.shapes import COLOURS
+    from mogao.inference.simple import generate_text, sample_images
+    from mogao.model.mogao import MogaoModel
+
+    model = MogaoModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = T2I_PROMPTS + HELD_OUT_PROMPTS
+    images = sample_images(model, tok, [[{"text": p, "loss": False}] for p in prompts], image_size=32, steps=24,
+                           cfg_scale=3.0, seed=seed)
+    t2i = []
+    for p, img in zip(prompts, images):
+        colour = next((c for c in COLOURS if f" {c} " in p), None)
+        share = None if colour is None else prompted_colour_share(img, colour)
+        t2i.append({"prompt": p, "image": img, "colour_share": share, "held_out": p in HELD_OUT_PROMPTS})
+    vqa = make_builtin("vqa", split="validation", n=6, seed=seed, max_objects=2)
+    cap = make_builtin("digits_classify", split="validation", n=2, seed=seed)
+    qa = []
+    for s in vqa.samples + cap.samples:
+        segs = s["segments"]
+        qa.append({"image": segs[0]["image"], "question": segs[1]["text"], "reference": segs[2]["text"],
+                   "context": segs[:2]})
+    answers = generate_text(model, tok, [[{"image": q["context"][0]["image"]}, {**q["context"][1], "loss": False}]
+                                         for q in qa], max_new_tokens=12)
+    for q, a in zip(qa, answers):
+        q["answer"] = a
+    edits = make_builtin("edit", split="validation", n=4, seed=seed, max_objects=1)
+    ctx = [[{"image": s["segments"][0]["image"]}, {"text": s["segments"][1]["text"], "loss": False}]
+           for s in edits.samples]
+    edited = sample_images(model, tok, ctx, image_size=32, steps=24, cfg_scale=2.0, seed=seed)
+    ed = [{"before": s["segments"][0]["image"], "instruction": s["segments"][1]["text"], "after": img,
+           "reference": s["segments"][2]["image"]} for s, img in zip(edits.samples, edited)]
+    return {"t2i": t2i, "qa": qa, "edits": ed}
+
+
+def _plot_losses(stages: list[tuple[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    offset = 0
+    for i, (name, rows) in enumerate(stages):
+        train = [r for r in rows if r.get("kind") == "train"]
+        if not train:
+            continue
+        steps = np.array([r["step"] for r in train]) + offset
+        for ax, key in zip(axes, ("text_loss", "image_loss")):
+            vals = np.array([float(r.get(key, np.nan)) for r in train])
+            keep = vals > 0
+            k = max(1, len(vals) // 40)
+            smooth = np.convolve(np.where(keep, vals, np.nan), np.ones(k) / k, mode="same") if k > 1 else vals
+            ax.plot(steps[keep], smooth[keep], color=f"C{i}", label=name)
+            ax.axvline(offset, color="grey", lw=0.6, ls=":")
+        offset = int(steps.max())
+    axes[0].set_title("text cross-entropy (train)")
+    axes[1].set_title("flow-matching MSE (train)")
+    for ax in axes:
+        ax.set_xlabel("step (all stages)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ccc}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:4px 8px;font-size:.9em;text-align:left;vertical-align:top}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.cell{width:140px;font-size:.8em}.cell img{width:128px;
+image-rendering:pixelated;border:1px solid #ccc}.held{color:#a33}.ok{color:#282}.bad{color:#a33}"""
+
+
+def write_report(curriculum: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """Write `<out>/report.html` (and `losses.png`, `report.json`) for a finished curriculum run."""
+    out = Path(out)
+    spec = load_curriculum(curriculum, out=out)
+    stages = []
+    for i, st in enumerate(spec.stages):
+        d = spec.stage_dir(i)
+        rows = read_history(d / "metrics.jsonl")
+        val = [r for r in rows if r.get("kind") == "val"]
+        stages.append({"name": st.name, "dir": d, "rows": rows, "val": val[-1] if val else {},
+                       "examples": _stage_examples(d / "model", seed) if (d / "model").is_dir() else None})
+    _plot_losses([(s["name"], s["rows"]) for s in stages], out / "losses.png")
+    parts = [f"<!doctype html><meta charset=utf-8><title>mogao run report</title><style>{_CSS}</style>",
+             f"<h1>Curriculum run: {html.escape(str(out))}</h1>",
+             "<p>Stages in order, each starting from the previous stage's weights. Images are 32×32, shown 4× "
+             "enlarged. Prompts in <span class=held>red</span> name colour–shape pairs that no training sample "
+             "shows (compositional generalisation).</p>",
+             f"<h2>Loss curves</h2><img src='{_png(Image.open(out / 'losses.png'), 1)}' style='max-width:100%'>",
+             "<h2>Validation metrics (last validation of each stage)</h2><table><tr><th>stage</th><th>metric</th>"
+             "<th>value</th></tr>"]
+    summary: dict[str, Any] = {"stages": []}
+    for s in stages:
+        metrics = {k: v for k, v in s["val"].items() if k.startswith("val/")}
+        for k, v in sorted(metrics.items()):
+            parts.append(f"<tr><td>{html.escape(s['name'])}</td><td>{html.escape(k)}</td><td>{float(v):.4f}</td></tr>")
+        entry: dict[str, Any] = {"stage": s["name"], "validation": metrics}
+        ex = s["examples"]
+        if ex:
+            shares = [e["colour_share"] for e in ex["t2i"] if e["colour_share"] is not None and not e["held_out"]]
+            held = [e["colour_share"] for e in ex["t2i"] if e["colour_share"] is not None and e["held_out"]]
+            entry["prompted_colour_share"] = round(float(np.mean(shares)), 3) if shares else None
+            entry["prompted_colour_share_held_out"] = round(float(np.mean(held)), 3) if held else None
+            entry["answers_correct"] = sum(q["answer"].strip().rstrip(".").lower() ==
+                                           q["reference"].strip().rstrip(".").lower() for q in ex["qa"])
+            entry["answers_total"] = len(ex["qa"])
+        summary["stages"].append(entry)
+    parts.append("</table>")
+    for s in stages:
+        ex = s["examples"]
+        parts.append(f"<h2>After stage “{html.escape(s['name'])}”</h2>")
+        if not ex:
+            parts.append("<p>(stage not finished)</p>")
+            continue
+        parts.append("<h3>Text → image</h3><div class=grid>")
+        for e in ex["t2i"]:
+            cls = " class=held" if e["held_out"] else ""
+            share = "" if e["colour_share"] is None else f"<br>prompted colour: {e['colour_share']:.0%} of ink"
+            parts.append(f"<div class=cell><img src='{_png(e['image'])}'><br><span{cls}>"
+                         f"{html.escape(e['prompt'])}</span>{share}</div>")
+        parts.append("</div><h3>Image → answer (validation images)</h3><div class=grid>")
+        for q in ex["qa"]:
+            ok = q["answer"].strip().rstrip(".").lower() == q["reference"].strip().rstrip(".").lower()
+            parts.append(f"<div class=cell><img src='{_png(q['image'])}'><br>{html.escape(q['question'])}<br>"
+                         f"<b class={'ok' if ok else 'bad'}>{html.escape(q['answer']) or '∅'}</b> "
+                         f"(reference: {html.escape(q['reference'])})</div>")
+        parts.append("</div><h3>Image + instruction → image (validation edits)</h3><table>"
+                     "<tr><th>before</th><th>instruction</th><th>generated</th><th>reference</th></tr>")
+        for e in ex["edits"]:
+            parts.append(f"<tr><td><img src='{_png(e['before'], 3)}'></td><td>{html.escape(e['instruction'])}</td>"
+                         f"<td><img src='{_png(e['after'], 3)}'></td><td><img src='{_png(e['reference'], 3)}'></td></tr>")
+        parts.append("</table>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    (out / "report.json").write_text(json.dumps(summary, indent=1, default=float))
+    return path
