@@ -163,6 +163,7 @@ class PackedDataset(IterableDataset):
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.epoch = 0
+        self.worker_role: int | None = None  # shard as this worker id instead of the real one (see _shard)
         self.stats = PackingStats()
         self._state: dict[str, Any] | None = None  # live position of the current/last iteration
         self._resume: dict[str, Any] | None = None  # loaded position, consumed by the next iteration
@@ -176,6 +177,8 @@ class PackedDataset(IterableDataset):
     def _shard(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if self.worker_role is not None:  # a wrapping stream decides which worker reads which shard
+            worker = self.worker_role
         return self.rank * workers + worker, self.world_size * workers
 
     def shard_indices(self, epoch: int) -> list[int]:

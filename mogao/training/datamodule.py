@@ -123,9 +123,22 @@ class MixtureStream(IterableDataset):
     def __iter__(self) -> Iterator[PackedBatch]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        resume = self._resume.get(worker)
-        b = worker if resume is None else int(resume["batch"])
+        # Batch b is always made by "role" b % workers (its shard and position). After a resume the next batch
+        # may belong to any role, while the loader always asks worker 0 first: worker w takes the role of
+        # batch g + w, where g is the first batch not yet trained on.
+        g = min((int(self._resume[r]["batch"]) if r in self._resume else r for r in range(workers)), default=0)
+        g = g if self._resume else 0
+        if self._resume and any(int(s["batch"]) % workers != r for r, s in self._resume.items()):
+            raise ConfigError("cannot resume: the saved data position was taken with another number of "
+                              "DataLoader workers; resume with the same data.num_workers")
+        b = g + worker
+        role = b % workers
+        resume = self._resume.get(role)
+        for ds in self.datasets.values():
+            ds.worker_role = role
         if resume is not None:
+            if int(resume["batch"]) != b:
+                raise ConfigError(f"cannot resume: inconsistent saved data position for worker {role}")
             for k, st in resume["sources"].items():
                 if k not in self.datasets:
                     raise ConfigError(f"cannot resume: the saved data position has source '{k}', not configured now")
@@ -149,7 +162,7 @@ class MixtureStream(IterableDataset):
                 raise ConfigError(f"data source '{name}' yields no batches for this process (too few samples for "
                                   "the number of ranks and workers?)")
             b += workers
-            batch.data_state = {"worker": worker, "batch": b, "source": name,
+            batch.data_state = {"worker": role, "batch": b, "source": name,
                                 "sources": {k: d.state_dict() for k, d in self.datasets.items()}}
             yield batch
 
