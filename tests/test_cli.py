@@ -22,9 +22,19 @@ def test_data_check_reports_problems_with_file_and_line(tmp_path, capsys):
     assert "bad.jsonl:1" in out and "missing.png" in out and "bad.jsonl:2" in out
 
 
-def test_demo_writes_curves_summary_and_model(tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "run"), "--steps", "3", "--samples", "8"]) == 0
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["summary"]
-    assert summary["steps"] == 3
-    assert (tmp_path / "run" / "losses.png").stat().st_size > 1000
-    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+def test_list_prints_every_recipe_with_its_description(capsys):
+    from mogao.cli import RECIPES_DIR
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = {line.split()[0] for line in out}
+    assert names == {str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml")}
+    assert all(len(line.split()) > 3 for line in out)  # a description follows each name
+
+
+def test_unknown_verb_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2 and "frobnicate" in capsys.readouterr().err
