@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is faster than several and does not fight the other test worker for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """Directories of a tiny tokenizer, Qwen2 LLM, SigLIP ViT (patch 4) and AutoencoderKL (downsample 2)."""

@@ -18,16 +18,9 @@ from mogao.training.objectives import combine_losses
 
 PROMPTS = ["Draw a red circle.", "Draw a blue square."]
 # the frozen autoencoder stays in eval mode on purpose
-pytestmark = pytest.mark.filterwarnings(r"ignore:Found 1 module\(s\) in eval mode")
+pytestmark = [pytest.mark.filterwarnings(r"ignore:Found 1 module\(s\) in eval mode"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster than several and does not fight the other test worker for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Module(pl.LightningModule):

@@ -24,16 +24,10 @@ from mogao.modality import Modality
 from mogao.model.mogao import ModelConfig, ModelOutput, MogaoModel, NoisyState
 from mogao.training.objectives import combine_losses
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = [[{"text": "Draw a red circle."}], [{"text": "Draw a blue square."}]]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster than several and does not fight the other test worker for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _pixel_model(parts) -> MogaoModel:
