@@ -182,13 +182,14 @@ def test_resume_from_last_checkpoint_gives_the_same_losses_and_data(parts, recip
 
 def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
     sched = ("--trainer.callbacks+={class_path: callbacks.CurriculumSchedule, init_args: {milestones: "
-             "[{step: 0, train: [gen]}, {step: 2, train: [gen, und], lambda_text: 0.5}]}}")
+             "[{step: 0, train: [gen]}, {step: 2, train: [gen, und], lambda_text: 0.5, shift: 2.0}]}}")
     cfg = str(recipes / "t2i.yaml")
     build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "a", steps=4), sched])
     with pytest.raises(RuntimeError):
         build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched], callbacks=[Interrupt(3)])
     cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, "--ckpt_path=last"])
     assert cli.model.train_parts == ["gen", "und"] and cli.model.lambda_text == 0.5
+    assert cli.model.model.cfg.timestep_sampling.shift == 2.0
     assert len(cli.trainer.optimizers[0].param_groups) == 4  # gen (decay, no decay) + und (decay, no decay)
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-6
