@@ -6,6 +6,10 @@ stage's configuration before the first). Data-side values (mixture, resolution) 
 piecewise-constant schedules over batch index, so the data stream stays a pure function of the position and a
 resumed run sees exactly the batches an uninterrupted one would. Model-side values are applied at the start of
 the step they name (and again on resume).
+
+One approximation: samples the packer had already read ahead when the resolution changes keep the old
+resolution in an uninterrupted run, but are lowered again at the new one by a run resumed from a checkpoint
+taken in that short window (at most `data.lookahead` samples per source).
 """
 
 from __future__ import annotations
