@@ -185,13 +185,20 @@ class MogaoModel(nn.Module):
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise ConfigError(f"'{d}' is not a saved mogao model: {CONFIG_NAME} missing")
-        meta = json.loads((d / CONFIG_NAME).read_text())
-        mc = dict(meta["model"])
-        mc["timestep_sampling"] = TimestepSampling(**mc.get("timestep_sampling", {}))
-        mc["vocab_size"] = None  # the saved LLM config already has the final size
-        mc.update(overrides)
-        model = cls.from_configs(ModelConfig(**mc), meta["llm_config"], meta["vit_config"], meta["autoencoder_config"])
-        load_model(model, str(d / WEIGHTS_NAME))
+        if not (d / WEIGHTS_NAME).is_file():
+            raise ConfigError(f"'{d}' has {CONFIG_NAME} but no {WEIGHTS_NAME}: an incomplete save?")
+        try:
+            meta = json.loads((d / CONFIG_NAME).read_text())
+            mc = dict(meta["model"])
+            mc["timestep_sampling"] = TimestepSampling(**mc.get("timestep_sampling", {}))
+            mc["vocab_size"] = None  # the saved LLM config already has the final size
+            mc.update(overrides)
+            cfg = ModelConfig(**mc)
+            parts = (meta["llm_config"], meta["vit_config"], meta["autoencoder_config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"'{d / CONFIG_NAME}' is not a valid mogao config ({type(e).__name__}: {e})") from e
+        model = cls.from_configs(cfg, *parts)
+        _load_checked(model, d / WEIGHTS_NAME)
         return model
 
     # ---- properties the data side links to ---------------------------------------------------
@@ -308,6 +315,36 @@ class MogaoModel(nn.Module):
         terms = LossTerms(text_sum, text_weight, image_sum, image_weight)
         logits = self.backbone.lm_head(h_und).float() if return_logits else None
         return ModelOutput(terms=terms, velocity=velocity, text_logits=logits)
+
+
+def _load_checked(model: nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`, refusing (with the differences named) weights of another
+    architecture, and reporting an unreadable file as such."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"cannot read weights '{path}': {e} (truncated or not a safetensors file?)") from e
+    own = model.state_dict()
+    by_storage: dict[tuple[int, int], set[str]] = {}
+    for k, v in own.items():  # tied weights are saved once (e.g. embeddings and LM head)
+        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), set()).add(k)
+    tied = {k: names for names in by_storage.values() for k in names}
+    missing = sorted(k for k in set(own) - set(saved) if not (tied[k] & set(saved)))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(own[k].shape)}" for k in sorted(set(own) & set(saved))
+              if saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")
+
+        why = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+               f"shape mismatch {few(shapes)}" if shapes else ""]
+        raise ConfigError(f"weights '{path}' are for another architecture than its config describes: "
+                          + "; ".join(w for w in why if w))
+    model.load_state_dict(saved, strict=False)  # keys checked above; tied duplicates are filled by their twin
 
 
 def _autoencoder_from_path(cfg: ModelConfig) -> LatentAutoencoder:
