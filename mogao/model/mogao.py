@@ -180,7 +180,6 @@ class MogaoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: object) -> MogaoModel:
-        from safetensors.torch import load_model
 
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
