@@ -17,8 +17,14 @@ class DataError(MogaoError, ValueError):
         if field:
             prefix += f"field '{field}': "
         super().__init__(prefix + message)
+        self.message = message  # without the location, for reports that give it separately
         self.file, self.line, self.field = file, line, field
 
 
 class ConfigError(MogaoError, ValueError):
     """Bad configuration: the message names the key or path."""
+
+
+class NumericalError(MogaoError, ArithmeticError):
+    """Training diverged: non-finite losses or gradients beyond what the run is configured to skip. The
+    message names what was seen (loss or gradient norm, values, steps, sample ids) and what to try."""

@@ -8,6 +8,7 @@ That is what lets IL-RoPE give the two copies the same (H, W) positions.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +20,34 @@ from mogao.errors import ConfigError, DataError
 
 _WHITE = (255, 255, 255)
 
+# what PIL raises for an image it cannot convert: an unsupported mode (ValueError), malformed transparency
+# (TypeError), broken EXIF data (struct.error, KeyError, SyntaxError, OSError)
+_PIL_CONVERSION_ERRORS = (ValueError, TypeError, OSError, LookupError, struct.error, SyntaxError)
+
 
 def open_image(path: str | Path, *, file: str | None = None, line: int | None = None,
                field: str | None = None) -> Image.Image:
-    """Read an image file fully, EXIF orientation applied (truncated or corrupt files raise `DataError` here)."""
+    """Read an image file fully, EXIF orientation applied (truncated or corrupt files raise `DataError` here).
+
+    Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; PIL itself only warns below
+    twice that) are refused before their pixels are decoded.
+    """
     try:
         with Image.open(path) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                raise DataError(f"image {path} is {img.width}x{img.height} pixels, more than the limit of "
+                                f"{limit} (PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); "
+                                "downscale it", file=file, line=line, field=field)
             img.load()
             return ImageOps.exif_transpose(img)  # a copy detached from the file
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(f"image file not found: {path}", file=file, line=line, field=field) from e
-    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        raise DataError(f"cannot read image {path}: {e}", file=file, line=line, field=field) from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, struct.error, ...
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", file=file, line=line,
+                        field=field) from e
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
@@ -44,25 +61,36 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> RGB with EXIF orientation applied; transparency is composited on white."""
+    """Any PIL image -> RGB with EXIF orientation applied; transparency is composited on white.
+
+    An image PIL cannot convert (an unsupported mode, broken EXIF data) raises `DataError`.
+    """
+    try:
+        return _to_rgb(img)
+    except DataError:  # (a ValueError too)
+        raise
+    except _PIL_CONVERSION_ERRORS as e:
+        raise DataError(f"cannot convert a {img.mode} image to RGB: {type(e).__name__}: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img) or img
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in ("P", "L", "RGB") and "transparency" in img.info:  # a palette entry or colour key is transparent
         img = img.convert("RGBA")
-    elif mode in ("PA", "La", "RGBa"):
+    elif mode in ("PA", "RGBa"):
         img = img.convert("RGBA")
+    elif mode == "La":  # premultiplied: PIL converts it only to LA
+        img = img.convert("LA")
     elif mode.startswith("I;16") or mode in ("I", "F"):
         img = _high_bit_depth_to_l(img)
     if img.mode in ("RGBA", "LA"):
         background = Image.new("RGBA", img.size, _WHITE + (255,))
         background.alpha_composite(img.convert("RGBA"))
         return background.convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot convert a {mode} image to RGB: {e}") from e
+    return img.convert("RGB")
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -127,6 +155,12 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 def resize_to_grid(img: Image.Image, grid: tuple[int, int], patch: int) -> torch.Tensor:
     """Resize an RGB image to exactly grid*patch pixels (PIL bicubic, which antialiases when shrinking)."""
     gh, gw = grid
+    if min(gh, gw, patch) < 1:
+        raise ConfigError(f"cannot resize to a {gh}x{gw} grid of {patch}-pixel patches: all must be >= 1")
+    if img.mode != "RGB":
+        raise DataError(f"resize_to_grid needs an RGB image, got mode {img.mode}; convert it with to_rgb")
+    if img.width < 1 or img.height < 1:
+        raise DataError(f"image has no pixels ({img.width}x{img.height})")
     return _to_tensor(img.resize((gw * patch, gh * patch), Image.Resampling.BICUBIC, reducing_gap=None))
 
 

@@ -3,6 +3,12 @@
 Samples are never split and images never padded: a pack holds as many whole lowered samples as fit in the
 budget, so the only waste is the unused tail of the budget (`PackedBatch.padding_fraction`, no padding tokens
 are materialised). The greedy packer looks a few samples ahead to fill each pack.
+
+Bad data found while iterating (an image that no longer decodes, a file deleted after validation, a sample
+over the budget with `too_long='error'`) is skipped, logged and counted in `PackingStats`. Lowering is
+deterministic, so a resumed iteration skips the same samples; saving `stats.fault_state()` with the position
+continues the counts too. Past `DataConfig.max_bad_fraction` (after `bad_sample_grace` bad samples) the
+iteration stops with a `DataError`.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
@@ -22,7 +30,7 @@ from mogao.data.batch import PackedBatch
 from mogao.data.plan import DataConfig, SequencePlan, lower_sample, stable_seed
 from mogao.data.samples import Sample
 from mogao.data.tokenizer import SpecialTokens
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, DataError
 from mogao.modality import Modality
 
 log = logging.getLogger(__name__)
@@ -122,15 +130,35 @@ def pack_plans(plans: Sequence[SequencePlan], budget: int, lookahead: int = 8) -
     return [collate_plans(group, budget) for group in GreedyPacker(budget, lookahead).packs(iter(plans))]
 
 
+#: What lowering one sample may raise because of the sample's data (PIL's UnidentifiedImageError is an
+#: OSError; `open_image` turns every decoding error into a DataError, in-memory images may still raise these).
+SAMPLE_FAULTS: tuple[type[BaseException], ...] = (DataError, OSError, Image.DecompressionBombError)
+
+#: Bad samples listed (id, location, reason) per dataset; the counts are always complete.
+MAX_LISTED_FAULTS = 20
+
+
 @dataclass
 class PackingStats:
-    """Running totals of the packs produced by this process (per worker under a DataLoader)."""
+    """Running totals of the packs produced by this process (per worker under a DataLoader).
+
+    `read`, `bad`, `skipped` and `bad_reasons` count over all epochs; `fault_state()` / `load_fault_state()`
+    carry them across a resume (the mixture stream saves them with each batch's position). The pack totals
+    (`batches`, `samples`, `tokens`, `budget_tokens`) are per process.
+    """
 
     batches: int = 0
     samples: int = 0
     tokens: int = 0
     budget_tokens: int = 0
     skipped: int = 0
+    """Samples dropped on purpose (too_long='skip', or 'truncate' that kept nothing)."""
+    read: int = 0
+    """Samples read (lowering attempted), bad ones included."""
+    bad: int = 0
+    """Samples that failed to load or lower and were skipped."""
+    bad_reasons: list[dict[str, Any]] = field(default_factory=list)
+    """The first MAX_LISTED_FAULTS bad samples, each once: {"id", "file", "line", "reason", "epoch"}."""
 
     @property
     def padding_fraction(self) -> float:
@@ -143,6 +171,50 @@ class PackingStats:
         self.tokens += batch.num_tokens
         self.budget_tokens += batch.budget
 
+    def record_bad(self, sample: Sample, error: BaseException, epoch: int) -> dict[str, Any]:
+        """Count a bad sample; the first MAX_LISTED_FAULTS different ones are listed. Returns its record."""
+        if isinstance(error, DataError):
+            reason = error.message if error.field is None else f"field '{error.field}': {error.message}"
+        else:
+            reason = f"{type(error).__name__}: {error}"
+        record = {"id": sample.id, "file": sample.file, "line": sample.line, "reason": reason, "epoch": epoch}
+        self.bad += 1
+        listed = any(r["id"] == sample.id for r in self.bad_reasons)  # (met again in a later epoch)
+        if not listed and len(self.bad_reasons) < MAX_LISTED_FAULTS:
+            self.bad_reasons.append(record)
+        return record
+
+    def fault_state(self) -> dict[str, Any]:
+        """The fault counters as plain data (for checkpoints and for `data_state`)."""
+        return {"read": self.read, "bad": self.bad, "skipped": self.skipped,
+                "bad_reasons": [dict(r) for r in self.bad_reasons]}
+
+    def load_fault_state(self, state: dict[str, Any]) -> None:
+        self.read, self.bad = int(state.get("read", 0)), int(state.get("bad", 0))
+        self.skipped = int(state.get("skipped", 0))
+        self.bad_reasons = [dict(r) for r in state.get("bad_reasons", [])]
+
+
+def _where(record: dict[str, Any]) -> str:
+    return ":".join(str(p) for p in (record.get("file"), record.get("line")) if p is not None) or "<memory>"
+
+
+def too_many_bad_message(stats: PackingStats, config: DataConfig, name: str | None = None,
+                         shown: int = 5) -> str:
+    """The error text when bad samples pass the limit: counts, the first reasons, and how to find the rest."""
+    share = stats.bad / max(stats.read, 1)
+    lines = [f"too many bad samples{f' in data source {name!r}' if name else ''}: {stats.bad} of the "
+             f"{stats.read} samples read were bad ({share:.1%}), more than data.max_bad_fraction="
+             f"{config.max_bad_fraction} allows after the data.bad_sample_grace={config.bad_sample_grace} "
+             "always tolerated. First problems:"]
+    lines += [f"  - {r['id']!r} at {_where(r)}: {r['reason']}" for r in stats.bad_reasons[:shown]]
+    files = sorted({str(r["file"]) for r in stats.bad_reasons
+                    if r.get("file") and Path(str(r["file"])).is_file()})
+    check = "; ".join(f"`mogao data check {f}`" for f in files) or "`mogao data check FILE.jsonl`"
+    lines.append(f"List every problem with {check}, fix or remove the bad samples (or raise "
+                 "data.max_bad_fraction) and run again; a resumed run continues from its last checkpoint.")
+    return "\n".join(lines)
+
 
 class PackedDataset(IterableDataset):
     """Packed batches over a sample source; use with `DataLoader(dataset, batch_size=None)`.
@@ -153,12 +225,18 @@ class PackedDataset(IterableDataset):
     `load_state_dict()` makes the next iteration continue from there and yield exactly the remaining batches.
     The state is per process: with `num_workers > 0` use a loader that snapshots each worker's dataset state
     (torchdata's `StatefulDataLoader` calls these two methods in every worker).
+
+    A sample that fails to load or lower is skipped: logged as a warning (id, file:line, reason) and counted
+    in `stats`. Lowering is deterministic, so a resumed iteration skips the same samples. When more than
+    `config.bad_sample_grace` samples are bad and more than `config.max_bad_fraction` of those read, the
+    iteration raises `DataError`. `name` names the data source in logs and errors.
     """
 
     def __init__(self, source: Sequence[Sample], tokenizer: PreTrainedTokenizerBase, config: DataConfig, *,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, name: str | None = None):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.name = name
         self.source, self.tokenizer, self.config = source, tokenizer, config
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.special = SpecialTokens.from_tokenizer(tokenizer)
@@ -193,6 +271,21 @@ class PackedDataset(IterableDataset):
         return lower_sample(self.source[index], self.tokenizer, self.config, epoch=self.epoch,
                             special=self.special, index=index)
 
+    def _lower_or_skip(self, index: int) -> SequencePlan | None:
+        """Lower sample `index`; None when it is dropped on purpose (too_long) or bad (then counted, logged
+        and checked against the limit - which raises `DataError` when passed)."""
+        try:
+            return self._lower(index)
+        except SAMPLE_FAULTS as e:
+            fault = e
+        record = self.stats.record_bad(self.source[index], fault, self.epoch)
+        log.warning("skipping bad sample %r at %s%s: %s", record["id"], _where(record),
+                    f" (data source {self.name!r})" if self.name else "", record["reason"])
+        stats, cfg = self.stats, self.config
+        if stats.bad > cfg.bad_sample_grace and stats.bad > cfg.max_bad_fraction * stats.read:
+            raise DataError(too_many_bad_message(stats, cfg, self.name))
+        return None
+
     def __iter__(self) -> Iterator[PackedBatch]:
         indices = self.shard_indices(self.epoch)
         shard = self._shard()
@@ -206,18 +299,21 @@ class PackedDataset(IterableDataset):
                                   f"{resume.get('num_samples')} samples, this process reads shard {list(shard)} of "
                                   f"{len(self.source)}; resume with the same world size, workers and data")
             state["read"] = resume["read"]
-            packer.buffer = [p for p in map(self._lower, resume["buffer"]) if p is not None]
+            # (already counted as read; a sample that went bad since is counted as bad once more)
+            packer.buffer = [p for p in map(self._lower_or_skip, resume["buffer"]) if p is not None]
         self._state = state
 
         def read() -> Iterator[SequencePlan]:
             while state["read"] < len(indices):
                 index = indices[state["read"]]
                 state["read"] += 1
-                plan = self._lower(index)
-                if plan is None:
-                    self.stats.skipped += 1
-                else:
+                self.stats.read += 1
+                bad = self.stats.bad
+                plan = self._lower_or_skip(index)
+                if plan is not None:
                     yield plan
+                elif self.stats.bad == bad:
+                    self.stats.skipped += 1
 
         for group in packer.packs(read()):
             batch = collate_plans(group, self.config.token_budget)
@@ -228,7 +324,8 @@ class PackedDataset(IterableDataset):
         state["buffer"] = []
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch yielded (a plain dict of ints and lists: checkpoint-friendly)."""
+        """Position after the last batch yielded (a plain dict of ints and lists: checkpoint-friendly). The
+        fault counters as of then are `stats.fault_state()`: save them alongside to continue them."""
         state = self._resume or self._state
         if state is None or state["epoch"] != self.epoch:
             return {"epoch": self.epoch, "read": 0, "buffer": []}

@@ -34,7 +34,7 @@ from mogao.attention.layout import Span
 from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.data.tokenizer import SpecialTokens
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, DataError
 from mogao.modality import Modality
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class DataConfig:
     vae_patch: int = 16
     """Pixels a side of one VAE token: the VAE's downsampling factor times the latent patch size (8*2 = 16)."""
     too_long: TooLong = "error"
-    """A sample over token_budget: 'error' stops, 'skip' drops it, 'truncate' drops trailing whole segments."""
+    """A sample over token_budget: 'error' makes it bad data (in training: skipped and counted against
+    max_bad_fraction), 'skip' drops it quietly, 'truncate' drops trailing whole segments."""
     p_drop_text: float = 0.1
     """Probability of dropping all text of a sample that has a generation target (classifier-free guidance)."""
     p_drop_images: float = 0.1
@@ -69,6 +70,13 @@ class DataConfig:
     """Seed of shuffling, condition dropout and the per-image noise seeds."""
     lookahead: int = 8
     """Samples the greedy packer may look ahead to fill a pack (more: less padding, more reordering)."""
+    max_bad_fraction: float = 0.01
+    """Training skips samples that fail to load or lower (an unreadable image, a deleted file, a sample over
+    the budget with too_long='error'); the run stops once more than this share of the samples read is bad
+    (counted per data source, in each rank and DataLoader worker)."""
+    bad_sample_grace: int = 10
+    """This many bad samples are always tolerated, whatever their share (a few bad samples early in a run are
+    not a bad data set)."""
 
     def __post_init__(self) -> None:
         if self.token_budget < 1:
@@ -83,6 +91,10 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.lookahead < 1:
             raise ConfigError(f"data.lookahead must be >= 1, got {self.lookahead}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.bad_sample_grace < 0:
+            raise ConfigError(f"data.bad_sample_grace must be >= 0, got {self.bad_sample_grace}")
         choose_grid(1, 1, self.max_image_tokens, self.min_grid, self.max_grid)  # raises ConfigError if none fits
 
 
@@ -147,13 +159,22 @@ def stable_seed(*parts: object) -> int:
 
 
 def _load(seg: ImageSegment, sample: Sample, i: int) -> Image.Image:
+    """The segment's image as RGB; a missing, unreadable or unconvertible image raises `DataError` located at
+    the sample and field."""
     field_name = f"segments[{i}].image"
     img = seg.image if isinstance(seg.image, Image.Image) else open_image(
         seg.image, file=sample.file, line=sample.line, field=field_name)
     try:
         return to_rgb(img)
-    except Exception as e:
-        raise sample.error(f"cannot convert image to RGB: {e}", field=field_name) from e
+    except DataError as e:
+        raise sample.error(str(e), field=field_name) from e
+
+
+def _grid(img: Image.Image, config: DataConfig, sample: Sample, i: int) -> tuple[int, int]:
+    try:
+        return choose_grid(img.height, img.width, config.max_image_tokens, config.min_grid, config.max_grid)
+    except DataError as e:  # (a ConfigError is not the sample's fault and is raised as it is)
+        raise sample.error(str(e), field=f"segments[{i}].image") from e
 
 
 def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None) -> int:
@@ -183,8 +204,7 @@ def lower_sample(
             text_ids[i] = ids
         else:
             rgb[i] = _load(seg, sample, i)
-            grids[i] = choose_grid(rgb[i].height, rgb[i].width, config.max_image_tokens, config.min_grid,
-                                   config.max_grid)
+            grids[i] = _grid(rgb[i], config, sample, i)
         costs.append(_segment_cost(seg, text_ids.get(i), grids.get(i)))
 
     total = sum(costs) + 1  # + <|endoftext|>

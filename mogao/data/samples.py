@@ -15,13 +15,16 @@ Keys
             only give 0 / false)
 
 Every problem raises `DataError` naming file, line and field, so a bad line in a million-line file is found
-without a debugger. `check_samples` collects all problems of a file instead of stopping at the first.
+without a debugger - whatever the file holds (bytes that are not UTF-8, JSON nested too deeply, numbers too
+large for a float, text with unpaired surrogates). `check_samples` collects all problems of a file instead of
+stopping at the first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,37 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _short_repr(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters (a bad value may be a huge or deeply nested JSON structure)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {_type_name(value)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_unicode(value: str, what: str, where: dict[str, Any], field: str) -> None:
+    """Reject strings that cannot be encoded as UTF-8: JSON may escape half a surrogate pair ("\\ud800"),
+    which the tokenizer and the file system cannot handle."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{what} is not valid Unicode: unpaired surrogate {value[e.start]!r} at character "
+                        f"{e.start} (a \\uXXXX escape must encode a whole character)", field=field,
+                        **where) from None
+
+
+def _flow_weight(value: Any) -> float | None:
+    """`value` as a finite, non-negative float, or None when it is not one (bool counts as 0 / 1)."""
+    if not isinstance(value, (bool, int, float)):
+        return None
+    try:
+        weight = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return weight if math.isfinite(weight) and weight >= 0 else None
+
+
 def _check_keys(obj: Mapping[str, Any], allowed: Sequence[str], what: str, where: dict[str, Any], field: str | None):
     unknown = [k for k in obj if k not in allowed]
     if unknown:
@@ -101,7 +135,11 @@ def check_image(path: Path | Image.Image, *, where: dict[str, Any], field: str) 
     """Open, fully decode (which catches truncated files) and convert an image, so bad files fail at load time."""
     if isinstance(path, Image.Image):
         return
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # e.g. a name too long for the file system, or a directory it may not enter
+        raise DataError(f"cannot access image file {path}: {e.strerror or e}", field=field, **where) from e
+    if not found:
         raise DataError(f"image file not found: {path} (paths are relative to the JSONL file)", field=field, **where)
     try:
         to_rgb(open_image(path, field=field, **where))
@@ -126,28 +164,35 @@ def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: 
             raise DataError(f"'text' must be a string, got {_type_name(text)}", field=f"{field}.text", **where)
         if not text:
             raise DataError("empty text; drop the segment or give it some text", field=f"{field}.text", **where)
+        _check_unicode(text, "'text'", where, f"{field}.text")
         if not isinstance(loss, bool):
-            raise DataError(f"'loss' of a text segment must be true or false, got {loss!r}", field=f"{field}.loss", **where)
+            raise DataError(f"'loss' of a text segment must be true or false, got {_short_repr(loss)}",
+                            field=f"{field}.loss", **where)
         return TextSegment(text, loss)
     _check_keys(raw, IMAGE_KEYS, "an image segment", where, field)
     image, generate, loss = raw["image"], raw.get("generate", False), raw.get("loss", 1.0)
     if not isinstance(generate, bool):
-        raise DataError(f"'generate' must be true or false, got {generate!r}", field=f"{field}.generate", **where)
-    if not isinstance(loss, (bool, int, float)) or loss < 0 or loss != loss:
-        raise DataError(f"'loss' of an image must be a number >= 0 (flow-loss weight), got {loss!r}",
-                        field=f"{field}.loss", **where)
-    if not generate and "loss" in raw and float(loss) != 0.0:
+        raise DataError(f"'generate' must be true or false, got {_short_repr(generate)}",
+                        field=f"{field}.generate", **where)
+    weight = _flow_weight(loss)
+    if weight is None:
+        raise DataError("'loss' of an image must be a finite number >= 0 (flow-loss weight), got "
+                        f"{_short_repr(loss)}", field=f"{field}.loss", **where)
+    if not generate and "loss" in raw and weight != 0.0:
         raise DataError("'loss' is the flow-loss weight of a generation target; a condition image has no flow loss "
                         "- remove 'loss' or set \"generate\": true", field=f"{field}.loss", **where)
     if isinstance(image, str):
         if not image:
             raise DataError("empty image path", field=f"{field}.image", **where)
+        _check_unicode(image, "the image path", where, f"{field}.image")
+        if "\0" in image:
+            raise DataError("the image path contains a NUL character", field=f"{field}.image", **where)
         image = root / image
     elif not isinstance(image, Image.Image):
         raise DataError(f"'image' must be a path string, got {_type_name(image)}", field=f"{field}.image", **where)
     if check_images:
         check_image(image, where=where, field=f"{field}.image")
-    return ImageSegment(image, generate, float(loss) if generate else 0.0)
+    return ImageSegment(image, generate, weight if generate else 0.0)
 
 
 def sample_from_dict(
@@ -164,7 +209,8 @@ def sample_from_dict(
     default_id = f"{file if file is not None else '<memory>'}:{line if line is not None else 0}"
     sid = raw.get("id", default_id)
     if not isinstance(sid, str) or not sid:
-        raise DataError(f"'id' must be a non-empty string, got {sid!r}", field="id", **where)
+        raise DataError(f"'id' must be a non-empty string, got {_short_repr(sid)}", field="id", **where)
+    _check_unicode(sid, "'id'", where, "id")
     if "segments" not in raw:
         raise DataError("missing 'segments' (a non-empty list of text and image segments)", field="segments", **where)
     segs = raw["segments"]
@@ -192,22 +238,47 @@ def samples_from_dicts(
     return samples
 
 
+def _parse_line(data: bytes, n: int, file: str) -> Any:
+    """One JSONL line -> its JSON value; every way it can fail becomes a `DataError` at file:n."""
+    try:
+        text = data.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text: {e.reason} at byte {e.start + 1} of the line; save the file as "
+                        "UTF-8", file=file, line=n) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e.msg} at column {e.colno}", file=file, line=n) from None
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply to parse", file=file, line=n) from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"invalid JSON: {e}", file=file, line=n) from None
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes, split as text mode splits them (on \\n, \\r\\n and \\r) but decoded by
+    the caller, so one line that is not UTF-8 is reported and skipped instead of ending the read."""
+    with path.open("rb") as f:
+        for chunk in f:
+            yield from chunk.splitlines()
+
+
 def iter_samples(path: str | Path, *, check_images: bool = True) -> Iterator[Sample | DataError]:
     """Yield each line's `Sample`, or the `DataError` describing what is wrong with it (blank lines are skipped)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:
+        raise DataError(f"cannot access sample file {path}: {e.strerror or e}", file=str(path)) from e
+    if not found:
         raise DataError(f"sample file not found: {path}", file=str(path))
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
+    try:
+        for n, data in enumerate(_lines(path), start=1):
+            if not data.strip():
                 continue
             try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield DataError(f"invalid JSON: {e.msg} at column {e.colno}", file=str(path), line=n)
-                continue
-            try:
+                raw = _parse_line(data, n, str(path))
                 sample = sample_from_dict(raw, root=path.parent, file=str(path), line=n, check_images=check_images)
             except DataError as e:
                 yield e
@@ -218,6 +289,8 @@ def iter_samples(path: str | Path, *, check_images: bool = True) -> Iterator[Sam
                 continue
             seen[sample.id] = n
             yield sample
+    except OSError as e:  # unreadable (permissions, I/O error): the rest of the file cannot be checked
+        raise DataError(f"cannot read sample file {path}: {e.strerror or e}", file=str(path)) from e
 
 
 def load_samples(path: str | Path, *, strict: bool = True, check_images: bool = True) -> list[Sample]:

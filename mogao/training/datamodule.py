@@ -7,12 +7,19 @@ worker, cycling epochs forever). Every batch carries the stream position right a
 training module hands the position of each batch it trained on back to the data module, and that is what a
 checkpoint stores - not the position of a batch the loader already prefetched. Resuming therefore continues
 with the exact next batch: no sample skipped or repeated.
+
+Bad samples met while iterating are skipped and counted by each source's `PackedDataset`; the counts travel
+with the position inside `data_state` (also from DataLoader workers to the training process), are
+checkpointed with it and continue on resume. `MogaoDataModule.fault_report()` sums them per source, and
+`data_faults.json` in the run directory is written at the end of fit and when a run stops with an error.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -23,8 +30,11 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mogao.data import DataConfig, PackedBatch, PackedDataset, load_samples, samples_from_dicts, stable_seed
+from mogao.data.packer import MAX_LISTED_FAULTS
 from mogao.data.samples import Sample
 from mogao.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,7 +106,8 @@ class MixtureStream(IterableDataset):
         self._resume: dict[int, dict[str, Any]] = {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """`state`: {"workers": {worker id: {"batch": b, "sources": {name: PackedDataset state}}}}."""
+        """`state`: {"workers": {worker id: {"batch": b, "sources": {name: PackedDataset state},
+        "faults": {name: PackingStats.fault_state()}}}}."""
         workers = state.get("workers", {})
         self._resume = {int(k): copy.deepcopy(v) for k, v in workers.items()}
 
@@ -143,6 +154,9 @@ class MixtureStream(IterableDataset):
                 if k not in self.datasets:
                     raise ConfigError(f"cannot resume: the saved data position has source '{k}', not configured now")
                 self.datasets[k].load_state_dict(st)
+            for k, faults in resume.get("faults", {}).items():
+                if k in self.datasets:
+                    self.datasets[k].stats.load_fault_state(faults)
         iters: dict[str, Iterator[PackedBatch]] = {}
         while True:
             self._apply_resolution(b)
@@ -163,7 +177,8 @@ class MixtureStream(IterableDataset):
                                   "the number of ranks and workers?)")
             b += workers
             batch.data_state = {"worker": role, "batch": b, "source": name,
-                                "sources": {k: d.state_dict() for k, d in self.datasets.items()}}
+                                "sources": {k: d.state_dict() for k, d in self.datasets.items()},
+                                "faults": {k: d.stats.fault_state() for k, d in self.datasets.items()}}
             yield batch
 
 
@@ -177,10 +192,13 @@ class MogaoDataModule(pl.LightningDataModule):
             are taken from the model when one is attached.
         num_workers: DataLoader worker processes (0 = in the training process).
         val_budget: token budget of validation packs (default: data.token_budget).
+        worker_timeout: with workers, seconds to wait for one batch before the run stops with an error (a hung
+            worker - e.g. reading from a stalled network file system - must not hang the run; 0: no limit).
+            A worker that dies is detected by the DataLoader within seconds either way.
     """
 
     def __init__(self, tokenizer: str, sources: list[Source], data: DataConfig | None = None, num_workers: int = 0,
-                 val_budget: int | None = None) -> None:
+                 val_budget: int | None = None, worker_timeout: float = 600.0) -> None:
         super().__init__()
         if not sources:
             raise ConfigError("data.sources is empty: give at least one built-in task or JSONL file")
@@ -190,8 +208,12 @@ class MogaoDataModule(pl.LightningDataModule):
         self.tokenizer_path = tokenizer
         self.sources = sources
         self.data = data or DataConfig()
+        if num_workers < 0 or worker_timeout < 0:
+            raise ConfigError(f"data.num_workers and data.worker_timeout must be >= 0, got {num_workers} and "
+                              f"{worker_timeout}")
         self.num_workers = num_workers
         self.val_budget = val_budget
+        self.worker_timeout = worker_timeout
         self.mixture_schedule: list[tuple[int, dict[str, float]]] = []
         self.resolution_schedule: list[tuple[int, int]] = []
         self.tokenizer = None
@@ -199,6 +221,7 @@ class MogaoDataModule(pl.LightningDataModule):
         self._val: list[tuple[str, list[PackedBatch]]] | None = None
         self._consumed: dict[int, dict[str, Any]] = {}
         self._loaded: dict[str, Any] | None = None
+        self._val_faults: dict[str, dict[str, Any]] = {}
 
     # ---- schedules (set by the curriculum-schedule callback before the loaders are built) ----------------
     def set_schedules(self, mixture: list[tuple[int, dict[str, float]]] | None = None,
@@ -231,7 +254,8 @@ class MogaoDataModule(pl.LightningDataModule):
         cfg = self._data_config()
         rank, world = self._rank()
         if stage == "fit" and self._train is None:
-            datasets = {s.name: PackedDataset(s.load("train"), self.tokenizer, cfg, rank=rank, world_size=world)
+            datasets = {s.name: PackedDataset(s.load("train"), self.tokenizer, cfg, rank=rank,
+                                              world_size=world, name=s.name)
                         for s in self.sources}
             weights = {s.name: s.weight for s in self.sources}
             self._train = MixtureStream(datasets, weights, seed=cfg.seed, mixture_schedule=self.mixture_schedule,
@@ -244,15 +268,18 @@ class MogaoDataModule(pl.LightningDataModule):
             for s in self.sources:
                 samples = s.load("validation")
                 if samples:
-                    ds = PackedDataset(samples, self.tokenizer, vcfg, rank=rank, world_size=world, shuffle=False)
+                    ds = PackedDataset(samples, self.tokenizer, vcfg, rank=rank, world_size=world,
+                                       shuffle=False, name=f"{s.name} (validation)")
                     self._val.append((s.name, list(ds)))
+                    self._val_faults[s.name] = ds.stats.fault_state()
 
     def train_dataloader(self) -> DataLoader:
         assert self._train is not None, "setup('fit') first"
         self._train.mixture_schedule = self.mixture_schedule
         self._train.resolution_schedule = self.resolution_schedule
+        workers = self.num_workers > 0
         return DataLoader(self._train, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=workers, timeout=self.worker_timeout if workers else 0)
 
     @property
     def val_names(self) -> list[str]:
@@ -279,6 +306,89 @@ class MogaoDataModule(pl.LightningDataModule):
         self._loaded = state
         if self._train is not None:
             self._train.load_state_dict(state)
+
+    # ---- bad data -------------------------------------------------------------------------------------
+    def _train_fault_states(self, live: bool) -> list[dict[str, dict[str, Any]]]:
+        """Per worker: {source: fault counters}. As of the last batch trained on; with `live` and no workers,
+        as of the last sample read (which includes a batch that failed before it could be trained on)."""
+        if live and self.num_workers == 0 and self._train is not None:
+            return [{k: ds.stats.fault_state() for k, ds in self._train.datasets.items()}]
+        return [dict(state.get("faults", {})) for _, state in sorted(self._consumed.items())]
+
+    def bad_sample_count(self) -> int:
+        """Bad training samples skipped so far (all sources and workers, as of the last batch trained on)."""
+        workers = self._train_fault_states(live=False)
+        return sum(int(f.get("bad", 0)) for worker in workers for f in worker.values())
+
+    def fault_report(self, live: bool = False) -> dict[str, Any]:
+        """Bad and skipped samples of this process, per source:
+
+            {"train": {"read", "bad", "skipped", "sources": {name: {"read", "bad", "skipped",
+                       "bad_samples": [{"id", "file", "line", "reason", "epoch"}, ...]}}},
+             "validation": {name: {...}}}
+
+        Training counts are as of the last batch trained on (with `live`, see `write_fault_report`) and sum
+        over DataLoader workers; `bad_samples` lists the first few different bad samples per source (counts
+        are complete).
+        """
+
+        def merge(states: list[dict[str, Any]]) -> dict[str, Any]:
+            out: dict[str, Any] = {"read": 0, "bad": 0, "skipped": 0, "bad_samples": []}
+            for f in states:
+                for key in ("read", "bad", "skipped"):
+                    out[key] += int(f.get(key, 0))
+                out["bad_samples"] += [r for r in f.get("bad_reasons", [])
+                                       if all(r["id"] != seen["id"] for seen in out["bad_samples"])]
+            out["bad_samples"] = copy.deepcopy(out["bad_samples"][:MAX_LISTED_FAULTS])
+            return out
+
+        workers = self._train_fault_states(live)
+        names = [s.name for s in self.sources]
+        train = {n: merge([w[n] for w in workers if n in w]) for n in names}
+        totals = {key: sum(src[key] for src in train.values()) for key in ("read", "bad", "skipped")}
+        return {"train": {**totals, "sources": train},
+                "validation": {n: merge([f]) for n, f in self._val_faults.items()}}
+
+    def write_fault_report(self, path: str | Path, error: BaseException | None = None) -> Path:
+        """Write `fault_report()` as JSON; after an `error` (recorded as "stopped_by") the counts include what
+        was read after the last batch trained on, where that is known (no workers)."""
+        report = self.fault_report(live=error is not None)
+        if error is not None:
+            report["stopped_by"] = f"{type(error).__name__}: {error}"
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(path)
+        return path
+
+    def _fault_report_path(self) -> Path | None:
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        rank = trainer.global_rank
+        return root / ("data_faults.json" if rank == 0 else f"data_faults.rank{rank}.json")
+
+    def teardown(self, stage: str) -> None:
+        if stage != "fit" or self._train is None or (path := self._fault_report_path()) is None:
+            return
+        try:
+            self.write_fault_report(path)
+        except OSError as e:  # a report that cannot be written must not fail a finished run
+            log.warning("could not write %s: %s", path, e)
+        report = self.fault_report()["train"]
+        if report["bad"]:
+            log.warning("%d of %d training samples read were bad and skipped; see %s", report["bad"],
+                        report["read"], path)
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self._train is None or (path := self._fault_report_path()) is None:
+            return
+        try:
+            self.write_fault_report(path, error=exception)
+        except OSError as e:  # the run is already failing: report, do not mask its error
+            log.warning("could not write %s: %s", path, e)
 
 
 def _identity(x):
