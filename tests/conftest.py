@@ -37,6 +37,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def parts(tmp_path_factory):
+    """Directories of tiny parts covering the built-in vocabulary (tokenizer, LLM, ViT with patch 8), as the
+    tiny recipes build them; tests point recipes at them with overrides."""
+    from mogao.model.tiny import TinySpec, ensure_tiny_parts
+
+    root = tmp_path_factory.mktemp("recipe_parts")
+    spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
+    d = {k: root / k for k in ("tokenizer", "llm", "vit")}
+    ensure_tiny_parts(spec, **d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """Directories of a tiny tokenizer, Qwen2 LLM, SigLIP ViT (patch 4) and AutoencoderKL (downsample 2)."""
     root = tmp_path_factory.mktemp("tiny_parts")

@@ -21,20 +21,10 @@ from callbacks.history import read_history
 from mogao.cli import build_cli
 from mogao.data import DataConfig
 from mogao.errors import DataError, NumericalError
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.training.datamodule import MogaoDataModule, Source
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ["circle", "square", "triangle"]
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault_parts")
-    spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
-    d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(spec, **d)
-    return d
 
 
 def write_source(root: Path, n: int = 24, name: str = "pics.jsonl") -> Path:

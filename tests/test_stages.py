@@ -14,18 +14,8 @@ from safetensors.torch import load_file
 from callbacks.history import read_history
 from mogao.cli import RECIPES_DIR, build_cli, list_recipes, main
 from mogao.curriculum import run_curriculum
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
 
 TINY = ["understanding", "t2i", "interleaved"]
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage_parts")
-    spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
-    d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(spec, **d)
-    return d
 
 
 def small(parts, root: Path, steps: int = 4) -> list[str]:
