@@ -4,7 +4,8 @@ from importlib import import_module
 
 _LAZY = {
     "EMA": "ema", "MetricsHistory": "history", "SampleLogger": "samples", "CurriculumSchedule": "schedule",
-    "Milestone": "schedule", "Throughput": "throughput",
+    "Milestone": "schedule", "Throughput": "throughput", "PreemptionCheckpoint": "preemption",
+    "CrashCheckpoint": "preemption",
 }
 
 __all__ = sorted(_LAZY)

@@ -8,11 +8,21 @@
     mogao data check FILE.jsonl                             validate a data set: every problem with file, line, field
 
 A recipe may be given as a path or by its name under recipes/ (e.g. `tiny/t2i`).
+
+Every `fit` writes its checkpoints atomically (`mogao.training.checkpointing.AtomicCheckpointIO`, unless the
+trainer is given another CheckpointIO plugin), saves `last.ckpt` and stops cleanly on SIGTERM / SIGUSR1
+(`callbacks.preemption.PreemptionCheckpoint`; exit status 128 + the signal) and saves `on_exception.ckpt` on
+a crash (`callbacks.preemption.CrashCheckpoint`). `--ckpt_path=last` resumes from the newest checkpoint of the
+run that loads and validates, saying which one when `last.ckpt` is missing or damaged, and starts from
+scratch when none does. As Lightning does for any fit with an on-exception checkpoint, a `fit` without
+`--ckpt_path` continues a run directory that holds checkpoints; use a new `--trainer.default_root_dir` to
+start over.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +90,38 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
                 trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                      "init_args": {"save_dir": root, "name": "", "version": ""}}
 
+        def instantiate_trainer(self, **kwargs: Any):
+            # atomic checkpoint files, a checkpoint on pre-emption signals and on crashes (unless configured)
+            from callbacks.preemption import add_fault_tolerance
+            from mogao.training.checkpointing import with_atomic_checkpoint_io
+
+            plugins = self._get(self.config_init, "trainer", {}).get("plugins")
+            kwargs.setdefault("plugins", with_atomic_checkpoint_io(plugins))
+            trainer = super().instantiate_trainer(**kwargs)
+            add_fault_tolerance(trainer, fit=self.subcommand in (None, "fit"))
+            return trainer
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            verb = self.config.get("subcommand")
+            ckpt_path = self.config[verb].get("ckpt_path") if verb else None
+            if ckpt_path and Path(ckpt_path).exists():  # LightningCLI reads its hyper-parameters next
+                from mogao.training.checkpointing import check_checkpoint
+
+                check_checkpoint(ckpt_path)  # a damaged file: a CheckpointError naming it and the problem
+
+        def before_fit(self) -> None:
+            self._resolve_ckpt_path("fit")
+
+        def before_validate(self) -> None:
+            self._resolve_ckpt_path("validate")
+
+        def _resolve_ckpt_path(self, verb: str) -> None:
+            from mogao.training.checkpointing import resolve_ckpt_path
+
+            cfg = self.config_init[verb]
+            cfg["ckpt_path"] = resolve_ckpt_path(self.trainer, cfg.get("ckpt_path"), fit=verb == "fit")
+
         def instantiate_classes(self) -> None:
             if instantiate:
                 try:
@@ -99,6 +141,9 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
     import warnings
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # `resolve_ckpt_path` decides and says what is resumed; Lightning's generic notes about it are noise here
+    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+    warnings.filterwarnings("ignore", message=r'\.(fit|validate)\(ckpt_path="last"\) is set, but there is no')
     return MogaoCLI(
         MogaoModule, MogaoDataModule, subclass_mode_model=True, args=args, run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,
@@ -160,6 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mogao: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:
+        status = _signal_exit_status(e)
+        if status is None:
+            raise
+        return status
+
+
+def _signal_exit_status(e: SystemExit) -> int | None:
+    """128 + the signal for a run that Lightning or `PreemptionCheckpoint` stopped on a signal (after saving a
+    checkpoint), as if the signal had killed it; None for any other exit. (Lightning's own SIGTERM stop exits
+    with status 0.)"""
+    lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    if lightning_exceptions is None or not isinstance(e, lightning_exceptions.SIGTERMException):
+        return None  # (without Lightning imported, nothing was trained)
+    return e.code if isinstance(e.code, int) and e.code else 128 + signal.SIGTERM
 
 
 def _main(argv: list[str]) -> int:
