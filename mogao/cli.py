@@ -6,6 +6,7 @@
     mogao list                                              the shipped recipes, one line each
     mogao demo [--out DIR]                                  the tiny curriculum on CPU with an HTML report
     mogao data check FILE.jsonl                             validate a data set: every problem with file, line, field
+    mogao generate | chat | eval | lora | checkpoint ...    see `mogao VERB --help`
 
 A recipe may be given as a path or by its name under recipes/ (e.g. `tiny/t2i`).
 
@@ -31,6 +32,15 @@ from mogao.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TRAINER_VERBS = ("fit", "validate")
+# verbs served by their own module's `main(argv) -> int` (imported only when used): verb -> (module, help)
+MODULE_VERBS = {
+    "generate": ("mogao.inference.cli:generate_main", "generate text and images from a prompt (HTML page + PNGs)"),
+    "chat": ("mogao.inference.cli:chat_main", "a multi-turn terminal session that saves images as they are made"),
+    "eval": ("mogao.eval.cli:main", "run an evaluation suite on a checkpoint (shapes, digits, vqa, interleaved)"),
+    "lora": ("mogao.lora.cli:main", "LoRA adapters: merge into full weights, inspect"),
+    "checkpoint": ("mogao.training.consolidate:main", "checkpoint tools: consolidate a sharded checkpoint"),
+    "data": ("mogao.data.cli:main", "data set tools: check (validate, summarise, --fix), import"),
+}
 
 
 def resolve_recipe(name: str) -> Path:
@@ -182,22 +192,6 @@ def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:
     return rows
 
 
-def _data_check(path: str) -> int:
-    from mogao.data import check_samples, load_samples
-
-    problems = check_samples(path)
-    for p in problems:
-        print(p)
-    if problems:
-        print(f"{len(problems)} problem(s) in {path}", file=sys.stderr)
-        return 1
-    samples = load_samples(path)
-    images = sum(1 for s in samples for seg in s.segments if hasattr(seg, "image"))
-    targets = sum(1 for s in samples for seg in s.segments if getattr(seg, "generate", False))
-    print(f"{path}: {len(samples)} samples, {images} images ({targets} generation targets), no problems")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -226,6 +220,11 @@ def _main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in TRAINER_VERBS:
         build_cli(_rewrite_config_args(argv))
         return 0
+    if argv[:1] and argv[0] in MODULE_VERBS:
+        from importlib import import_module
+
+        module, func = MODULE_VERBS[argv[0]][0].split(":")
+        return int(getattr(import_module(module), func)(argv[1:]) or 0)
     if argv[:1] == ["demo"]:
         from mogao.demo import main as demo_main
 
@@ -236,16 +235,14 @@ def _main(argv: list[str]) -> int:
     for verb in TRAINER_VERBS:
         sub.add_parser(verb, help=f"LightningCLI {verb} (see `mogao {verb} --help`)", add_help=False)
     sub.add_parser("demo", help="the tiny curriculum on CPU with an HTML report", add_help=False)
+    for verb, (_, help_text) in MODULE_VERBS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
     cur = sub.add_parser("curriculum", help="run the stages of a curriculum in order (resumable)")
     cur.add_argument("file", help="curriculum YAML (path or name under recipes/)")
     cur.add_argument("--out", help="run directory (default: the file's `out`)")
     cur.add_argument("--fresh", action="store_true", help="start over: ignore finished stages and checkpoints")
     cur.add_argument("overrides", nargs="*", help="extra --key=value overrides applied to every stage")
     sub.add_parser("list", help="list the shipped recipes")
-    data = sub.add_parser("data", help="data set tools")
-    data_sub = data.add_subparsers(dest="data_verb", required=True)
-    check = data_sub.add_parser("check", help="validate a JSONL data set")
-    check.add_argument("file")
     args, rest = ap.parse_known_args(argv)
     if args.verb == "list":
         rows = list_recipes()
@@ -260,8 +257,6 @@ def _main(argv: list[str]) -> int:
         return 0
     if rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
-    if args.verb == "data" and args.data_verb == "check":
-        return _data_check(args.file)
     return 2
 
 
