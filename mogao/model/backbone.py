@@ -54,10 +54,10 @@ class MoTDecoderLayer(nn.Module):
 
     def _qkv(self, expert: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = expert.self_attn
-        n = h.shape[0]
-        q = attn.q_proj(h).view(n, -1, self.head_dim)
-        k = attn.k_proj(h).view(n, -1, self.head_dim)
-        v = attn.v_proj(h).view(n, -1, self.head_dim)
+        # (n, heads * D) -> (n, heads, D); unflatten also works for n = 0 (a cached step with no text/ViT token)
+        q = attn.q_proj(h).unflatten(-1, (-1, self.head_dim))
+        k = attn.k_proj(h).unflatten(-1, (-1, self.head_dim))
+        v = attn.v_proj(h).unflatten(-1, (-1, self.head_dim))
         if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head q/k norms
             q = attn.q_norm(q)
             k = attn.k_norm(k)

@@ -1,0 +1,346 @@
+"""KV cache and the cached (incremental) forward of a `MogaoModel`.
+
+A `KVCache` holds R independent rows (sequences), each the keys and values (after IL-RoPE) of every layer for
+the clean tokens committed so far, with the per-token ids the ECTF rules are stated on (logical order,
+modality, block). `cached_forward` runs new tokens of some rows through the model against what those rows
+hold: the queries' mask is `mogao.attention.mask.ectf_allowed` on the same ids, so the rules are the ones
+training uses (text/ViT queries do not see VAE keys when `text_sees_vae` is false; a noisy block sees the
+clean cached context and itself). With `commit=True` the new tokens' keys and values are appended to their
+rows; a noisy image block is evaluated with `commit=False` at every sampling step and never enters the cache.
+
+IL-RoPE positions follow the lowering (`mogao.data.plan`): a text token is (t, t, t); all copies of one image
+share T = t with (H, W) the cell of the token grid; the token after the image continues at t + 1. Each row
+keeps its next t, so the positions equal those of the packed training sequence of the same content.
+
+The forward reuses `MoTBackbone.forward` unchanged: the cache plugs in as its attention backend (one call per
+layer, in layer order), so the expert routing and the layers are exactly those of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mogao.attention.mask import ectf_allowed
+from mogao.modality import Modality
+from mogao.model.backbone import GenerationModulation
+from mogao.model.mogao import MogaoModel
+
+_UND = (Modality.TEXT, Modality.VIT)
+
+
+@dataclass
+class Piece:
+    """A run of new tokens of one row, in logical order.
+
+    TEXT: `ids` (n,). VIT / VAE_CLEAN: `pixels` (3, gh*patch, gw*patch) in [0, 1] for that encoder, `grid`.
+    VAE_NOISY: `tokens` (gh*gw, token_dim) the current x_σ, `sigma`, `grid`.
+    Consecutive image pieces of one row are copies of one image: they share the IL-RoPE T.
+    """
+
+    kind: Modality
+    ids: Tensor | None = None
+    pixels: Tensor | None = None
+    tokens: Tensor | None = None
+    sigma: float | None = None
+    grid: tuple[int, int] | None = None
+
+    @property
+    def length(self) -> int:
+        if self.kind == Modality.TEXT:
+            return int(self.ids.numel())
+        return self.grid[0] * self.grid[1]
+
+
+def text_piece(ids: list[int] | Tensor) -> Piece:
+    return Piece(Modality.TEXT, ids=torch.as_tensor(ids, dtype=torch.long).reshape(-1))
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of R rows, padded to a common capacity; see the module docstring.
+
+    k[l], v[l]: (R, Hk, cap, D); order / modality / block: (R, cap) int64; lengths[r] tokens are valid in row r;
+    next_t[r] is the IL-RoPE T of row r's next token.
+    """
+
+    num_rows: int
+    k: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    order: Tensor | None = None
+    modality: Tensor | None = None
+    block: Tensor | None = None
+    lengths: list[int] = field(default_factory=list)
+    next_t: list[int] = field(default_factory=list)
+    next_block: int = 0
+
+    def __post_init__(self) -> None:
+        self.lengths = [0] * self.num_rows
+        self.next_t = [0] * self.num_rows
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.order is None else int(self.order.shape[1])
+
+    def _reserve(self, need: int, like: Tensor, layers: int) -> None:
+        """Grow every row to hold at least `need` tokens (doubling, so appends are amortised O(1))."""
+        cap = self.capacity
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, 64)
+        hk, d = like.shape[1], like.shape[2]
+        dev = like.device
+        if not self.k:
+            self.k = [like.new_zeros(self.num_rows, hk, new_cap, d) for _ in range(layers)]
+            self.v = [like.new_zeros(self.num_rows, hk, new_cap, d) for _ in range(layers)]
+            self.order = torch.zeros(self.num_rows, new_cap, dtype=torch.long, device=dev)
+            self.modality = torch.zeros_like(self.order)
+            self.block = torch.full_like(self.order, -1)
+            return
+
+        def grow(t: Tensor, fill: int = 0) -> Tensor:
+            # k/v (R, Hk, cap, D) grow along dim 2, ids (R, cap) along dim 1
+            dim = 2 if t.dim() == 4 else 1
+            shape = list(t.shape)
+            shape[dim] = new_cap
+            out = t.new_full(shape, fill)
+            out.narrow(dim, 0, cap).copy_(t)
+            return out
+
+        self.k = [grow(t) for t in self.k]
+        self.v = [grow(t) for t in self.v]
+        self.order, self.modality, self.block = grow(self.order), grow(self.modality), grow(self.block, -1)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+@dataclass
+class StepOutput:
+    """What `cached_forward` returns for one step.
+
+    logits: (b, vocab) float32 logits of each stepped row's last TEXT token (rows whose last new token is not text
+        get the logits of their last understanding token), in the order of `rows`.
+    velocities: per stepped row, one (gh*gw, token_dim) velocity per VAE_NOISY piece of that row.
+    """
+
+    logits: Tensor | None
+    velocities: list[list[Tensor]]
+
+
+class _CachedAttention:
+    """The attention 'backend' the backbone calls once per layer during a cached step."""
+
+    name = "kv_cache"
+
+    def __init__(self, cache: KVCache, rows: list[int], gather: Tensor, valid: Tensor, q_order: Tensor,
+                 q_mod: Tensor, q_block: Tensor, text_sees_vae: bool, commit: bool, num_layers: int) -> None:
+        self.cache, self.rows, self.commit, self.num_layers = cache, rows, commit, num_layers
+        self.gather, self.valid = gather, valid  # (b, n): physical index of row slot; slot holds a token
+        self.layer = 0
+        lmax = max((cache.lengths[r] for r in rows), default=0)
+        self.lmax = lmax
+        dev = gather.device
+        b, n = gather.shape
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.row_sel: slice | Tensor = slice(rows[0], rows[0] + len(rows)) if contiguous else \
+            torch.tensor(rows, device=dev)
+        lens = torch.tensor([cache.lengths[r] for r in rows], device=dev)
+        zero = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        if lmax:
+            k_order, k_mod, k_block = (t[self.row_sel, :lmax] for t in (cache.order, cache.modality, cache.block))
+            k_valid = torch.arange(lmax, device=dev)[None, :] < lens[:, None]
+        else:
+            k_order = k_mod = k_block = zero
+            k_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
+        k_order, k_mod, k_block = (torch.cat(p, 1) for p in ((k_order, q_order), (k_mod, q_mod), (k_block, q_block)))
+        k_valid = torch.cat((k_valid, valid), 1)
+        # one row = one sample of the rules: every key is in the query's sample
+        zq, zk = torch.zeros_like(q_order), torch.zeros_like(k_order)
+        mask = ectf_allowed(zq[:, :, None], q_order[:, :, None], q_mod[:, :, None], q_block[:, :, None],
+                            zk[:, None, :], k_order[:, None, :], k_mod[:, None, :], k_block[:, None, :],
+                            text_sees_vae)  # (b, n, lmax + n)
+        mask &= k_valid[:, None, :]
+        # padding query slots see only themselves, so no row of the softmax is empty
+        eye = torch.zeros(b, n, lmax + n, dtype=torch.bool, device=dev)
+        eye[:, :, lmax:] = torch.eye(n, dtype=torch.bool, device=dev)
+        mask |= eye & ~valid[:, :, None]
+        self.mask = mask[:, None]  # (b, 1, n, lmax + n)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, prepared: object, scale: float | None = None) -> Tensor:
+        # q: (N, Hq, D), k/v: (N, Hk, D) in physical order (understanding tokens first)
+        layer = self.layer
+        self.layer += 1
+        b, n = self.gather.shape
+
+        def rows(x: Tensor) -> Tensor:
+            return x[self.gather].transpose(1, 2)  # (b, H, n, D)
+
+        qr, kr, vr = rows(q), rows(k), rows(v)
+        if self.lmax:
+            kc = self.cache.k[layer][self.row_sel, :, : self.lmax]
+            vc = self.cache.v[layer][self.row_sel, :, : self.lmax]
+            k_all, v_all = torch.cat((kc, kr), 2), torch.cat((vc, vr), 2)
+        else:
+            k_all, v_all = kr, vr
+        out = F.scaled_dot_product_attention(qr, k_all, v_all, attn_mask=self.mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])  # (b, Hq, n, D)
+        if self.commit:
+            self._write(layer, kr, vr)
+        flat = out.transpose(1, 2).reshape(b * n, q.shape[1], q.shape[2])
+        res = q.new_empty(q.shape)
+        sel = self.valid.flatten()
+        res[self.gather.flatten()[sel]] = flat[sel]
+        return res
+
+    def _write(self, layer: int, kr: Tensor, vr: Tensor) -> None:
+        for i, r in enumerate(self.rows):
+            m = int(self.valid[i].sum())
+            start = self.cache.lengths[r]
+            self.cache.k[layer][r, :, start:start + m] = kr[i, :, :m]
+            self.cache.v[layer][r, :, start:start + m] = vr[i, :, :m]
+
+
+def _positions(pieces: list[Piece], t0: int) -> tuple[list[Tensor], int]:
+    """IL-RoPE positions (3, n) of each piece of one row starting at T = t0, and the row's next T."""
+    out, t = [], t0
+    for i, p in enumerate(pieces):
+        if p.kind == Modality.TEXT:
+            out.append(torch.arange(t, t + p.length).expand(3, p.length))
+            t += p.length
+            continue
+        gh, gw = p.grid
+        rr = torch.arange(gh).repeat_interleave(gw)
+        cc = torch.arange(gw).repeat(gh)
+        out.append(torch.stack((torch.full((gh * gw,), t), rr, cc)))
+        if i + 1 == len(pieces) or pieces[i + 1].kind == Modality.TEXT:  # last copy of this image
+            t += 1
+    return out, t
+
+
+@torch.no_grad()
+def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: list[list[Piece]],
+                   commit: bool) -> StepOutput:
+    """Run each row's new `pieces` (logical order) against what cache row `rows[i]` holds.
+
+    commit: append the new tokens to their rows (clean tokens only; a VAE_NOISY piece is never committed).
+    Every row must have at least one piece. Returns the rows' last-token logits and the noisy pieces' velocities.
+    """
+    if len(rows) != len(pieces) or not rows or any(not p for p in pieces) or len(set(rows)) != len(rows):
+        raise ValueError("cached_forward: one non-empty list of pieces per distinct row")
+    if commit and any(p.kind == Modality.VAE_NOISY for ps in pieces for p in ps):
+        raise ValueError("cached_forward: a noisy block is evaluated, never committed (commit=False)")
+    dev = next(model.parameters()).device
+    backbone = model.backbone
+
+    # per piece: its row, its slot offset inside the row's new tokens, its positions
+    entries = []  # (row i, piece, slot start, positions)
+    next_t = []
+    for i, (r, ps) in enumerate(zip(rows, pieces)):
+        pos, t_after = _positions(ps, cache.next_t[r])
+        next_t.append(t_after)
+        slot = 0
+        for p, ppos in zip(ps, pos):
+            entries.append((i, p, slot, ppos))
+            slot += p.length
+    und = [e for e in entries if e[1].kind in _UND]
+    gen = [e for e in entries if e[1].kind not in _UND]
+    physical = und + gen
+    n_und = sum(e[1].length for e in und)
+
+    # input embeddings in physical order
+    vit_px = [e[1].pixels for e in physical if e[1].kind == Modality.VIT]
+    vit_emb = iter(model.connector(torch.cat(model.vit([p.to(dev) for p in vit_px]), 0)).split(
+        [e[1].length for e in physical if e[1].kind == Modality.VIT])) if vit_px else iter(())
+    vae_px = [e[1].pixels.to(dev) for e in physical if e[1].kind == Modality.VAE_CLEAN]
+    vae_tok = iter(model.image_tokens(vae_px)) if vae_px else iter(())
+    dtype = backbone.embed_tokens.weight.dtype
+    xs, sig_rows, gen_index = [], [0.0], []
+    for _, p, _, _ in physical:
+        if p.kind == Modality.TEXT:
+            xs.append(backbone.embed_tokens(p.ids.to(dev)))
+        elif p.kind == Modality.VIT:
+            xs.append(next(vit_emb).to(dtype))
+        elif p.kind == Modality.VAE_CLEAN:
+            xs.append(model.latent_proj.proj_in(next(vae_tok).to(dtype)))
+            gen_index.append(torch.zeros(p.length, dtype=torch.long))
+        else:
+            xs.append(model.latent_proj.proj_in(p.tokens.to(dev, dtype)))
+            sig_rows.append(float(p.sigma))
+            gen_index.append(torch.full((p.length,), len(sig_rows) - 1, dtype=torch.long))
+    x = torch.cat(xs, 0)
+    position_ids = torch.cat([e[3] for e in physical], 1).to(dev)
+    mod = None
+    if gen:
+        # the full forward's rows: 0 = σ 0 (clean VAE), then one per noisy target (float32 σ, as in training)
+        cond = model.time_embed(torch.tensor(sig_rows, dtype=torch.float32, device=dev)).to(x.dtype)
+        mod = GenerationModulation(cond, torch.cat(gen_index).to(dev))
+        if model.additive_time is not None:
+            add = model.additive_time(cond).index_select(0, mod.index)
+            x = torch.cat((x[:n_und], x[n_und:] + add))
+            mod = None
+
+    # row slots -> physical index; per-slot ECTF ids
+    b = len(rows)
+    n = max(sum(p.length for p in ps) for ps in pieces)
+    gather = torch.zeros(b, n, dtype=torch.long)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    q_order = torch.zeros(b, n, dtype=torch.long)
+    q_mod = torch.zeros(b, n, dtype=torch.long)
+    q_block = torch.full((b, n), -1, dtype=torch.long)
+    phys = 0
+    block = cache.next_block
+    for i, p, slot, _ in physical:
+        sl = slice(slot, slot + p.length)
+        gather[i, sl] = torch.arange(phys, phys + p.length)
+        valid[i, sl] = True
+        q_order[i, sl] = cache.lengths[rows[i]] + torch.arange(slot, slot + p.length)
+        q_mod[i, sl] = int(p.kind)
+        if p.kind != Modality.TEXT:
+            q_block[i, sl] = block
+            block += 1
+        phys += p.length
+    if commit:
+        cache.next_block = block
+    attention = _CachedAttention(cache, rows, gather.to(dev), valid.to(dev), q_order.to(dev), q_mod.to(dev),
+                                 q_block.to(dev), model.cfg.text_sees_vae, commit, len(backbone.layers))
+    if commit:
+        need = max(cache.lengths[r] + int(valid[i].sum()) for i, r in enumerate(rows))
+        hk = backbone.layers[0].und.self_attn.k_proj.out_features // backbone.layers[0].head_dim
+        cache._reserve(need, x.new_empty(0, hk, backbone.layers[0].head_dim), len(backbone.layers))
+    h_und, h_gen = backbone(x, position_ids, n_und, attention, None, mod)
+    if attention.layer != len(backbone.layers):
+        raise RuntimeError(f"cached forward: attention ran {attention.layer} times for {len(backbone.layers)} layers")
+
+    logits = None
+    if und:
+        last_und: dict[int, int] = {}
+        off = 0
+        for i, p, _, _ in und:
+            off += p.length
+            last_und[i] = off - 1
+        idx = [last_und.get(i, -1) for i in range(b)]
+        picked = h_und[torch.tensor([j if j >= 0 else 0 for j in idx], device=dev)]
+        logits = backbone.lm_head(picked).float()
+        if any(j < 0 for j in idx):
+            logits[torch.tensor([j < 0 for j in idx], device=dev)] = float("nan")
+    velocities: list[list[Tensor]] = [[] for _ in rows]
+    off = 0
+    for i, p, _, _ in gen:
+        if p.kind == Modality.VAE_NOISY:
+            velocities[i].append(model.latent_proj.proj_out(h_gen[off:off + p.length]).float())
+        off += p.length
+
+    if commit:
+        for i, r in enumerate(rows):
+            m = int(valid[i].sum())
+            s = cache.lengths[r]
+            cache.order[r, s:s + m] = q_order[i, :m].to(cache.order.device)
+            cache.modality[r, s:s + m] = q_mod[i, :m].to(cache.order.device)
+            cache.block[r, s:s + m] = q_block[i, :m].to(cache.order.device)
+            cache.lengths[r] = s + m
+            cache.next_t[r] = next_t[i]
+    return StepOutput(logits=logits, velocities=velocities)

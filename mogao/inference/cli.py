@@ -1,0 +1,178 @@
+"""`mogao generate` and `mogao chat`: the generation loop from the command line.
+
+    mogao generate --ckpt RUN/model --prompt "Draw a red circle." [--image in.png ...] [--draw] --out DIR
+    mogao chat --ckpt RUN/model [--out DIR]            (lines from stdin; /draw TEXT, /image PATH, /quit)
+
+MODEL_DIR is a saved model directory as a fit writes it (`<run>/model`: mogao_config.json, model.safetensors
+and the tokenizer). Errors a user can cause are printed as one line naming the argument or file (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mogao.errors import ConfigError, MogaoError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="saved model directory (<run>/model)")
+    p.add_argument("--lora", default=None, help="LoRA adapter directory to load on top of the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="Euler steps per image")
+    p.add_argument("--shift", type=float, default=None, help="σ schedule shift (default: the model's training one)")
+    p.add_argument("--cfg-text", type=float, default=7.5, help="text guidance scale γ (1 = none)")
+    p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale γ_img (1 = none)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="σ range where guidance applies")
+    p.add_argument("--cfg-renorm", type=float, default=None, metavar="MIN",
+                   help="rescale the guided velocity to at most the conditional one's norm, by at least MIN")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="side, or width height, in pixels (multiples of the model's VAE patch)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy text")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _load(args: argparse.Namespace):
+    """Model and tokenizer from --ckpt, with --lora applied; ConfigError naming the path on failure."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mogao.model.mogao import MogaoModel
+
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_dir():
+        raise ConfigError(f"--ckpt: model directory not found: {ckpt} (give <run>/model as written by a fit)")
+    model = MogaoModel.from_pretrained(ckpt)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--ckpt: cannot load the tokenizer from {ckpt} ({e}); the model directory must hold "
+                          "the tokenizer files a fit saves next to the weights") from e
+    if args.lora:
+        from mogao.lora import load_adapter
+
+        model = load_adapter(model, args.lora)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def _configs(args: argparse.Namespace):
+    from mogao.inference.guidance import Guidance
+    from mogao.inference.session import GenerationConfig
+
+    size = None
+    if args.image_size:
+        if len(args.image_size) > 2:
+            raise ConfigError(f"--image-size takes one or two numbers, got {args.image_size}")
+        size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, max_images=args.max_images, image_size=size,
+                           steps=args.steps, shift=args.shift, temperature=args.temperature, seed=args.seed)
+    guidance = Guidance(text_scale=args.cfg_text, image_scale=args.cfg_image, interval=tuple(args.cfg_interval),
+                        renorm=args.cfg_renorm is not None, renorm_min=args.cfg_renorm or 0.0)
+    return cfg, guidance
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """`mogao generate`: one prompt (with optional input images) -> PNGs, conversation.json and .html."""
+    p = argparse.ArgumentParser(prog="mogao generate", description=__doc__.split("\n\n")[0])
+    _add_common(p)
+    p.add_argument("--prompt", required=True, help="the user's text")
+    p.add_argument("--image", action="append", default=[], help="input image (repeatable), before the prompt")
+    p.add_argument("--draw", action="store_true", help="make the answer begin with an image (t2i, editing)")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        from mogao.inference.inputs import check_prompt
+        from mogao.inference.report import save_conversation
+        from mogao.inference.session import GenerationSession
+
+        check_prompt(args.prompt, "--prompt")
+        cfg, guidance = _configs(args)
+        model, tokenizer = _load(args)
+        session = GenerationSession(model, tokenizer, 1, cfg, guidance, progress=True)
+        session.add_user_turn([[*({"image": i} for i in args.image), {"text": args.prompt}]])
+        response = session.respond(draw=args.draw)[0]
+        paths = save_conversation(session.history[0], Path(args.out), title=args.prompt[:80],
+                                  settings=_settings(args))
+    except MogaoError as e:
+        print(f"mogao generate: error: {e}", file=sys.stderr)
+        return 2
+    for seg in response.segments:
+        if seg.text:
+            print(seg.text)
+    for key, path in paths.items():
+        if key.startswith("image_"):
+            print(f"image: {path}")
+    print(f"page: {paths['html']}  (stopped: {response.stop_reason})")
+    return 0
+
+
+def chat_main(argv: Sequence[str] | None = None) -> int:
+    """`mogao chat`: a multi-turn session over stdin lines; images are saved (and their paths printed) as made.
+
+    Each line is a user turn. `/image PATH` attaches an image to the next turn, `/draw TEXT` asks for an image,
+    `/quit` ends (so does end of input). conversation.json and .html are written at the end.
+    """
+    p = argparse.ArgumentParser(prog="mogao chat", description="a multi-turn terminal session")
+    _add_common(p)
+    p.add_argument("--out", default="chat", help="where images and the conversation are written")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    out = Path(args.out)
+    try:
+        from mogao.inference.inputs import check_prompt
+        from mogao.inference.report import save_conversation
+        from mogao.inference.session import GenerationSession
+
+        cfg, guidance = _configs(args)
+        model, tokenizer = _load(args)
+        session = GenerationSession(model, tokenizer, 1, cfg, guidance, progress=sys.stderr.isatty())
+        out.mkdir(parents=True, exist_ok=True)
+    except MogaoError as e:
+        print(f"mogao chat: error: {e}", file=sys.stderr)
+        return 2
+    saved: dict[int, Path] = {}
+    attached: list[str] = []
+    print("mogao chat: type a message (/draw TEXT for an image, /image PATH to attach one, /quit to end)")
+    for raw in sys.stdin:
+        line = raw.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/quit", "/exit"):
+            break
+        if line.startswith("/image "):
+            attached.append(line[len("/image "):].strip())
+            continue
+        draw = line.startswith("/draw ")
+        text = line[len("/draw "):] if draw else line
+        try:
+            check_prompt(text, "message")
+            session.add_user_turn([[*({"image": a} for a in attached), {"text": text}]])
+            attached = []
+            response = session.respond(draw=draw)[0]
+        except MogaoError as e:
+            print(f"error: {e}")
+            attached = []
+            continue
+        first = len(session.history[0]) - len(response.segments)
+        for k, seg in enumerate(response.segments):
+            if seg.text:
+                print(f"model: {seg.text}")
+            if seg.image is not None:
+                path = out / f"image_{len(saved):03d}.png"
+                seg.image.save(path)
+                saved[first + k] = path
+                print(f"model: [image saved: {path}]")
+        sys.stdout.flush()
+    paths = save_conversation(session.history[0], out, title="mogao chat", settings=_settings(args),
+                              image_paths=saved)
+    print(f"conversation: {paths['html']}")
+    return 0

@@ -1,0 +1,64 @@
+"""Validation of what a user hands the generation loop: prompts, image files and in-memory images.
+
+Everything either works - images of any size and mode are converted to RGB and resized to a token grid exactly
+as the data pipeline does (`mogao.data.images`) - or raises `ConfigError` / `DataError` naming the argument
+or file and what would fix it.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+from PIL import Image
+
+from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
+from mogao.errors import ConfigError, DataError
+
+_ALLOWED_CONTROL = {"\n", "\t", "\r"}
+
+
+def check_prompt(text: object, what: str = "prompt") -> str:
+    """A usable prompt string: not empty, not only whitespace, no control characters but newline and tab,
+    encodable as UTF-8 (no unpaired surrogates)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ConfigError(f"{what} is empty or only whitespace; give some text")
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) == "Cc" and ch not in _ALLOWED_CONTROL:
+            raise ConfigError(f"{what} has a control character {ch!r} at index {i}; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what} is not valid Unicode text ({e.reason} at index {e.start}); remove the "
+                          "unpaired surrogate") from e
+    return text
+
+
+def load_image(image: str | Path | Image.Image, what: str = "image") -> Image.Image:
+    """An input image (a path or a PIL image) as RGB; unreadable, missing or unconvertible images raise
+    `DataError` naming the file or argument."""
+    if isinstance(image, Image.Image):
+        img = image
+        name = what
+    elif isinstance(image, (str, Path)):
+        name = str(image)
+        if not Path(image).is_file():
+            raise DataError(f"{what}: image file not found: {image} (give an existing PNG/JPEG/... file)")
+        img = open_image(image, field=what)
+    else:
+        raise ConfigError(f"{what} must be a file path or a PIL image, got {type(image).__name__}")
+    try:
+        rgb = to_rgb(img)
+    except DataError as e:
+        raise DataError(f"{what} ({name}): {e.message}") from e
+    if rgb.width < 1 or rgb.height < 1:
+        raise DataError(f"{what} ({name}) has no pixels ({rgb.width}x{rgb.height})")
+    return rgb
+
+
+def image_tensors(img: Image.Image, max_tokens: int, vit_patch: int, vae_patch: int) -> ImageTensors:
+    """Both copies of an RGB image on the token grid the data pipeline would choose for `max_tokens`."""
+    grid = choose_grid(img.height, img.width, max_tokens)
+    return ImageTensors(resize_to_grid(img, grid, vit_patch), resize_to_grid(img, grid, vae_patch), grid)

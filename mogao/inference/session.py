@@ -1,0 +1,386 @@
+"""The generation loop every task runs on: KV-cached text decoding that switches to flow sampling of an image
+whenever the model emits the begin-of-image token (DESIGN §5).
+
+A `GenerationSession` holds B conversations. Each has three KV cache rows - the guidance branches of
+`mogao.inference.guidance` (full / image-only / none) - kept up to date turn by turn, so earlier turns' text
+and images stay in the cache. One `respond` call:
+
+1. decodes text from the full branch (greedy, or seeded temperature sampling), all active conversations in one
+   batched step per token;
+2. on `<|vision_start|>` (or at once with `draw=True`) commits the marker to every branch, then integrates the
+   rectified flow from noise with Euler steps (`mogao.diffusion.flow.euler_sample` over `sampling_sigmas`);
+   every step evaluates the noisy block of all branches of all drawing conversations in ONE batched forward
+   against their caches (the block itself is never cached);
+3. decodes the finished latents to an image, converts it to 8-bit RGB and commits it exactly as the data
+   pipeline lowers a condition image - ViT copy, clean VAE copy, `<|vision_end|>` - then continues with text;
+4. stops at `<|endoftext|>`, after `max_images` images, after `max_new_tokens` text tokens, or at the context
+   length.
+
+Sequences follow the lowering of `mogao.data.plan` (same tokenisation per segment, same markers, same IL-RoPE
+positions), so a conversation's cache equals what a full forward of its packed training sample computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from mogao.data.plan import stable_seed
+from mogao.data.tokenizer import SpecialTokens
+from mogao.diffusion.flow import euler_sample, sampling_sigmas
+from mogao.errors import ConfigError
+from mogao.inference.cache import KVCache, Piece, cached_forward, text_piece
+from mogao.inference.guidance import BRANCHES, FULL, IMAGE_ONLY, Guidance
+from mogao.inference.inputs import check_prompt, image_tensors, load_image
+from mogao.inference.simple import eval_mode, tensor_to_pil
+from mogao.modality import Modality
+from mogao.model.autoencoder import PixelAutoencoder
+from mogao.model.mogao import MogaoModel
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one `respond` call.
+
+    max_new_tokens: most text tokens the model writes in one response.
+    max_images: most images in one response; the response ends after the last one.
+    image_size: (width, height) or a side in pixels, multiples of `model.vae_patch`; None = `default_image_size`.
+    condition_tokens: most tokens a copy of an input image gets (as `DataConfig.max_image_tokens`); None = as
+        many as a generated image has.
+    steps / shift: Euler steps over `sampling_sigmas(steps, shift)`; shift None = the model's training shift for
+        the image's token count (`TimestepSampling.shift_for`).
+    temperature: 0 = greedy text; > 0 samples from softmax(logits / temperature) with a seeded generator.
+    seed: conversation i's k-th image starts from noise seeded by (seed + i, k); text sampling likewise.
+    """
+
+    max_new_tokens: int = 256
+    max_images: int = 4
+    image_size: int | tuple[int, int] | None = None
+    condition_tokens: int | None = None
+    steps: int = 30
+    shift: float | None = None
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.max_images < 0:
+            raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) and max_images ({self.max_images}) must be >= 0")
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.shift is not None and not self.shift > 0:
+            raise ConfigError(f"shift must be > 0 (1 = no shift), got {self.shift}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.condition_tokens is not None and self.condition_tokens < 1:
+            raise ConfigError(f"condition_tokens must be >= 1, got {self.condition_tokens}")
+
+
+@dataclass
+class Segment:
+    """One item of a conversation: text or an image, said by the user or made by the model."""
+
+    role: str  # "user" | "model"
+    text: str | None = None
+    image: Image.Image | None = None
+
+
+@dataclass
+class Response:
+    """What the model said in one `respond` call, and why it stopped ("eos", "max_images", "max_tokens",
+    "context")."""
+
+    segments: list[Segment] = field(default_factory=list)
+    stop_reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments if s.text)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s.image for s in self.segments if s.image is not None]
+
+
+def default_image_size(model: MogaoModel) -> tuple[int, int]:
+    """The recipes' image size: an 8x8 token grid for the pixel autoencoder of tiny recipes, else 16x16."""
+    side = (8 if isinstance(model.autoencoder, PixelAutoencoder) else 16) * model.vae_patch
+    return side, side
+
+
+def _size_wh(model: MogaoModel, image_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if image_size is None:
+        return default_image_size(model)
+    w, h = (image_size, image_size) if isinstance(image_size, int) else (int(v) for v in image_size)
+    p = model.vae_patch
+    if w < p or h < p or w % p or h % p:
+        raise ConfigError(f"image size {w}x{h} must be positive multiples of the model's VAE patch ({p} pixels), "
+                          f"e.g. {max(p, w // p * p)}x{max(p, h // p * p)}")
+    return w, h
+
+
+class GenerationSession:
+    """B conversations with a model; see the module docstring. Call `add_user_turn`, then `respond`."""
+
+    def __init__(self, model: MogaoModel, tokenizer: PreTrainedTokenizerBase, num_conversations: int = 1,
+                 config: GenerationConfig | None = None, guidance: Guidance | None = None,
+                 progress: bool = False) -> None:
+        if num_conversations < 1:
+            raise ConfigError(f"num_conversations must be >= 1, got {num_conversations}")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or GenerationConfig()
+        self.guidance = guidance or Guidance()
+        self.progress = progress
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.num = num_conversations
+        self.cache = KVCache(3 * num_conversations)
+        self.history: list[list[Segment]] = [[] for _ in range(num_conversations)]
+        self.pending: list[torch.Tensor | None] = [None] * num_conversations  # next-token logits (vocab,)
+        self.has_condition_image = [False] * num_conversations
+        self.images_made = [0] * num_conversations
+        self.context_limit = int(getattr(model.backbone.config, "max_position_embeddings", 1 << 30))
+        self._text_gen = [torch.Generator().manual_seed(stable_seed("text", self.config.seed + i))
+                          for i in range(num_conversations)]
+
+    @staticmethod
+    def row(conv: int, branch: int) -> int:
+        return 3 * conv + branch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- input -------------------------------------------------------------------------------------------
+    def _image_pieces(self, img: Image.Image, max_tokens: int) -> list[Piece]:
+        t = image_tensors(img, max_tokens, self.model.vit_patch, self.model.vae_patch)
+        return [text_piece([self.special.vision_start_id]), Piece(Modality.VIT, pixels=t.vit, grid=t.grid),
+                Piece(Modality.VAE_CLEAN, pixels=t.vae, grid=t.grid), text_piece([self.special.vision_end_id])]
+
+    def _text_ids(self, text: str, what: str) -> list[int]:
+        check_prompt(text, what)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.special.vision_start_id in ids or self.special.vision_end_id in ids:
+            raise ConfigError(f"{what} contains an image marker token; pass images as image segments")
+        return ids
+
+    def add_user_turn(self, turns: Sequence[Sequence[dict[str, Any]] | None]) -> None:
+        """Append one user turn per conversation (None or [] = nothing for that one), all in one forward.
+
+        A turn is a list of segments `{"text": str}` or `{"image": path | PIL image}`. Text goes to the full
+        branch only; images (with their markers) to the full and image-only branches.
+        """
+        if len(turns) != self.num:
+            raise ConfigError(f"add_user_turn: {len(turns)} turns for {self.num} conversations")
+        cond_tokens = self.config.condition_tokens or self._grid_tokens()
+        rows, pieces, added = [], [], []
+        for c, turn in enumerate(turns):
+            full, img_only, segs = [], [], []
+            for j, seg in enumerate(turn or []):
+                what = f"conversation {c} segment {j}"
+                if not isinstance(seg, dict) or len(set(seg) & {"text", "image"}) != 1:
+                    raise ConfigError(f"{what}: give a dict with either 'text' or 'image', got {seg!r:.80}")
+                if "text" in seg:
+                    full.append(text_piece(self._text_ids(seg["text"], f"{what} text")))
+                    segs.append(Segment("user", text=seg["text"]))
+                else:
+                    img = load_image(seg["image"], f"{what} image")
+                    ps = self._image_pieces(img, cond_tokens)
+                    full += ps
+                    img_only += ps
+                    segs.append(Segment("user", image=img))
+            if not full:
+                continue
+            t_need = self.cache.next_t[self.row(c, FULL)] + sum(
+                p.length if p.kind == Modality.TEXT else 1 for p in full if p.kind != Modality.VAE_CLEAN)
+            if t_need > self.context_limit:
+                raise ConfigError(f"conversation {c}: the prompt needs {t_need} positions, more than the model's "
+                                  f"context of {self.context_limit}; shorten the prompt or start a new session")
+            rows.append(self.row(c, FULL))
+            pieces.append(full)
+            if img_only:
+                rows.append(self.row(c, IMAGE_ONLY))
+                pieces.append(img_only)
+                self.has_condition_image[c] = True
+            added.append((c, segs))
+        if not rows:
+            return
+        with eval_mode(self.model):
+            out = cached_forward(self.model, self.cache, rows, pieces, commit=True)
+        for c, segs in added:
+            self.history[c] += segs
+            self.pending[c] = out.logits[rows.index(self.row(c, FULL))]
+
+    # ---- output ------------------------------------------------------------------------------------------
+    def _grid_tokens(self) -> int:
+        w, h = _size_wh(self.model, self.config.image_size)
+        return (w // self.model.vae_patch) * (h // self.model.vae_patch)
+
+    def _next_token(self, c: int) -> int:
+        logits = self.pending[c]
+        if self.config.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / self.config.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._text_gen[c]))
+
+    def respond(self, draw: bool | Sequence[bool] = False, conversations: Sequence[int] | None = None,
+                ) -> list[Response]:
+        """Let the model answer in the given conversations (default: all); `draw` makes it begin with an image
+        (text-to-image, editing). Returns one `Response` per conversation asked."""
+        convs = list(range(self.num)) if conversations is None else list(conversations)
+        draws = [draw] * len(convs) if isinstance(draw, bool) else list(draw)
+        cfg = self.config
+        if len(draws) != len(convs):
+            raise ConfigError(f"respond: {len(draws)} draw flags for {len(convs)} conversations")
+        if any(draws) and cfg.max_images < 1:
+            raise ConfigError("draw=True needs max_images >= 1")
+        for c, d in zip(convs, draws):
+            if self.pending[c] is None and not d:
+                raise ConfigError(f"conversation {c} is empty: add a user turn before asking for a response")
+        responses = {c: Response() for c in convs}
+        text_ids: dict[int, list[int]] = {c: [] for c in convs}
+        n_text = dict.fromkeys(convs, 0)
+        n_img = dict.fromkeys(convs, 0)
+        want_image = {c for c, d in zip(convs, draws) if d}
+        active = list(convs)
+
+        def flush(c: int) -> None:
+            if text_ids[c]:
+                seg = Segment("model", text=self.tokenizer.decode(text_ids[c], skip_special_tokens=True))
+                responses[c].segments.append(seg)
+                self.history[c].append(seg)
+                text_ids[c] = []
+
+        def finish(c: int, reason: str) -> None:
+            responses[c].stop_reason = reason
+            active.remove(c)
+            flush(c)
+
+        with eval_mode(self.model):
+            while active:
+                text_rows: list[tuple[int, int]] = []
+                drawing: list[int] = []
+                for c in list(active):
+                    if c in want_image:
+                        drawing.append(c)
+                        continue
+                    if n_text[c] >= cfg.max_new_tokens:
+                        finish(c, "max_tokens")
+                        continue
+                    if self.cache.next_t[self.row(c, FULL)] + 1 > self.context_limit:
+                        finish(c, "context")
+                        continue
+                    tok = self._next_token(c)
+                    if tok == self.special.eos_id:
+                        finish(c, "eos")
+                    elif tok == self.special.vision_start_id:
+                        if n_img[c] >= cfg.max_images:
+                            finish(c, "max_images")
+                        else:
+                            drawing.append(c)
+                    else:
+                        text_rows.append((c, tok))
+                        text_ids[c].append(tok)
+                        n_text[c] += 1
+                if text_rows:
+                    out = cached_forward(self.model, self.cache, [self.row(c, FULL) for c, _ in text_rows],
+                                         [[text_piece([t])] for _, t in text_rows], commit=True)
+                    for i, (c, _) in enumerate(text_rows):
+                        self.pending[c] = out.logits[i]
+                if drawing:
+                    for c in drawing:
+                        flush(c)
+                    images = self._draw(drawing)
+                    want_image -= set(drawing)
+                    for c, img in zip(drawing, images):
+                        seg = Segment("model", image=img)
+                        responses[c].segments.append(seg)
+                        self.history[c].append(seg)
+                        n_img[c] += 1
+                        if n_img[c] >= cfg.max_images:
+                            finish(c, "max_images")
+        return [responses[c] for c in convs]
+
+    # ---- images ------------------------------------------------------------------------------------------
+    def _branches(self, c: int, sigma: float) -> tuple[int, ...]:
+        if not self.guidance.active_at(sigma):
+            return (FULL,)
+        return self.guidance.branches(self.has_condition_image[c])
+
+    def image_noise(self, c: int, grid: tuple[int, int]) -> torch.Tensor:
+        """The starting noise (gh*gw, token_dim) of conversation c's next image."""
+        g = torch.Generator().manual_seed(stable_seed("image", self.config.seed + c, self.images_made[c]))
+        return torch.randn(grid[0] * grid[1], self.model.token_dim, generator=g)
+
+    def velocity(self, convs: list[int], x: list[torch.Tensor], sigma: float, grid: tuple[int, int],
+                 ) -> list[torch.Tensor]:
+        """Guided velocity of each conversation's noisy block at σ: all branches in ONE batched forward."""
+        rows, pieces, owners = [], [], []
+        for c, xc in zip(convs, x):
+            for b in self._branches(c, sigma):
+                rows.append(self.row(c, b))
+                pieces.append([Piece(Modality.VAE_NOISY, tokens=xc, sigma=sigma, grid=grid)])
+                owners.append((c, b))
+        out = cached_forward(self.model, self.cache, rows, pieces, commit=False)
+        per: dict[int, dict[int, torch.Tensor]] = {c: {} for c in convs}
+        for (c, b), v in zip(owners, out.velocities):
+            per[c][b] = v[0]
+        return [per[c][FULL] if len(per[c]) == 1 else self.guidance.combine(per[c]) for c in convs]
+
+    def begin_image(self, convs: list[int]) -> None:
+        """Commit `<|vision_start|>` to every branch of the conversations (one forward)."""
+        rows = [self.row(c, b) for c in convs for b in BRANCHES]
+        cached_forward(self.model, self.cache, rows, [[text_piece([self.special.vision_start_id])]] * len(rows),
+                       commit=True)
+
+    def end_image(self, convs: list[int], images: list[Image.Image], max_tokens: int) -> None:
+        """Commit each finished image as a condition (ViT, clean VAE, `<|vision_end|>`) to every branch."""
+        rows, pieces = [], []
+        for c, img in zip(convs, images):
+            ps = self._image_pieces(img, max_tokens)[1:]  # the begin marker is already in the cache
+            rows += [self.row(c, b) for b in BRANCHES]
+            pieces += [ps] * len(BRANCHES)
+        out = cached_forward(self.model, self.cache, rows, pieces, commit=True)
+        for c in convs:
+            self.pending[c] = out.logits[rows.index(self.row(c, FULL))]
+            self.images_made[c] += 1
+
+    def sample_tokens(self, convs: list[int], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Integrate the flow for one image per conversation (begin marker committed); float32 latent tokens."""
+        cfg = self.config
+        shift = cfg.shift if cfg.shift is not None else self.model.cfg.timestep_sampling.shift_for(grid[0] * grid[1])
+        sigmas = sampling_sigmas(cfg.steps, shift)
+        noise = torch.cat([self.image_noise(c, grid) for c in convs]).to(self.device)
+        n = grid[0] * grid[1]
+        bar = _progress(cfg.steps, f"image ({len(convs)})") if self.progress else None
+
+        def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            v = self.velocity(convs, list(x.split(n)), float(sigma), grid)
+            if bar is not None:
+                bar.update(1)
+            return torch.cat(v).to(x.dtype)
+
+        try:
+            x0 = euler_sample(fn, noise.float(), sigmas.to(self.device))
+        finally:
+            if bar is not None:
+                bar.close()
+        return list(x0.float().split(n))
+
+    def _draw(self, convs: list[int]) -> list[Image.Image]:
+        w, h = _size_wh(self.model, self.config.image_size)
+        grid = (h // self.model.vae_patch, w // self.model.vae_patch)
+        self.begin_image(convs)
+        tokens = self.sample_tokens(convs, grid)
+        images = [tensor_to_pil(self.model.decode_tokens(t, grid)) for t in tokens]
+        self.end_image(convs, images, grid[0] * grid[1])
+        return images
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="step")

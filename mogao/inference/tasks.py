@@ -1,0 +1,78 @@
+"""Tasks on the generation loop, batched over prompts: text-to-image, editing, understanding, interleaved chat.
+
+Each builds a `GenerationSession` with one conversation per prompt, adds the user turn and asks for one
+response; `chat` keeps a session across turns (previous turns' text and images stay in the cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from mogao.errors import ConfigError
+from mogao.inference.guidance import Guidance
+from mogao.inference.session import GenerationConfig, GenerationSession, Response
+from mogao.model.mogao import MogaoModel
+
+ImageInput = str | Path | Image.Image
+
+
+def _run(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: list[list[dict[str, Any]]], draw: bool,
+         config: GenerationConfig | None, guidance: Guidance | None, progress: bool = False) -> list[Response]:
+    if not turns:
+        raise ConfigError("no prompts given")
+    session = GenerationSession(model, tokenizer, len(turns), config, guidance, progress=progress)
+    session.add_user_turn(turns)
+    return session.respond(draw=draw)
+
+
+def text_to_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                  config: GenerationConfig | None = None, guidance: Guidance | None = None) -> list[Image.Image]:
+    """One image per prompt (the response begins with an image and ends after it)."""
+    cfg = replace(config or GenerationConfig(), max_images=1)
+    out = _run(model, tokenizer, [[{"text": p}] for p in prompts], True, cfg, guidance)
+    return [r.images[0] for r in out]
+
+
+def edit_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, images: Sequence[ImageInput],
+               instructions: Sequence[str], *, config: GenerationConfig | None = None,
+               guidance: Guidance | None = None) -> list[Image.Image]:
+    """One edited image per (image, instruction): the input image is the condition, 3-branch CFG applies."""
+    if len(images) != len(instructions):
+        raise ConfigError(f"edit_image: {len(images)} images but {len(instructions)} instructions")
+    cfg = replace(config or GenerationConfig(), max_images=1)
+    turns = [[{"image": img}, {"text": text}] for img, text in zip(images, instructions)]
+    return [r.images[0] for r in _run(model, tokenizer, turns, True, cfg, guidance)]
+
+
+def answer(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str | None], *,
+           images: Sequence[ImageInput | None] | None = None, config: GenerationConfig | None = None,
+           ) -> list[str]:
+    """Understanding: the text answer to each question about its image (None question = caption the image).
+
+    No images are drawn (a begin-of-image token ends the answer).
+    """
+    images = list(images) if images is not None else [None] * len(questions)
+    if len(images) != len(questions):
+        raise ConfigError(f"answer: {len(images)} images but {len(questions)} questions")
+    turns = []
+    for img, q in zip(images, questions):
+        turn = ([{"image": img}] if img is not None else []) + ([{"text": q}] if q is not None else [])
+        if not turn:
+            raise ConfigError("answer: each question needs text, an image or both")
+        turns.append(turn)
+    cfg = replace(config or GenerationConfig(), max_images=0)
+    return [r.text.strip() for r in _run(model, tokenizer, turns, False, cfg, None)]
+
+
+def generate(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict[str, Any]]],
+             *, draw: bool = False, config: GenerationConfig | None = None, guidance: Guidance | None = None,
+             progress: bool = False) -> list[Response]:
+    """The free-running loop: each prompt (segments `{"text": ...}` / `{"image": ...}`) gets a response of
+    interleaved text and images; `draw` makes every response begin with an image."""
+    return _run(model, tokenizer, [list(p) for p in prompts], draw, config, guidance, progress)
