@@ -74,6 +74,10 @@ class ModelConfig:
     lambda_image: float = 1.0
 
 
+# configs travel inside Lightning checkpoints (hyper-parameters): allow them in weights-only loading
+torch.serialization.add_safe_globals([ModelConfig, TimestepSampling])
+
+
 @dataclass
 class NoisyState:
     """The current noisy latents of a batch's generation targets, given by a sampler (not the seeded draw).

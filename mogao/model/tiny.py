@@ -105,6 +105,9 @@ class TinySpec:
     """Seed of the random weights."""
 
 
+torch.serialization.add_safe_globals([TinySpec])  # travels in checkpoints' hyper-parameters
+
+
 def _build_atomically(target: Path, build) -> None:
     """Build into a temporary sibling directory and rename it into place (safe if interrupted or raced)."""
     if target.is_dir():

@@ -240,6 +240,9 @@ def _check_records(path: Path) -> None:
 
 
 def _load(path: Path, mmap: bool = False) -> Any:
+    import mogao.model.mogao  # noqa: F401 - registers the config classes checkpoints hold as safe globals
+    import mogao.model.tiny  # noqa: F401
+
     try:
         return torch.load(path, map_location="cpu", mmap=mmap)
     except MemoryError:

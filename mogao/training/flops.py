@@ -14,9 +14,10 @@ What is counted (one forward + backward of `MogaoModel` on a `PackedBatch`):
   these are model FLOPs, the convention MFU is defined with.
 - The vision side: the ViT's forward FLOPs (times 3 when any ViT parameter trains), the connector (2 per
   parameter per ViT token, times 3 when the ViT or the connector trains), and the frozen autoencoder's
-  encoder (forward only). ViT and autoencoder FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode`
-  running a hook-free copy of the actual module on the meta device (no memory, no compute, no collectives),
-  once per image size; the result is cached per module and size.
+  encoder (forward only; its decoder never runs in training). ViT and autoencoder FLOPs are counted by
+  `torch.utils.flop_counter.FlopCounterMode` running a hook-free copy of the actual module on the meta device
+  (no memory, no compute, no collectives), once per image size; the result is cached per module and size.
+  Modules sharded by FSDP cannot be copied: they are rebuilt from their config on the meta device instead.
 - The latent projections (in: every VAE token, out: every noisy token) and the timestep embedding/AdaLN
   MLPs (one row per distinct timestep, not per token), at 6 per parameter per row.
 """
@@ -164,9 +165,27 @@ def _any_trainable(*modules: nn.Module) -> bool:
 # ---- vision encoders on the meta device -------------------------------------------------------------
 
 
+def _rebuild_on_meta(module: nn.Module) -> nn.Module:
+    """A fresh `module` of the same architecture on the meta device, rebuilt from its config: for modules that
+    cannot be deep-copied (layers sharded by FSDP2 refuse it)."""
+    from mogao.model.autoencoder import DiffusersVAE
+    from mogao.model.vision import VisionEncoder
+
+    with torch.device("meta"):
+        if isinstance(module, VisionEncoder):
+            return VisionEncoder.from_config(module.config, feature_layer=module.feature_layer)
+        if isinstance(module, DiffusersVAE):
+            return DiffusersVAE.from_config(dict(module.config))
+    raise TypeError(f"no config to rebuild a {type(module).__name__} from")
+
+
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose parameters and buffers live on the meta device and which has no hooks (so a
-    data-parallel or sharding wrapper's hooks never fire from a FLOP count)."""
+    data-parallel or sharding wrapper's hooks never fire from a FLOP count). Sharded modules are rebuilt
+    from their config instead."""
+    if any(hasattr(m, "_get_fsdp_state") or type(m).__name__.startswith("FullyShardedDataParallel")
+           for m in module.modules()):
+        return _rebuild_on_meta(module)
     memo: dict[int, object] = {}
     for t in (*module.parameters(), *module.buffers()):
         meta = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")

@@ -1,10 +1,37 @@
-"""Distributed strategy presets for Mogao models, usable by class path from recipes and `--trainer.strategy`."""
+"""Distributed strategy presets for Mogao models, usable by class path from recipes and `--trainer.strategy`.
+
+    MoTFSDP2Strategy   FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's `ModelParallelStrategy`:
+                       the default. Runs on CUDA (NCCL) and on CPU (gloo; what the tests use).
+    MoTFSDPStrategy    FSDP1 (`FullyShardedDataParallel`) through Lightning's `FSDPStrategy`: CUDA only.
+
+Both shard one unit per MoT decoder layer (both experts of a layer together, so one all-gather serves every
+token of the layer) and one per SigLIP encoder layer, and can checkpoint activations per such layer.
+
+Why FSDP2 is the default: it shards each parameter on its own (DTensor), so frozen and trainable parameters
+(a frozen generation expert, the frozen VAE, LoRA adapters next to frozen bases) may share a unit, frozen ones
+get no gradient and no optimizer state, and `requires_grad` may change between steps (curriculum unfreezing):
+FSDP2 re-reads it at every all-gather. FSDP1 needs `use_orig_params=True` for all of this (set here); in this
+torch release it refuses CPU devices, so it cannot be exercised without a GPU.
+
+Meta-device initialisation (`broadcast_from_rank0=True`): `MogaoModule` builds its model in `__init__`; at
+`configure_model` every rank but the first drops its copy to the meta device before sharding, and the first
+rank's weights are then scattered shard by shard (`set_model_state_dict(..., broadcast_from_rank0=True)`).
+So after setup no rank holds more than its shards. See docs/distributed.md for the memory this does and does
+not save.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from mogao.errors import ConfigError
+
+ARCHITECTURE_KEY = "mogao_architecture"  # in a checkpoint: what `mogao checkpoint consolidate` rebuilds
 
 
 def _layer_classes() -> set[type]:
@@ -15,18 +42,187 @@ def _layer_classes() -> set[type]:
     return {MoTDecoderLayer, SiglipEncoderLayer}
 
 
-class MoTFSDPStrategy(FSDPStrategy):
-    """FSDP with one wrapping unit per MoT decoder layer (both experts of a layer together) and per ViT layer,
-    and activation checkpointing of the same units when `activation_checkpointing` is true.
+def _dtype(name: str | None, what: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"strategy.{what}: '{name}' is not a floating-point torch dtype (e.g. 'bfloat16', "
+                          "'float32')")
+    return value
 
+
+def checkpoint_layer(layer: nn.Module) -> None:
+    """Recompute `layer`'s activations in the backward pass (non-reentrant `torch.utils.checkpoint`).
+
+    The instance's forward is replaced instead of wrapping the module, so parameter names - and with them
+    checkpoints and exported weights - stay those of the unwrapped model."""
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(layer, "_mogao_checkpointed", False):
+        return
+    forward = layer.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
+    layer._mogao_checkpointed = True
+
+
+def model_architecture(model: nn.Module) -> dict[str, Any]:
+    """What `MogaoModel.from_configs` needs to rebuild `model` (the content of a saved `mogao_config.json`)."""
+    from dataclasses import asdict
+
+    from mogao.model.autoencoder import PixelAutoencoder
+
+    ae = model.autoencoder
+    return {"model": asdict(model.cfg), "llm_config": model.backbone.config.to_dict(),
+            "vit_config": model.vit.config.to_dict(),
+            "autoencoder_config": None if isinstance(ae, PixelAutoencoder) else dict(ae.config)}
+
+
+class MoTFSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all ranks (pure data parallel, no tensor parallelism), one unit per MoT decoder layer and per
+    ViT layer, then the rest of the model as the root unit.
+
+    Args:
+        activation_checkpointing: recompute each decoder / ViT layer's activations in the backward pass.
+        param_dtype: dtype parameters are all-gathered and computed in (e.g. "bfloat16"); the sharded master
+            weights and the optimizer state stay in the dtype the model was built in (fp32). None: no cast.
+        reduce_dtype: dtype gradients are reduce-scattered in (default "float32": exact reductions with bf16
+            compute). None: the compute dtype.
+        reshard_after_forward: free the gathered parameters after each unit's forward (ZeRO-3; False keeps
+            them until the backward: ZeRO-2-like, more memory, fewer all-gathers).
+        broadcast_from_rank0: only the first rank's weights are used; the others drop theirs to the meta
+            device before sharding and receive their shards from it (see the module doc).
+        save_distributed_checkpoint: checkpoints are directories with one shard file per rank (resumable with
+            any number of ranks; `mogao checkpoint consolidate` turns one into a saved model). False: one
+            full checkpoint file gathered on the first rank.
+        process_group_backend: "nccl" / "gloo" (default: by device).
+
+    The LightningModule must call `parallelize(self)` from its `configure_model` hook (`MogaoModule` does).
+    """
+
+    def __init__(self, activation_checkpointing: bool = True, param_dtype: str | None = None,
+                 reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
+                 broadcast_from_rank0: bool = False, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+        self.param_dtype = _dtype(param_dtype, "param_dtype")
+        self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+        self.reshard_after_forward = reshard_after_forward
+        self.broadcast_from_rank0 = broadcast_from_rank0
+
+    def setup_environment(self) -> None:
+        # all ranks form one data-parallel dimension (ModelParallelStrategy's "auto" means one per node)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    # ---- sharding -----------------------------------------------------------------------------------
+    def parallelize(self, module: Any) -> None:
+        """Shard `module.model` (a `MogaoModel`) in place; called from the module's `configure_model`."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model: nn.Module = module.model
+        if any(hasattr(m, "_get_fsdp_state") for m in model.modules()):
+            return  # already sharded (configure_model runs again for a later fit/validate)
+        mesh = self.device_mesh["data_parallel"]
+        full_state, buffers = None, {}
+        if self.broadcast_from_rank0:
+            full_state = model.state_dict() if self.global_rank == 0 else None
+            if self.global_rank != 0:
+                buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+                _parameters_to_meta(model)
+        mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        layers = _layer_classes()
+        for sub in list(model.modules()):
+            if isinstance(sub, tuple(layers)):
+                if self.activation_checkpointing:
+                    checkpoint_layer(sub)
+                fully_shard(sub, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+        if self.broadcast_from_rank0:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            if self.global_rank != 0:
+                model.to_empty(device=self.root_device)
+                with torch.no_grad():  # buffers are built from the config alike on every rank
+                    for name, b in model.named_buffers():
+                        b.copy_(buffers[name])
+            else:
+                model.to(self.root_device)
+            set_model_state_dict(model, full_state or {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        model = getattr(self.lightning_module, "model", None)
+        if model is not None and hasattr(model, "cfg"):
+            checkpoint[ARCHITECTURE_KEY] = model_architecture(model)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # the optimizer must have the saved param groups before its state is loaded into it: parts unfrozen
+        # by a curriculum before the save get their groups now (the module re-applies the rest on load)
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        meta = path / "meta.pt" if path.is_dir() else None
+        if meta is not None and meta.is_file() and hasattr(module, "set_train_parts"):
+            saved = torch.load(meta, map_location="cpu", weights_only=False).get("mogao")
+            if saved:
+                module.set_train_parts(list(saved["optimizer_parts"]))
+        # the metadata holds the run's hyper-parameters (dataclasses), as AtomicCheckpointIO's files do
+        return super().load_checkpoint(checkpoint_path, weights_only=bool(weights_only))
+
+
+def _parameters_to_meta(model: nn.Module) -> None:
+    """Replace every parameter by an empty one on the meta device (same shape, dtype and requires_grad),
+    freeing its memory; buffers stay (they are small, and some are not in the state dict). Tied parameters
+    (embeddings and LM head) stay tied."""
+    done: dict[int, nn.Parameter] = {}
+    for sub in model.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                sub._parameters[name] = done[id(p)]
+
+
+class MoTFSDPStrategy(FSDPStrategy):
+    """FSDP1 with one wrapping unit per MoT decoder layer (both experts of a layer together) and per ViT layer,
+    and activation checkpointing of the same units when `activation_checkpointing` is true. CUDA only.
+
+    `use_orig_params=True` is fixed: without it FSDP1 flattens a unit's parameters into one tensor that must
+    be all trainable or all frozen, which frozen experts, the frozen VAE and curriculum unfreezing break.
     Other arguments go to `lightning.pytorch.strategies.FSDPStrategy` (sharding_strategy, state_dict_type,
-    cpu_offload, mixed_precision, ...).
+    cpu_offload, mixed_precision, ...). Prefer `MoTFSDP2Strategy`.
     """
 
     def __init__(self, activation_checkpointing: bool = True, sharding_strategy: str = "FULL_SHARD",
                  state_dict_type: str = "sharded", limit_all_gathers: bool = True, **kwargs: Any) -> None:
+        if kwargs.pop("use_orig_params", True) is not True:
+            raise ConfigError("MoTFSDPStrategy: use_orig_params must stay true (frozen parts and unfreezing "
+                              "need it)")
         layers = _layer_classes()
         super().__init__(auto_wrap_policy=layers,
                          activation_checkpointing_policy=layers if activation_checkpointing else None,
                          sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
                          limit_all_gathers=limit_all_gathers, use_orig_params=True, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type != "cuda":
+            raise ConfigError("MoTFSDPStrategy (FSDP1) needs CUDA devices in this torch release; on CPU use "
+                              "mogao.training.strategies.MoTFSDP2Strategy (gloo)")
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        model = getattr(self.lightning_module, "model", None)
+        if model is not None and hasattr(model, "cfg"):
+            checkpoint[ARCHITECTURE_KEY] = model_architecture(model)
+        super().save_checkpoint(checkpoint, filepath, storage_options)

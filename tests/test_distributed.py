@@ -1,0 +1,176 @@
+"""Sharded training on CPU: FSDP2 (`MoTFSDP2Strategy`, gloo, 2 processes launched as torchrun would) against
+one process on the same global batches; sharded checkpoints resumed with 2 and with 1 rank; the consolidated
+export; frozen parts without gradients or optimizer state; curriculum unfreezing under sharding.
+
+One module-scoped fixture runs every process once (tests/dist_child.py); the tests read what they wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = ROOT / "tests" / "dist_child.py"
+STEPS, SAVE_AT, UNFREEZE_AT = 4, 2, 2
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(spec: dict, nproc: int) -> list[subprocess.Popen]:
+    """Start `nproc` processes of the child on `spec` (env as torchrun sets it for nproc > 1)."""
+    path = Path(spec["out"] + ".json")
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    procs = []
+    for rank in range(nproc):
+        extra = {} if nproc == 1 else {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                       "WORLD_SIZE": str(nproc), "NODE_RANK": "0", "LOCAL_RANK": str(rank)}
+        log = open(spec["out"] + f".rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT, env={**env, **extra},
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], out: str) -> None:
+    for rank, p in enumerate(procs):
+        try:
+            code = p.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            code = "timeout"
+        if code != 0:
+            log = Path(out + f".rank{rank}.log").read_text()[-4000:]
+            raise AssertionError(f"{out} rank {rank} exited with {code}:\n{log}")
+
+
+def _losses(out: Path, world: int) -> dict[int, float]:
+    """The global loss per step: the mean over ranks of each rank's loss (each is its weighted sum over the
+    global weight mean, so their mean is the loss of the whole global batch)."""
+    per_rank = [json.loads((out / f"losses.rank{r}.json").read_text()) for r in range(world)]
+    return {int(k): sum(d[k] for d in per_rank) / world for k in per_rank[0]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    base = {"tokenizer": str(tiny_parts["root"] / "tokenizer"), "llm": tiny_parts["llm"],
+            "vit": tiny_parts["vit"], "vae": tiny_parts["vae"], "steps": STEPS, "save_at": SAVE_AT,
+            "unfreeze_at": UNFREEZE_AT, "resume": None}
+    out = {k: str(root / k) for k in ("single", "fsdp2", "resume2", "resume1")}
+    first = [(_launch({**base, "out": out["single"], "strategy": "single", "devices": 1}, 1), out["single"]),
+             (_launch({**base, "out": out["fsdp2"], "strategy": "fsdp2", "devices": 2,
+                       "broadcast_from_rank0": True}, 2), out["fsdp2"])]
+    for procs, o in first:
+        _wait(procs, o)
+    ckpt = str(root / "fsdp2" / f"step{SAVE_AT}.ckpt")
+    second = [(_launch({**base, "out": out["resume2"], "strategy": "fsdp2", "devices": 2, "resume": ckpt}, 2),
+               out["resume2"]),
+              (_launch({**base, "out": out["resume1"], "strategy": "fsdp2", "devices": 1, "resume": ckpt}, 1),
+               out["resume1"])]
+    for procs, o in second:
+        _wait(procs, o)
+    return {k: Path(v) for k, v in out.items()}
+
+
+def test_fsdp2_matches_single_process(runs):
+    single, sharded = _losses(runs["single"], 1), _losses(runs["fsdp2"], 2)
+    assert sorted(single) == list(range(1, STEPS + 1))
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], abs=1e-5), step
+    assert single[STEPS] < single[1]  # it trains
+
+
+@pytest.mark.parametrize("world", [2, 1])
+def test_sharded_checkpoint_resumes(runs, world):
+    full = _losses(runs["fsdp2"], 2)
+    resumed = _losses(runs[f"resume{world}"], world)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], abs=1e-5), step
+    ckpt = runs["fsdp2"] / f"step{SAVE_AT}.ckpt"
+    assert (ckpt / "meta.pt").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+
+
+def test_frozen_parts_cost_no_gradient_or_optimizer_memory(runs):
+    single = json.loads((runs["single"] / "memory.rank0.step1.json").read_text())
+    for rank in range(2):
+        r = json.loads((runs["fsdp2"] / f"memory.rank{rank}.step1.json").read_text())
+        assert r["frozen_params"] > 0 and r["vae_params"] > 0
+        assert r["frozen_with_grad"] == r["frozen_with_state"] == r["frozen_in_optimizer"] == 0
+        assert r["trainable_with_grad"] == r["trainable_with_state"] == r["trainable_params"]
+        # Adam keeps two moments per trainable element, gradients one: of the local shard only
+        assert r["state_numel"] == 2 * r["trainable_numel"] and r["grad_numel"] == r["trainable_numel"]
+        assert r["trainable_numel"] * 2 == single["trainable_numel"]
+
+
+def test_unfreezing_under_sharding_adds_optimizer_state(runs):
+    before = json.loads((runs["fsdp2"] / "memory.rank0.step1.json").read_text())
+    after = json.loads((runs["fsdp2"] / f"memory.rank0.step{STEPS}.json").read_text())
+    assert after["trainable_params"] > before["trainable_params"]  # the generation expert now trains
+    assert after["trainable_with_state"] == after["trainable_params"]
+    assert after["frozen_with_grad"] == after["frozen_with_state"] == 0
+    resumed = json.loads((runs["resume1"] / f"memory.rank0.step{STEPS}.json").read_text())
+    assert resumed["trainable_params"] == after["trainable_params"]
+
+
+def test_consolidated_export_matches_trained_model(runs, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mogao.data import collate_plans
+    from mogao.data.shapes_mini import interleaved_samples
+    from mogao.model.mogao import MogaoModel
+    from mogao.training.consolidate import main
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dist_child import GLOBAL, make_plans
+
+    out = tmp_path / "export"
+    assert main(["consolidate", str(runs["fsdp2"] / "final.ckpt"), "--out", str(out)]) == 0
+    assert {"model.safetensors", "mogao_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = MogaoModel.from_pretrained(out).train()
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = collate_plans(make_plans(tok, interleaved_samples(GLOBAL * STEPS, seed=5, max_targets=2), [0, 1, 2],
+                                     model.vae_patch), 4096)
+    with torch.no_grad():
+        got = model(batch, return_logits=True)
+    want = torch.load(runs["fsdp2"] / "outputs.pt", weights_only=False)
+    torch.testing.assert_close(got.text_logits, want["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.terms.image_sum, want["image_sum"], rtol=0, atol=1e-5)
+    assert want["tflops_logged"] and want["tflops_logged"] > 0  # throughput logged FLOPs under FSDP2
+
+
+def test_consolidate_errors_are_clear(tmp_path, capsys):
+    from mogao.training.consolidate import main
+
+    assert main(["consolidate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["consolidate", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
+    assert "no usable *.ckpt" in capsys.readouterr().err
+
+
+def test_strategy_options_are_checked():
+    from mogao.errors import ConfigError
+    from mogao.training.strategies import MoTFSDP2Strategy, MoTFSDPStrategy
+
+    with pytest.raises(ConfigError, match="param_dtype"):
+        MoTFSDP2Strategy(param_dtype="bf17")
+    with pytest.raises(ConfigError, match="use_orig_params"):
+        MoTFSDPStrategy(use_orig_params=False)
+    s = MoTFSDP2Strategy(param_dtype="bfloat16")
+    assert s.param_dtype is torch.bfloat16 and s.reduce_dtype is torch.float32
