@@ -1,0 +1,98 @@
+"""The one place where evaluation asks a model to generate: every suite goes through these functions.
+
+They call the reference samplers of `mogao.inference.simple` (`sample_images` with classifier-free guidance,
+greedy `generate_text`); a faster generation loop replaces them here without touching the suites or judges.
+
+A context is a list of segments in the sample format (`{"text": ..., "loss": False}` for a prompt,
+`{"image": PIL.Image}` for a condition image), as `mogao.inference.simple` takes them.
+
+`Generator` is what the suites call: `ModelGenerator` wraps a model and its tokenizer; anything with the same
+two methods (for example a stub that returns reference images) runs through exactly the same suite code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from PIL import Image
+
+Context = list[dict[str, Any]]
+
+
+def prompt(text: str) -> dict[str, Any]:
+    """A prompt segment (no loss, as in the data's prompts)."""
+    return {"text": text, "loss": False}
+
+
+def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, seed: int = 0, steps: int = 20,
+                    cfg: float = 3.0, image_size: int = 32) -> list[Image.Image]:
+    """One image per context; image i starts from the noise of `seed + i`."""
+    from mogao.inference.simple import sample_images
+
+    return sample_images(model, tokenizer, contexts, image_size=image_size, steps=steps, cfg_scale=cfg, seed=seed)
+
+
+def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8) -> list[str]:
+    """Greedy text continuation of each context."""
+    from mogao.inference.simple import generate_text
+
+    return generate_text(model, tokenizer, contexts, max_new_tokens=max_new_tokens)
+
+
+def t2i(model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
+        image_size: int = 32) -> list[Image.Image]:
+    """Text-to-image: one image per prompt."""
+    return generate_images(model, tokenizer, [[prompt(p)] for p in prompts], seed=seed, steps=steps, cfg=cfg,
+                           image_size=image_size)
+
+
+def answers(model: Any, tokenizer: Any, images: Sequence[Image.Image], questions: Sequence[str], *,
+            max_new_tokens: int = 8) -> list[str]:
+    """The answer to each (image, question)."""
+    contexts = [[{"image": img}, prompt(q)] for img, q in zip(images, questions, strict=True)]
+    return generate_texts(model, tokenizer, contexts, max_new_tokens=max_new_tokens)
+
+
+def answer(model: Any, tokenizer: Any, image: Image.Image, question: str, *, max_new_tokens: int = 8) -> str:
+    """The answer to one question about one image."""
+    return answers(model, tokenizer, [image], [question], max_new_tokens=max_new_tokens)[0]
+
+
+def edit(model: Any, tokenizer: Any, image: Image.Image, instruction: str, *, seed: int = 0, steps: int = 20,
+         cfg: float = 2.0, image_size: int = 32, history: Sequence[dict[str, Any]] = ()) -> Image.Image:
+    """The image after `instruction`; `history` is what came before `image` (earlier turns of a story)."""
+    context = [*history, {"image": image}, prompt(instruction)]
+    return generate_images(model, tokenizer, [context], seed=seed, steps=steps, cfg=cfg, image_size=image_size)[0]
+
+
+class Generator(Protocol):
+    """What a suite asks of a model: images and texts for batches of contexts."""
+
+    def images(self, contexts: Sequence[Context], *, seed: int, cfg: float) -> list[Image.Image]:
+        """One image per context; image i from the noise of `seed + i`."""
+        ...
+
+    def texts(self, contexts: Sequence[Context]) -> list[str]:
+        """One answer per context."""
+        ...
+
+
+@dataclass
+class ModelGenerator:
+    """A `Generator` backed by a model: `steps` Euler steps, images of `image_size` pixels, answers of at most
+    `max_new_tokens` tokens."""
+
+    model: Any
+    tokenizer: Any
+    steps: int = 20
+    image_size: int = 32
+    max_new_tokens: int = 8
+
+    def images(self, contexts: Sequence[Context], *, seed: int, cfg: float) -> list[Image.Image]:
+        return generate_images(self.model, self.tokenizer, contexts, seed=seed, steps=self.steps, cfg=cfg,
+                               image_size=self.image_size)
+
+    def texts(self, contexts: Sequence[Context]) -> list[str]:
+        return generate_texts(self.model, self.tokenizer, contexts, max_new_tokens=self.max_new_tokens)

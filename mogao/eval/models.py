@@ -1,0 +1,80 @@
+"""Loading what an evaluation runs on: a saved model directory with its tokenizer, or an untrained tiny model
+built from a tiny recipe's parts (the baseline a trained model should beat)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mogao.errors import ConfigError
+
+UNTRAINED_RECIPE = "tiny/t2i"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    if not d.is_dir() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
+                          "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(d)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
+        raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
+                          "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
+
+
+def load_checkpoint(directory: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` (the tokenizer from
+    the same directory unless `tokenizer` names another)."""
+    from mogao.model.mogao import MogaoModel
+
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
+                          "save_pretrained, e.g. runs/tiny/curriculum/2-t2i/model)")
+    model = MogaoModel.from_pretrained(d).eval()
+    return model, load_tokenizer(tokenizer if tokenizer is not None else d)
+
+
+def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | None = None,
+                    seed: int = 0) -> tuple[Any, Any]:
+    """(random model, tokenizer) built like the recipe's model before any training: the recipe's parts (its
+    `model.init_args.model`), created from its `tiny` spec when missing, and the new layers seeded with `seed`.
+
+    The tokenizer (the recipe's `model.init_args.tokenizer`, or `tokenizer`) must exist: it is the same one a
+    trained model of the recipe uses, so an untrained and a trained model read the same prompts.
+    """
+    import torch
+    import yaml
+
+    from mogao.cli import resolve_recipe
+    from mogao.diffusion.flow import TimestepSampling
+    from mogao.model.mogao import ModelConfig, MogaoModel
+    from mogao.model.tiny import TinySpec, ensure_tiny_parts
+
+    path = resolve_recipe(recipe)
+    try:
+        init = yaml.safe_load(path.read_text())["model"]["init_args"]
+        model_cfg = dict(init["model"])
+        tok_dir = Path(tokenizer if tokenizer is not None else init["tokenizer"])
+    except (KeyError, TypeError, yaml.YAMLError) as e:
+        raise ConfigError(f"'{path}' has no model.init_args.model / model.init_args.tokenizer to build an "
+                          f"untrained model from ({type(e).__name__}: {e})") from e
+    if not tok_dir.is_dir():
+        raise ConfigError(f"no tokenizer at '{tok_dir}' for the untrained model; build the tiny parts first (any "
+                          f"tiny recipe does: `mogao fit --config recipes/{recipe}.yaml`, or `mogao demo`) or pass "
+                          "--tokenizer DIR")
+    tok = load_tokenizer(tok_dir)
+    if init.get("tiny") is not None:
+        ensure_tiny_parts(TinySpec(**init["tiny"]), tokenizer=tok_dir, llm=model_cfg["llm"], vit=model_cfg["vit"])
+    if isinstance(model_cfg.get("timestep_sampling"), dict):
+        model_cfg["timestep_sampling"] = TimestepSampling(**model_cfg["timestep_sampling"])
+    model_cfg["vocab_size"] = len(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MogaoModel.from_parts(ModelConfig(**model_cfg))
+    return model.eval(), tok
