@@ -35,6 +35,7 @@ from torchmetrics import SumMetric
 from mogao.data import PackedBatch
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.errors import ConfigError, NumericalError
+from mogao.lora.spec import LoraSpec
 from mogao.model.mogao import ModelConfig, MogaoModel, resolve_checkpoint
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.training.objectives import combine_losses
@@ -75,6 +76,9 @@ class MogaoModule(pl.LightningModule):
             goes on) or "stop" (the run stops with a NumericalError at once).
         max_nonfinite_consecutive: with "skip", stop with a NumericalError after this many faulty steps in a
             row.
+        lora: fine-tune with LoRA / QLoRA adapters (`mogao.lora.LoraSpec`) instead of full weights: only the
+            adapters and `lora.full` train (`train` must then be left unset), and the end of fit saves the
+            adapter alone to `<log_dir>/adapter` (weights, spec and the base model's identity).
     """
 
     default_train: tuple[str, ...] = ("und", "gen", "connector")
@@ -98,6 +102,7 @@ class MogaoModule(pl.LightningModule):
         save_dir: str | None = None,
         nonfinite: NonFinite = "skip",
         max_nonfinite_consecutive: int = 5,
+        lora: LoraSpec | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("skip", "stop"):
@@ -120,6 +125,15 @@ class MogaoModule(pl.LightningModule):
         self.model = self._build_model(model, init_from).train()  # checkpoints load in eval mode
         self.train_parts = check_parts(train if train is not None else self.default_train, "model.train")
         self.trainable_counts = set_trainable(self.model, self.train_parts)
+        self.lora = lora
+        if lora is not None:
+            if train is not None:
+                raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "
+                                  "list parts to train in full alongside them in model.lora.full")
+            from mogao.lora import apply_lora
+
+            self.trainable_counts = apply_lora(self.model, lora, base_path=init_from or getattr(model, "llm", None))
+            self.train_parts = ["lora", *lora.full]  # fixed for the run: what trains is the spec's
         self.optimizer_parts = list(self.train_parts)
         self.lambda_text = self.default_lambda_text if lambda_text is None else float(lambda_text)
         self.lambda_image = self.default_lambda_image if lambda_image is None else float(lambda_image)
@@ -158,6 +172,11 @@ class MogaoModule(pl.LightningModule):
     # ---- what trains ----------------------------------------------------------------------------------
     def set_train_parts(self, parts: list[str]) -> None:
         """Change what trains (e.g. unfreezing by a schedule); the optimizer gains groups for new parts."""
+        if self.lora is not None:
+            if list(parts) != self.train_parts:
+                raise ConfigError(f"cannot train {list(parts)} in a LoRA run: the adapters and model.lora.full "
+                                  f"({self.train_parts}) train; drop 'train' from the schedule's milestones")
+            return
         parts = check_parts(parts, "train")
         self.trainable_counts = set_trainable(self.model, parts)
         self.train_parts = parts
@@ -173,6 +192,10 @@ class MogaoModule(pl.LightningModule):
 
     def _param_groups(self, parts: list[str]) -> list[dict[str, Any]]:
         """Two groups per part (weight decay / none), in `parts` order; empty groups are left out."""
+        if self.lora is not None:  # the adapters and the spec's full parts: one pair of groups
+            from mogao.lora import lora_param_groups
+
+            return lora_param_groups(self.model, self.decay_all)
         by_part = part_parameters(self.model)
         groups = []
         for part in parts:
@@ -181,6 +204,13 @@ class MogaoModule(pl.LightningModule):
                 (decay if self.decay_all or (p.dim() >= 2 and "embed" not in name) else no_decay).append(p)
             groups += [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         return groups
+
+    def configure_model(self) -> None:
+        """Sharding hook: a strategy with a `parallelize(module)` method (`MoTFSDP2Strategy`) shards the model
+        here, before the optimizer is built; other strategies wrap the model themselves."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer is not None else None
+        if callable(parallelize):
+            parallelize(self)
 
     def configure_optimizers(self) -> Any:
         groups = self._param_groups(self.optimizer_parts)
@@ -216,7 +246,15 @@ class MogaoModule(pl.LightningModule):
         return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor | None:
-        out = self.model(batch)
+        if self.lora is not None and self.lora.dropout > 0:  # adapter dropout drawn from the step: resumable
+            from mogao.data import stable_seed
+
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(stable_seed("lora-dropout", self.trainer.global_step, *batch.sample_ids))
+                out = self.model(batch)
+        else:
+            out = self.model(batch)
         total = combine_losses(out.terms, self.lambda_text, self.lambda_image, group=self._group())
         source = (batch.data_state or {}).get("source", "")
         self._batch_info = {"sample_ids": list(batch.sample_ids), "source": source}
@@ -426,7 +464,13 @@ class MogaoModule(pl.LightningModule):
         if self.nonfinite_steps:
             log.warning("%d training step(s) had non-finite values and made no update; see "
                         "numerical_faults.json", self.nonfinite_steps)
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
+        if self.trainer.is_global_zero and not self.trainer.interrupted and self.lora is not None:
+            from mogao.lora import save_adapter
+
+            d = self.output_dir() if self.save_dir is not None else self.output_dir().parent / "adapter"
+            save_adapter(self.model, d)
+            log.info("saved the LoRA adapter to %s", d)
+        elif self.trainer.is_global_zero and not self.trainer.interrupted:
             d = self.output_dir()
             self.model.save_pretrained(d)
             self.tokenizer.save_pretrained(d)

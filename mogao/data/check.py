@@ -1,0 +1,124 @@
+"""Validate a JSONL data set, summarise it, and write a cleaned copy without the bad samples.
+
+    summary = summarise(path, tokenizer=None)   # counts, histograms and every problem (file, line, field)
+    fix(path, out=None)                          # the good lines -> a new file; a report of what was dropped
+
+The original file is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mogao.data.samples import ImageSegment, Sample, TextSegment, _lines, iter_samples
+from mogao.errors import DataError
+
+
+@dataclass
+class Summary:
+    """What `mogao data check` prints: counts over the valid samples and every problem found."""
+
+    path: str
+    samples: int = 0
+    images: int = 0
+    targets: int = 0
+    text_tokens: int | None = None
+    images_per_sample: Counter = field(default_factory=Counter)
+    resolutions: Counter = field(default_factory=Counter)
+    problems: list[DataError] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.samples} samples, {self.images} images ({self.targets} generation targets), "
+               + (f"{len(self.problems)} problem(s)" if self.problems else "no problems")]
+        if self.text_tokens is not None:
+            out.append(f"  text tokens: {self.text_tokens}")
+        if self.images_per_sample:
+            out.append("  images per sample: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.images_per_sample.items())))
+        if self.resolutions:
+            top = self.resolutions.most_common(8)
+            rest = sum(self.resolutions.values()) - sum(v for _, v in top)
+            out.append("  resolutions (WxH): " + ", ".join(f"{k}: {v}" for k, v in top)
+                       + (f", other: {rest}" if rest else ""))
+        return out
+
+
+def _image_size(seg: ImageSegment) -> str:
+    if isinstance(seg.image, Image.Image):
+        w, h = seg.image.size
+    else:
+        with Image.open(seg.image) as img:
+            w, h = img.size
+    return f"{w}x{h}"
+
+
+def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool = True) -> Summary:
+    """Read every line of `path`; count the valid samples' images, targets, (with a tokenizer) text tokens, and
+    histogram images per sample and image resolutions; collect every problem."""
+    s = Summary(str(path))
+    for item in iter_samples(path, check_images=check_images):
+        if isinstance(item, DataError):
+            s.problems.append(item)
+            continue
+        _count(s, item, tokenizer)
+    return s
+
+
+def _count(s: Summary, sample: Sample, tokenizer: Any | None) -> None:
+    s.samples += 1
+    imgs = [g for g in sample.segments if isinstance(g, ImageSegment)]
+    s.images += len(imgs)
+    s.targets += sum(g.generate for g in imgs)
+    s.images_per_sample[len(imgs)] += 1
+    for g in imgs:
+        try:
+            s.resolutions[_image_size(g)] += 1
+        except OSError:  # unchecked images (check_images=False) may be missing
+            s.resolutions["unreadable"] += 1
+    if tokenizer is not None:
+        texts = [g.text for g in sample.segments if isinstance(g, TextSegment)]
+        s.text_tokens = (s.text_tokens or 0) + sum(len(tokenizer(t, add_special_tokens=False)["input_ids"])
+                                                   for t in texts)
+
+
+def _rebase(raw: dict[str, Any], src_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Image paths of a sample relative to `out_dir` instead of `src_dir` (absolute paths are kept)."""
+    segs = []
+    for seg in raw["segments"]:
+        if "image" in seg and not Path(seg["image"]).is_absolute():
+            seg = {**seg, "image": Path(os.path.relpath((src_dir / seg["image"]).resolve(), out_dir.resolve()))
+                   .as_posix()}
+        segs.append(seg)
+    return {**raw, "segments": segs}
+
+
+def fix(path: str | Path, out: str | Path | None = None, check_images: bool = True) -> tuple[Path, Path, int, int]:
+    """Write the valid lines of `path` to `out` (default: `<name>.clean.jsonl` next to it), image paths rebased
+    onto the new folder, and `<out>.dropped.json` listing each dropped line with its id, field and reason.
+
+    Returns (cleaned file, report file, kept, dropped). Refuses to overwrite the original.
+    """
+    path = Path(path)
+    out = Path(out) if out is not None else path.with_name(path.stem + ".clean.jsonl")
+    if out.resolve() == path.resolve():
+        raise DataError("--out is the original file; the cleaned copy must go to another file", file=str(path))
+    raw_lines = dict(enumerate(_lines(path), start=1))
+    kept, dropped = [], []
+    for item in iter_samples(path, check_images=check_images):
+        if isinstance(item, DataError):
+            dropped.append({"line": item.line, "field": item.field, "reason": item.message})
+            continue
+        raw = json.loads(raw_lines[item.line].decode("utf-8-sig" if item.line == 1 else "utf-8"))
+        kept.append(_rebase(raw, path.parent, out.parent) if out.parent.resolve() != path.parent.resolve() else raw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    report = out.with_name(out.name.removesuffix(".jsonl") + ".dropped.json")
+    report.write_text(json.dumps({"source": str(path), "cleaned": str(out), "kept": len(kept),
+                                  "dropped": len(dropped), "problems": dropped}, indent=2))
+    return out, report, len(kept), len(dropped)

@@ -1,0 +1,64 @@
+"""`mogao lora ...`: LoRA adapter tools.
+
+    mogao lora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
+        fold an adapter into its base: a full saved model (MogaoModel.from_pretrained loads it)
+    mogao lora info ADAPTER_DIR
+        print an adapter's spec, size and base model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mogao.errors import ConfigError
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Load `base`, put `adapter` on it, merge and save the full model to `out` (with the base's tokenizer
+    files, when the base directory has them)."""
+    from mogao.lora.adapter import _load_adapter, merge_lora
+    from mogao.model.mogao import MogaoModel
+
+    base, out = Path(base).expanduser(), Path(out).expanduser()
+    if out.resolve() == base.resolve():
+        raise ConfigError(f"--out '{out}' is the base directory; write the merged model somewhere else")
+    model = MogaoModel.from_pretrained(base)
+    merge_lora(_load_adapter(model, adapter, base_name=base)).save_pretrained(out)
+    if (base / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def info(adapter: str | Path) -> dict:
+    from mogao.lora.adapter import read_adapter_config
+
+    meta = read_adapter_config(adapter)
+    return {**meta, "spec": meta["spec"].to_dict()}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="mogao lora", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="verb", required=True)
+    m = sub.add_parser("merge", help="fold an adapter into its base model and save the full model")
+    m.add_argument("--base", required=True, help="directory of the base mogao model the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="adapter directory (<run dir>/adapter)")
+    m.add_argument("--out", required=True, help="directory for the merged model")
+    i = sub.add_parser("info", help="print an adapter's spec and base")
+    i.add_argument("adapter")
+    args = ap.parse_args(argv)
+    try:
+        if args.verb == "merge":
+            out = merge(args.base, args.adapter, args.out)
+            print(f"merged {args.adapter} into {args.base}: {out}")
+        else:
+            print(json.dumps(info(args.adapter), indent=2))
+    except ConfigError as e:
+        print(f"mogao lora: error: {e}", file=sys.stderr)
+        return 1
+    return 0
