@@ -1,10 +1,11 @@
 """The one place where evaluation asks a model to generate: every suite goes through these functions.
 
-They call the reference samplers of `mogao.inference.simple` (`sample_images` with classifier-free guidance,
-greedy `generate_text`); a faster generation loop replaces them here without touching the suites or judges.
+They run the KV-cached generation loop (`mogao.inference.tasks.generate`): images with classifier-free
+guidance against the branch with text and condition images dropped, text greedily. Condition images get as
+many tokens as a generated image of the same size, as in the tiny recipes' training data.
 
 A context is a list of segments in the sample format (`{"text": ..., "loss": False}` for a prompt,
-`{"image": PIL.Image}` for a condition image), as `mogao.inference.simple` takes them.
+`{"image": PIL.Image}` for a condition image); it becomes one user turn of a conversation.
 
 `Generator` is what the suites call: `ModelGenerator` wraps a model and its tokenizer; anything with the same
 two methods (for example a stub that returns reference images) runs through exactly the same suite code.
@@ -28,17 +29,33 @@ def prompt(text: str) -> dict[str, Any]:
 
 def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, seed: int = 0, steps: int = 20,
                     cfg: float = 3.0, image_size: int = 32) -> list[Image.Image]:
-    """One image per context; image i starts from the noise of `seed + i`."""
-    from mogao.inference.simple import sample_images
+    """One image per context; image i starts from the noise of `seed + i`.
 
-    return sample_images(model, tokenizer, contexts, image_size=image_size, steps=steps, cfg_scale=cfg, seed=seed)
+    One guidance scale for text and images alike: with γ_img = γ = cfg the multi-modal CFG formula is plain
+    CFG against the branch with neither text nor condition images.
+    """
+    from mogao.inference.guidance import Guidance
+    from mogao.inference.session import GenerationConfig
+    from mogao.inference.tasks import generate
+
+    config = GenerationConfig(max_images=1, image_size=image_size, steps=steps, shift=1.0, seed=seed)
+    out = generate(model, tokenizer, [_turn(c) for c in contexts], draw=True, config=config,
+                   guidance=Guidance(text_scale=cfg, image_scale=cfg))
+    return [r.images[0] for r in out]
 
 
 def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8) -> list[str]:
-    """Greedy text continuation of each context."""
-    from mogao.inference.simple import generate_text
+    """Greedy text continuation of each context (an answer ends where the model would begin an image)."""
+    from mogao.inference.session import GenerationConfig
+    from mogao.inference.tasks import generate
 
-    return generate_text(model, tokenizer, contexts, max_new_tokens=max_new_tokens)
+    config = GenerationConfig(max_images=0, max_new_tokens=max_new_tokens)
+    return [r.text.strip() for r in generate(model, tokenizer, [_turn(c) for c in contexts], config=config)]
+
+
+def _turn(context: Context) -> list[dict[str, Any]]:
+    """A context's segments as one user turn (text and images; loss flags mean nothing at inference)."""
+    return [{"image": s["image"]} if "image" in s else {"text": s["text"]} for s in context]
 
 
 def t2i(model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
