@@ -108,3 +108,16 @@ def test_validation_batches_are_fixed_and_per_source(builtin_tokenizer):
     assert sorted(i for b in ids for i in b) == sorted(f"t2i-validation-0-{i}" for i in range(6))
     assert ids == [tuple(b.sample_ids) for b in dm.val_dataloader()[0]]
     assert isinstance(loaders[0], DataLoader)
+
+
+def test_data_path_is_one_source_and_val_path_needs_it(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"id": "a", "segments": [{"text": "hello"}]}\n')
+    dm = MogaoDataModule("tok", sources=[Source(name="x", builtin="t2i")], path=str(f), val_path=str(f))
+    assert [(s.name, s.path, s.val_path) for s in dm.sources] == [("mine", str(f), str(f))]
+    with pytest.raises(ConfigError, match="val_path needs data.path"):
+        MogaoDataModule("tok", sources=[Source(name="x", builtin="t2i")], val_path=str(f))
+    with pytest.raises(ConfigError, match="--data.path"):
+        MogaoDataModule("tok")
+    with pytest.raises(ConfigError, match="file not found"):
+        MogaoDataModule("tok", path=str(tmp_path / "missing.jsonl"))

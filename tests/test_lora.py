@@ -179,9 +179,12 @@ def test_lora_recipe_instantiates(name, base, tmp_path, monkeypatch):
     extra = []
     if not name.startswith("tiny-"):  # real scale: the same config on CPU with the test base and data
         extra = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.num_workers=0",
-                 "--data.sources=[{name: mine, path: tests/data/lora/interleaved.jsonl}]"]
+                 "--data.path=tests/data/lora/interleaved.jsonl"]
     cli = build_cli(["--config", f"recipes/lora/{name}.yaml", *lora_args(base, tmp_path), *extra], run=False)
     assert cli.model.lora is not None and cli.model.train_parts[0] == "lora"
+    if extra:  # --data.path: the user's file is the one source
+        assert [(s.name, s.path) for s in cli.datamodule.sources] == [("interleaved",
+                                                                       "tests/data/lora/interleaved.jsonl")]
     trainable = sum(p.numel() for p in cli.model.model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in cli.model.model.parameters()) / 2
 

@@ -188,6 +188,9 @@ class MogaoDataModule(pl.LightningDataModule):
     Args:
         tokenizer: directory of the (fast) tokenizer; the same one the model was built with.
         sources: the named sources of the mixture.
+        path: a user's own JSONL file: shorthand for one source `{name: <file stem>, path: PATH}` that
+            replaces `sources` (so `--data.path=my.jsonl` works on any recipe).
+        val_path: with `path`, the JSONL file of its validation samples.
         data: packing and lowering (token budget, image sizes, condition dropout, seed). The ViT/VAE patch sizes
             are taken from the model when one is attached.
         num_workers: DataLoader worker processes (0 = in the training process).
@@ -197,11 +200,17 @@ class MogaoDataModule(pl.LightningDataModule):
             A worker that dies is detected by the DataLoader within seconds either way.
     """
 
-    def __init__(self, tokenizer: str, sources: list[Source], data: DataConfig | None = None, num_workers: int = 0,
-                 val_budget: int | None = None, worker_timeout: float = 600.0) -> None:
+    def __init__(self, tokenizer: str, sources: list[Source] | None = None, data: DataConfig | None = None,
+                 num_workers: int = 0, val_budget: int | None = None, worker_timeout: float = 600.0,
+                 path: str | None = None, val_path: str | None = None) -> None:
         super().__init__()
+        if path is not None:
+            sources = [Source(name=Path(path).stem or "data", path=path, val_path=val_path)]
+        elif val_path is not None:
+            raise ConfigError("data.val_path needs data.path (or give val_path inside a data.sources entry)")
         if not sources:
-            raise ConfigError("data.sources is empty: give at least one built-in task or JSONL file")
+            raise ConfigError("data.sources is empty: give at least one built-in task or JSONL file "
+                              "(or --data.path=FILE.jsonl)")
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: duplicate names {names}")
