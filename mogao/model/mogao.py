@@ -184,7 +184,14 @@ class MogaoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: object) -> MogaoModel:
+        model = cls.from_configs(*cls.saved_architecture(directory, **overrides))
+        _load_checked(model, Path(directory) / WEIGHTS_NAME)
+        return model
 
+    @staticmethod
+    def saved_architecture(directory: str | Path, **overrides: object) -> tuple[ModelConfig, dict, dict, dict | None]:
+        """(config with `overrides`, LLM, ViT and autoencoder configs) of a saved model: what `from_configs`
+        rebuilds it from (`from_pretrained`, and per-shard loading on the meta device)."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise ConfigError(f"'{d}' is not a saved mogao model: {CONFIG_NAME} missing")
@@ -200,9 +207,7 @@ class MogaoModel(nn.Module):
             parts = (meta["llm_config"], meta["vit_config"], meta["autoencoder_config"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"'{d / CONFIG_NAME}' is not a valid mogao config ({type(e).__name__}: {e})") from e
-        model = cls.from_configs(cfg, *parts)
-        _load_checked(model, d / WEIGHTS_NAME)
-        return model
+        return (cfg, *parts)
 
     # ---- properties the data side links to ---------------------------------------------------
     @property

@@ -79,6 +79,10 @@ class MogaoModule(pl.LightningModule):
         lora: fine-tune with LoRA / QLoRA adapters (`mogao.lora.LoraSpec`) instead of full weights: only the
             adapters and `lora.full` train (`train` must then be left unset), and the end of fit saves the
             adapter alone to `<log_dir>/adapter` (weights, spec and the base model's identity).
+        meta_init: build the model on the meta device here (architecture from the parts' configs, no weights
+            read) and fill it in `configure_model`: under `MoTFSDP2Strategy` after sharding, each rank reading
+            only the rows of its own shards from the safetensors files (`mogao.training.shard_load`); under
+            other strategies the whole model, in each process. Not with `lora`.
     """
 
     default_train: tuple[str, ...] = ("und", "gen", "connector")
@@ -103,8 +107,14 @@ class MogaoModule(pl.LightningModule):
         nonfinite: NonFinite = "skip",
         max_nonfinite_consecutive: int = 5,
         lora: LoraSpec | None = None,
+        meta_init: bool = False,
     ) -> None:
         super().__init__()
+        if meta_init and lora is not None:
+            raise ConfigError("model.meta_init and model.lora are exclusive: LoRA wraps loaded weights; set "
+                              "model.meta_init: false for a LoRA run")
+        self.meta_init = meta_init
+        self.weight_plan = None  # with meta_init: where configure_model reads the weights from
         if nonfinite not in ("skip", "stop"):
             raise ConfigError(f"model.nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
         if max_nonfinite_consecutive < 1:
@@ -159,11 +169,21 @@ class MogaoModule(pl.LightningModule):
                 raise ConfigError(f"model.init_from: directory not found: '{init_from}'")
             runtime = {} if cfg is None else {"attention": cfg.attention, "text_sees_vae": cfg.text_sees_vae,
                                               "timestep_sampling": cfg.timestep_sampling}
-            model = MogaoModel.from_pretrained(Path(init_from).expanduser(), **runtime)
+            if self.meta_init:
+                from mogao.training.shard_load import build_empty
+
+                model, self.weight_plan = build_empty(None, Path(init_from).expanduser(), **runtime)
+            else:
+                model = MogaoModel.from_pretrained(Path(init_from).expanduser(), **runtime)
         else:
             from dataclasses import replace
 
-            model = MogaoModel.from_parts(replace(cfg, vocab_size=len(self.tokenizer)))
+            if self.meta_init:
+                from mogao.training.shard_load import build_empty
+
+                model, self.weight_plan = build_empty(replace(cfg, vocab_size=len(self.tokenizer)))
+            else:
+                model = MogaoModel.from_parts(replace(cfg, vocab_size=len(self.tokenizer)))
         if model.backbone.embed_tokens.num_embeddings < len(self.tokenizer):
             raise ConfigError(f"the model's vocabulary ({model.backbone.embed_tokens.num_embeddings}) is smaller "
                               f"than the tokenizer's ({len(self.tokenizer)}): wrong tokenizer for this model?")
@@ -210,7 +230,11 @@ class MogaoModule(pl.LightningModule):
         here, before the optimizer is built; other strategies wrap the model themselves."""
         parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer is not None else None
         if callable(parallelize):
-            parallelize(self)
+            parallelize(self)  # with meta_init it also fills the shards
+        elif self.weight_plan is not None and any(p.is_meta for p in self.model.parameters()):
+            from mogao.training.shard_load import load_weights
+
+            load_weights(self.model, self.weight_plan, "cpu")  # the strategy moves the model to its device
 
     def configure_optimizers(self) -> Any:
         groups = self._param_groups(self.optimizer_parts)

@@ -46,6 +46,6 @@ def AdamW8bit(params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (
     try:
         import bitsandbytes as bnb
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ConfigError("AdamW8bit needs bitsandbytes: pip install 'mogao[cuda]'") from e
+        raise ConfigError("AdamW8bit needs bitsandbytes: pip install bitsandbytes") from e
     cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

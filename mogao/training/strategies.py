@@ -18,6 +18,11 @@ Meta-device initialisation (`broadcast_from_rank0=True`): `MogaoModule` builds i
 rank's weights are then scattered shard by shard (`set_model_state_dict(..., broadcast_from_rank0=True)`).
 So after setup no rank holds more than its shards. See docs/distributed.md for the memory this does and does
 not save.
+
+Per-shard initialisation (the module's `meta_init: true`): every rank builds the model on the meta device and
+reads no weights in `__init__`; `parallelize` shards it, allocates each rank's shards only and fills them with
+just their rows of the pretrained safetensors files (`mogao.training.shard_load`). No process ever holds the
+whole model. `broadcast_from_rank0` is then not used.
 """
 
 from __future__ import annotations
@@ -97,7 +102,8 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: free the gathered parameters after each unit's forward (ZeRO-3; False keeps
             them until the backward: ZeRO-2-like, more memory, fewer all-gathers).
         broadcast_from_rank0: only the first rank's weights are used; the others drop theirs to the meta
-            device before sharding and receive their shards from it (see the module doc).
+            device before sharding and receive their shards from it (see the module doc). Not used when the
+            module was built with `meta_init: true` (every rank then reads its own shards).
         save_distributed_checkpoint: checkpoints are directories with one shard file per rank (resumable with
             any number of ranks; `mogao checkpoint consolidate` turns one into a saved model). False: one
             full checkpoint file gathered on the first rank.
@@ -134,7 +140,13 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
             return  # already sharded (configure_model runs again for a later fit/validate)
         mesh = self.device_mesh["data_parallel"]
         full_state, buffers = None, {}
-        if self.broadcast_from_rank0:
+        plan = getattr(module, "weight_plan", None)
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and plan is None:
+            raise ConfigError("the model's parameters are on the meta device but the module says nowhere to "
+                              "load them from (build it with model.meta_init: true)")
+        broadcast = self.broadcast_from_rank0 and not on_meta
+        if broadcast:
             full_state = model.state_dict() if self.global_rank == 0 else None
             if self.global_rank != 0:
                 buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -147,7 +159,11 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
                     checkpoint_layer(sub)
                 fully_shard(sub, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
-        if self.broadcast_from_rank0:
+        if on_meta:
+            from mogao.training.shard_load import load_weights
+
+            module.weight_load_report = load_weights(model, plan, self.root_device)
+        elif broadcast:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             if self.global_rank != 0:
