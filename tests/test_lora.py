@@ -228,3 +228,34 @@ def test_qlora_on_cuda_quantizes_the_base_and_trains_adapters(base, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     merged = merge_lora(load_adapter(MogaoModel.from_pretrained(base), tmp_path / "adapter"))
     assert isinstance(merged.backbone.layers[0].gen.self_attn.q_proj, torch.nn.Linear)
+
+
+def test_generate_with_lora_draws_like_the_merged_model_and_refuses_another_base(t2i_run, base, tmp_path, capsys):
+    _, root = t2i_run
+    common = ["--prompt", "A small teal circle on a white background.", "--draw", "--steps", "3", "--seed", "1"]
+    assert main(["generate", "--ckpt", str(base), "--lora", str(root / "adapter"), *common,
+                 "--out", str(tmp_path / "with_lora")]) == 0
+    assert main(["lora", "merge", "--base", str(base), "--adapter", str(root / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert main(["generate", "--ckpt", str(tmp_path / "merged"), *common, "--out", str(tmp_path / "merged_out")]) == 0
+    assert main(["generate", "--ckpt", str(base), *common, "--out", str(tmp_path / "base_out")]) == 0
+    import numpy as np
+    from PIL import Image
+
+    def pixels(d: str) -> np.ndarray:
+        (png,) = sorted((tmp_path / d).glob("*.png"))
+        return np.asarray(Image.open(png), dtype=np.int16)
+
+    assert np.abs(pixels("with_lora") - pixels("merged_out")).max() <= 1  # rounding to 8 bits only
+    assert np.abs(pixels("with_lora") - pixels("base_out")).max() > 1  # the adapter changes the image
+    other = MogaoModel.from_pretrained(base)
+    with torch.no_grad():
+        other.backbone.layers[0].gen.self_attn.v_proj.weight.mul_(1.5)
+    other.save_pretrained(tmp_path / "other")
+    for f in base.glob("tokenizer*"):
+        (tmp_path / "other" / f.name).write_bytes(f.read_bytes())
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(tmp_path / "other"), "--lora", str(root / "adapter"), *common,
+                 "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert str(base) in err and str(tmp_path / "other") in err

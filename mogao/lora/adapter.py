@@ -82,6 +82,7 @@ def base_identity(model: nn.Module, path: str | Path | None = None) -> dict[str,
             _sample_hash(state[n], h)
     weights_sha = h.hexdigest()
     fingerprint = hashlib.sha256((config_sha + weights_sha).encode()).hexdigest()[:16]
+    path = path if path is not None else getattr(model, "source_path", None)
     return {"path": None if path is None else str(path), "fingerprint": fingerprint, "config_sha256": config_sha,
             "weights_sha256": weights_sha}
 

@@ -186,6 +186,7 @@ class MogaoModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, **overrides: object) -> MogaoModel:
         model = cls.from_configs(*cls.saved_architecture(directory, **overrides))
         _load_checked(model, Path(directory) / WEIGHTS_NAME)
+        model.source_path = str(directory)  # where it came from, for messages (e.g. a LoRA adapter's base)
         return model
 
     @staticmethod
