@@ -42,12 +42,15 @@ def _png(img: Image.Image, scale: int = 4) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def prompted_colour_share(img: Image.Image, colour: str) -> float:
-    """Share of the non-background pixels whose nearest palette colour is `colour` (a quick look, not a judge)."""
+def prompted_colour_share(img: Image.Image, colour: str,
+                          colours: dict[str, tuple[int, int, int]] | None = None) -> float:
+    """Share of the non-background pixels whose nearest colour in `colours` (default: the shapes palette) is
+    `colour` (a quick look, not a judge)."""
     from mogao.data.builtin.shapes import COLOURS
 
-    names = list(COLOURS)
-    palette = np.array([COLOURS[n] for n in names], dtype=np.float32)
+    colours = COLOURS if colours is None else colours
+    names = list(colours)
+    palette = np.array([colours[n] for n in names], dtype=np.float32)
     px = np.asarray(img.convert("RGB"), dtype=np.float32).reshape(-1, 3)
     fg = px[np.abs(px - 255).max(axis=1) > 60]
     if len(fg) == 0:

@@ -152,6 +152,11 @@ def test_consolidated_export_matches_trained_model(runs, tmp_path):
     torch.testing.assert_close(got.text_logits, want["logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(got.terms.image_sum, want["image_sum"], rtol=0, atol=1e-5)
     assert want["tflops_logged"] and want["tflops_logged"] > 0  # throughput logged FLOPs under FSDP2
+    from mogao.cli import main as mogao_main
+
+    assert mogao_main(["generate", "--ckpt", str(out), "--prompt", "A red circle.", "--draw", "--steps", "2",
+                       "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "conversation.html").is_file() and list((tmp_path / "gen").glob("*.png"))
 
 
 def test_consolidate_errors_are_clear(tmp_path, capsys):

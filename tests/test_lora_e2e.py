@@ -19,6 +19,7 @@ from mogao.data.builtin.shapes import COLOURS
 from mogao.eval.generation import t2i
 from mogao.lora import load_adapter
 from mogao.model.mogao import MogaoModel
+from mogao.report import prompted_colour_share
 
 PALETTE = {**COLOURS, "teal": (0, 128, 128)}
 CHANCE = 1 / len(PALETTE)
@@ -52,16 +53,8 @@ def base(one_thread, tmp_path_factory):
 
 
 def colour_share(img, colour: str) -> float:
-    """`mogao.report.prompted_colour_share` over `PALETTE` (the shapes palette + teal): the share of the
-    non-background pixels whose nearest palette colour is `colour`."""
-    names = list(PALETTE)
-    palette = np.array([PALETTE[n] for n in names], dtype=np.float32)
-    px = np.asarray(img.convert("RGB"), dtype=np.float32).reshape(-1, 3)
-    fg = px[np.abs(px - 255).max(axis=1) > 60]
-    if len(fg) == 0:
-        return 0.0
-    nearest = np.argmin(((fg[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
-    return float((nearest == names.index(colour)).mean())
+    """`mogao.report.prompted_colour_share` over `PALETTE` (the shapes palette + teal)."""
+    return prompted_colour_share(img, colour, PALETTE)
 
 
 def shares(model: MogaoModel, tok, colour: str) -> dict[str, float]:

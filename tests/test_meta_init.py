@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import _wait as wait_for_ranks
 
 from mogao.model.mogao import ModelConfig, MogaoModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "meta_init_child.py"
-TIMEOUT = 240
 WORLD = 2
 
 
@@ -59,17 +59,9 @@ def runs(tiny_parts, saved, tmp_path_factory) -> Path:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD), "NODE_RANK": "0"}
     procs = [subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT, env={**env, "LOCAL_RANK": str(r)},
-                              stdout=open(out / f"rank{r}.log", "w"), stderr=subprocess.STDOUT)
+                              stdout=open(out / f"run.rank{r}.log", "w"), stderr=subprocess.STDOUT)
              for r in range(WORLD)]
-    for r, p in enumerate(procs):
-        try:
-            code = p.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            code = "timeout"
-        if code != 0:
-            raise AssertionError(f"rank {r} exited with {code}:\n{(out / f'rank{r}.log').read_text()[-4000:]}")
+    wait_for_ranks(procs, str(out / "run"))
     return out
 
 
