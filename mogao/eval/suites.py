@@ -18,7 +18,9 @@ Suites (prompts always from the `validation` split, so held-out colour-shape pai
 - vqa: `n` questions about validation images; exact-match accuracy per question kind; overall = all questions.
 - interleaved: `n` multi-turn stories ("Draw ..." then "Now ..."), each turn generated from the model's own
   earlier images. first_image: turn 1 shows exactly its caption's scene; changed / kept / correct: the later
-  turns, judged by `edit_judge`; overall = mean of the four.
+  turns, judged by `edit_judge`. A free-running story fails from the first wrong image on, so the edits are
+  also judged teacher-forced: edit_changed / edit_kept / edit_correct are turn k generated from the reference
+  images of turns < k (editing skill apart from drawing skill). overall = mean of the seven.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from mogao.data.builtin import make_builtin
 from mogao.data.builtin.digits import draw_prompt, load_digit_images, render_digit, split_indices
-from mogao.data.builtin.shapes import Scene
+from mogao.data.builtin.shapes import Scene, render
 from mogao.errors import ConfigError
 from mogao.eval import digits_judge, edit_judge, shapes_judge, text_judge
 from mogao.eval.generation import Context, Generator, ModelGenerator, prompt
@@ -220,21 +222,29 @@ def story_items(n: int, seed: int) -> list[dict[str, Any]]:
              "held_out": m["held_out"]} for m in data.meta]
 
 
-def _interleaved(gen: Generator, n: int, seed: int, cfg: float, batch_size: int, progress: Progress | None) -> dict:
+def _story_context(texts: Sequence[str], images: Sequence[Any], k: int) -> Context:
+    """Turns < k (instruction, image) followed by instruction k."""
+    ctx: Context = []
+    for text, img in zip(texts[:k], images[:k]):
+        ctx += [prompt(text), {"image": img}]
+    return [*ctx, prompt(texts[k])]
+
+
+def _interleaved(gen: Generator, n: int, seed: int, cfg: float, batch_size: int, progress: Progress | None,
+                 image_size: int) -> dict:
     stories = story_items(n, seed)
     turns = max(len(s["texts"]) for s in stories)
-    batches = _Batches(gen, batch_size, sum(len(s["texts"]) for s in stories), progress)
+    edits = [(i, k) for i, s in enumerate(stories) for k in range(1, len(s["texts"]))]
+    batches = _Batches(gen, batch_size, sum(len(s["texts"]) for s in stories) + len(edits), progress)
     drawn: list[list] = [[] for _ in stories]
     for k in range(turns):
         active = [i for i, s in enumerate(stories) if len(s["texts"]) > k]
-        contexts = []
-        for i in active:
-            ctx: Context = []
-            for text, img in zip(stories[i]["texts"][:k], drawn[i]):
-                ctx += [prompt(text), {"image": img}]
-            contexts.append([*ctx, prompt(stories[i]["texts"][k])])
+        contexts = [_story_context(stories[i]["texts"], drawn[i], k) for i in active]
         for i, img in zip(active, batches.images(contexts, seed=seed + k * n, cfg=cfg)):
             drawn[i].append(img)
+    refs = [[render(scene, image_size) for scene in s["scenes"]] for s in stories]
+    forced = batches.images([_story_context(stories[i]["texts"], refs[i], k) for i, k in edits],
+                            seed=seed + turns * n, cfg=cfg)
     first, changed, kept, correct, details = [], [], [], [], []
     for story, images in zip(stories, drawn):
         parsed = [shapes_judge.parse_image(img) for img in images]
@@ -250,8 +260,20 @@ def _interleaved(gen: Generator, n: int, seed: int, cfg: float, batch_size: int,
             details.append({"turn": k, "text": story["texts"][k], "op": story["ops"][k - 1]["op"],
                             "held_out": story["held_out"], "target_found": verdict.target_found,
                             "changed": verdict.changed, "kept": verdict.kept})
+    f_changed, f_kept, f_correct = [], [], []
+    for (i, k), img in zip(edits, forced):
+        story = stories[i]
+        verdict = edit_judge.judge_edit(shapes_judge.parse_image(refs[i][k - 1]), shapes_judge.parse_image(img),
+                                        story["ops"][k - 1], pronoun=len(story["scenes"][k - 1].objects) == 1)
+        f_changed.append((story["held_out"], float(verdict.changed)))
+        f_kept.append((story["held_out"], float(verdict.kept)))
+        f_correct.append((story["held_out"], float(verdict.correct)))
+        details.append({"turn": k, "teacher_forced": True, "text": story["texts"][k],
+                        "op": story["ops"][k - 1]["op"], "held_out": story["held_out"],
+                        "target_found": verdict.target_found, "changed": verdict.changed, "kept": verdict.kept})
     scores = {"first_image": _score(first), "changed": _score(changed), "kept": _score(kept),
-              "correct": _score(correct)}
+              "correct": _score(correct), "edit_changed": _score(f_changed), "edit_kept": _score(f_kept),
+              "edit_correct": _score(f_correct)}
     return {"scores": {"overall": _overall(scores), **scores}, "details": details,
             "judge": {"shapes": shapes_judge.JUDGE_DESCRIPTION, "interleaved": edit_judge.JUDGE_DESCRIPTION}}
 
@@ -305,7 +327,7 @@ def run_suite(
     elif suite == "vqa":
         result = _vqa(generator, n, seed, batch_size, progress, image_size)
     else:
-        result = _interleaved(generator, n, seed, cfg, batch_size, progress)
+        result = _interleaved(generator, n, seed, cfg, batch_size, progress, image_size)
     if suite == "vqa":
         settings: dict[str, Any] = {"image_size": image_size, "max_new_tokens": max_new_tokens}
     else:
