@@ -10,6 +10,9 @@ when the LightningModule has one, else of the module itself). A parameter that s
 schedule unfreezes it) joins on the first step it is trainable, initialised from its value then; frozen
 parameters take no EMA memory. A parameter frozen again keeps its average but stops being updated. Averages
 are float32 tensors on the parameter's device, updated with one fused `torch._foreach_lerp_` per step.
+Under sharding (FSDP2: DTensor parameters) each process averages its own shard only; the checkpointed state
+and the saved EMA model hold the whole tensors (gathered on every rank, as checkpoints are dumped), and a
+resume on any number of processes takes each one's slice of them.
 
 The averages are part of the callback's `state_dict`, so resuming from a Lightning checkpoint continues the
 exact same EMA. With `swap_for_validation` the EMA weights are loaded for every validation run and the
@@ -28,6 +31,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor (sharing its storage), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _slice_for(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of the whole tensor `full` that this process holds of the (possibly sharded) parameter `p`."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p, DTensor) or tuple(full.shape) != tuple(p.shape):
+        return full
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
 
 
 def _target(pl_module: pl.LightningModule) -> nn.Module:
@@ -71,6 +92,8 @@ class EMA(Callback):
         self._last_step = -1  # optimizer step of the last update (no double update under grad accumulation)
         self._backup: list[torch.Tensor] | None = None  # training weights while the EMA ones are swapped in
         self._swapped: list[torch.Tensor] = []
+        self._sharded: dict[str, torch.Tensor] = {}  # name -> its DTensor parameter, for gathering the averages
+        self._restored_whole: set[str] = set()  # averages loaded whole from a checkpoint, not yet sliced
 
     @property
     def state_key(self) -> str:
@@ -88,12 +111,19 @@ class EMA(Callback):
     def _track(self, named: list[tuple[str, nn.Parameter]]) -> None:
         """Start averaging the parameters not tracked yet, from their current value; move restored
         averages onto their parameter's device."""
+        from torch.distributed.tensor import DTensor
+
         for name, p in named:
+            if isinstance(p, DTensor):
+                self._sharded[name] = p
             e = self._ema.get(name)
             if e is None:
-                self._ema[name] = p.detach().to(torch.float32, copy=True)
-            elif e.device != p.device:
-                self._ema[name] = e.to(p.device)
+                self._ema[name] = _local(p.detach()).to(torch.float32, copy=True)
+                continue
+            if name in self._restored_whole:
+                e = _slice_for(e, p)
+                self._restored_whole.discard(name)
+            self._ema[name] = e.to(_local(p).device)
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
@@ -103,7 +133,7 @@ class EMA(Callback):
         if not named:
             return
         ema = [self._ema[n] for n, _ in named]
-        weights = [p.detach().to(torch.float32) for _, p in named]  # no copy for float32 weights
+        weights = [_local(p.detach()).to(torch.float32) for _, p in named]  # no copy for float32 weights
         if step <= self.start_step:
             torch._foreach_copy_(ema, weights)
         elif step % self.every_n_steps == 0:
@@ -116,8 +146,9 @@ class EMA(Callback):
         if self._backup is not None:
             raise RuntimeError("EMA weights are already swapped in")
         params = dict(module.named_parameters())
-        named = [(params[n], e) for n, e in self._ema.items() if n in params]
-        self._swapped = [p for p, _ in named]
+        named = [(params[n], _slice_for(e, params[n]) if n in self._restored_whole else e)
+                 for n, e in self._ema.items() if n in params]
+        self._swapped = [_local(p) for p, _ in named]
         self._backup = [p.detach().clone() for p in self._swapped]
         if named:
             torch._foreach_copy_(self._swapped, [e for _, e in named])
@@ -169,20 +200,36 @@ class EMA(Callback):
         if not self._ema or trainer.interrupted:
             return
         directory = Path(self.save_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "ema"))
-        if not trainer.is_global_zero:
-            return
+        from mogao.training.strategies import full_state_dict
+
         module = _target(pl_module)
         with self.swapped(module):
+            full = full_state_dict(module, keep=trainer.is_global_zero)  # every rank: gathers a sharded model
+            if not trainer.is_global_zero:
+                return
             if hasattr(module, "save_pretrained"):
-                module.save_pretrained(directory)
+                if full is None:
+                    module.save_pretrained(directory)
+                else:  # the gathered weights of a sharded model
+                    module.save_pretrained(directory, state_dict=full)
             else:
                 directory.mkdir(parents=True, exist_ok=True)
                 torch.save(module.state_dict(), directory / "model.pt")
 
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"ema": dict(self._ema), "last_step": self._last_step}
+        # every process dumps the checkpoint: the shards of each average are gathered in the same order on all
+        return {"ema": {n: self._whole(n, e) for n, e in self._ema.items()}, "last_step": self._last_step}
+
+    def _whole(self, name: str, e: torch.Tensor) -> torch.Tensor:
+        p = self._sharded.get(name)
+        if p is None:
+            return e
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(e, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._ema = dict(state_dict["ema"])
+        self._restored_whole = set(self._ema)  # sliced to this process's shards when tracking starts
         self._last_step = int(state_dict["last_step"])

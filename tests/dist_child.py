@@ -129,16 +129,17 @@ def main(spec_path: str) -> None:
     else:
         strategy = "auto"
     probe = Probe(out, spec["save_at"], spec["unfreeze_at"])
+    from callbacks.ema import EMA
     from callbacks.throughput import Throughput
 
     trainer = pl.Trainer(accelerator="cpu", devices=spec["devices"], strategy=strategy, max_steps=spec["steps"],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[probe, Throughput(window=1)], default_root_dir=str(out))
+                         callbacks=[EMA(decay=0.5), probe, Throughput(window=1)],  # EMA first: probe saves after its update
+                         default_root_dir=str(out))
     dicts = interleaved_samples(GLOBAL * spec["steps"], seed=5, max_targets=2)
     loader = torch.utils.data.DataLoader(GlobalBatches(module, dicts, trainer), batch_size=None,
                                          collate_fn=lambda b: b)
-    module.on_fit_end = lambda: None  # the test exports through the sharded checkpoint instead
     trainer.fit(module, train_dataloaders=loader, ckpt_path=spec.get("resume"))
     trainer.save_checkpoint(out / "final.ckpt")
     tflops = trainer.callback_metrics.get("throughput/tflops_per_sec")

@@ -95,10 +95,27 @@ def test_fsdp2_matches_single_process(runs):
     assert single[STEPS] < single[1]  # it trains
 
 
+def test_model_and_ema_saved_at_fit_end_under_sharding_equal_the_single_process_ones(runs):
+    from safetensors.torch import load_file
+
+    for name in ("model", "ema"):
+        single = load_file(runs["single"] / name / "model.safetensors")
+        sharded = load_file(runs["fsdp2"] / name / "model.safetensors")
+        assert set(single) == set(sharded), name  # whole tensors, tied ones once
+        for k, v in single.items():
+            assert sharded[k].shape == v.shape, (name, k)
+            torch.testing.assert_close(sharded[k], v, rtol=0, atol=1e-5, msg=f"{name}: {k}")
+
+
 @pytest.mark.parametrize("world", [2, 1])
 def test_sharded_checkpoint_resumes(runs, world):
+    from safetensors.torch import load_file
+
     full = _losses(runs["fsdp2"], 2)
     resumed = _losses(runs[f"resume{world}"], world)
+    ema, ema_resumed = (load_file(runs[r] / "ema" / "model.safetensors") for r in ("fsdp2", f"resume{world}"))
+    for k, v in ema.items():  # the EMA in the sharded checkpoint continues on any number of ranks
+        torch.testing.assert_close(ema_resumed[k], v, rtol=0, atol=1e-5, msg=k)
     assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], abs=1e-5), step
@@ -152,6 +169,10 @@ def test_consolidated_export_matches_trained_model(runs, tmp_path):
     torch.testing.assert_close(got.text_logits, want["logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(got.terms.image_sum, want["image_sum"], rtol=0, atol=1e-5)
     assert want["tflops_logged"] and want["tflops_logged"] > 0  # throughput logged FLOPs under FSDP2
+    saved = MogaoModel.from_pretrained(runs["fsdp2"] / "model").train()  # written at the end of the sharded fit
+    with torch.no_grad():
+        at_fit_end = saved(batch, return_logits=True)
+    torch.testing.assert_close(at_fit_end.text_logits, want["logits"], rtol=0, atol=1e-5)
     from mogao.cli import main as mogao_main
 
     assert mogao_main(["generate", "--ckpt", str(out), "--prompt", "A red circle.", "--draw", "--steps", "2",

@@ -166,27 +166,36 @@ def lora_param_groups(model: nn.Module, decay_all: bool = False) -> list[dict[st
 
 
 # ---- saving and loading -------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights (peft's adapter name removed from the keys) and the weights of `spec.full` parts."""
+def adapter_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights (peft's adapter name removed from the keys) and the weights of `spec.full` parts.
+
+    full: the model's whole state dict to take them from (e.g. gathered from a sharded model); default: the
+        module's own tensors.
+    """
     state = lora_state(model)
+    if full is None:
+        full = {n: p.detach() for n, p in model.named_parameters()}
+        for part, module in _full_modules(model, state.spec).items():
+            full.update({f"{part}.{name}": t.detach() for name, t in module.state_dict().items()})
+    parts = tuple(f"{part}." for part in state.spec.full)
     out = {}
-    for name, p in model.named_parameters():
+    for name, t in full.items():
         if _LORA_KEY.search(name):
-            out[name.replace(f".{ADAPTER_NAME}.", ".").replace(f".{ADAPTER_NAME}", "")] = p.detach()
-    for part, module in _full_modules(model, state.spec).items():
-        for name, t in module.state_dict().items():
-            out[f"{part}.{name}"] = t.detach()
+            out[name.replace(f".{ADAPTER_NAME}.", ".").replace(f".{ADAPTER_NAME}", "")] = t.detach()
+        elif name.startswith(parts):
+            out[name] = t.detach()
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapter_model.safetensors` and `adapter_config.json` (spec + base identity) to `directory`."""
+def save_adapter(model: nn.Module, directory: str | Path, full: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `adapter_model.safetensors` and `adapter_config.json` (spec + base identity) to `directory`;
+    `full`: as in `adapter_state_dict`."""
     from safetensors.torch import save_file
 
     state = lora_state(model)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    weights = adapter_state_dict(model)
+    weights = adapter_state_dict(model, full)
     save_file(weights, str(d / ADAPTER_WEIGHTS))
     meta = {"format": FORMAT, "version": 1, "spec": state.spec.to_dict(), "base": state.base,
             "target_modules": state.spec.target_regex(len(model.backbone.layers)),

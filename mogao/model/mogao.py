@@ -168,8 +168,13 @@ class MogaoModel(nn.Module):
         ae = PixelAutoencoder() if ae_config is None else DiffusersVAE.from_config(ae_config)
         return cls(cfg, llm, vit, ae)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_model
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `mogao_config.json` and `model.safetensors` to `directory`.
+
+        state_dict: the full weights to write instead of the module's own (e.g. gathered from a sharded model,
+            where the module holds only this rank's shards); tied duplicates are written once.
+        """
+        from safetensors.torch import save_file, save_model
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -180,7 +185,13 @@ class MogaoModel(nn.Module):
             "autoencoder_config": None if isinstance(self.autoencoder, PixelAutoencoder) else dict(self.autoencoder.config),
         }
         (d / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
-        save_model(self, str(d / WEIGHTS_NAME))
+        if state_dict is None:
+            save_model(self, str(d / WEIGHTS_NAME))
+            return
+        tied = ({n for n, _ in self.named_parameters(remove_duplicate=False)}
+                - {n for n, _ in self.named_parameters()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in tied},
+                  str(d / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: object) -> MogaoModel:

@@ -488,18 +488,23 @@ class MogaoModule(pl.LightningModule):
         if self.nonfinite_steps:
             log.warning("%d training step(s) had non-finite values and made no update; see "
                         "numerical_faults.json", self.nonfinite_steps)
-        if self.trainer.is_global_zero and not self.trainer.interrupted and self.lora is not None:
+        if self.trainer.interrupted:
+            return
+        # collectives on every rank: the gathered weights, and `trainer.log_dir` (a broadcast) in output_dir
+        from mogao.training.strategies import full_state_dict
+
+        full = full_state_dict(self.model, keep=self.trainer.is_global_zero)
+        d = self.output_dir()
+        if self.trainer.is_global_zero and self.lora is not None:
             from mogao.lora import save_adapter
 
-            d = self.output_dir() if self.save_dir is not None else self.output_dir().parent / "adapter"
-            save_adapter(self.model, d)
+            d = d if self.save_dir is not None else d.parent / "adapter"
+            save_adapter(self.model, d, full)
             log.info("saved the LoRA adapter to %s", d)
-        elif self.trainer.is_global_zero and not self.trainer.interrupted:
-            d = self.output_dir()
-            self.model.save_pretrained(d)
+        elif self.trainer.is_global_zero:
+            self.model.save_pretrained(d, state_dict=full)
             self.tokenizer.save_pretrained(d)
             log.info("saved the trained model to %s", d)
-
 
 _KIND = {"loss": "loss", "grad_norm": "gradient norm"}
 _ELSEWHERE = "finite on this rank, non-finite on another"

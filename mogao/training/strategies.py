@@ -242,3 +242,19 @@ class MoTFSDPStrategy(FSDPStrategy):
         if model is not None and hasattr(model, "cfg"):
             checkpoint[ARCHITECTURE_KEY] = model_architecture(model)
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+
+def full_state_dict(model: nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The whole weights of a sharded model (DTensor parameters) on the CPU where `keep` (typically rank 0),
+    else {}; None when the model is not sharded (its own tensors are whole). Every rank must call this: each
+    tensor is gathered in turn, so no rank holds more than one whole tensor it does not keep."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return None
+    full: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            full[name] = t.detach().cpu()
+    return full
