@@ -121,7 +121,12 @@ def main(spec_path: str) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     cfg = ModelConfig(llm=spec["llm"], vit=spec["vit"], autoencoder=spec["vae"], latent_patch=2)
-    module = InterleavedModule(model=cfg, tokenizer=spec["tokenizer"], train=["und"],
+    lora = None
+    if spec.get("lora"):  # adapters on both experts instead of training the understanding expert
+        from mogao.lora import LoraSpec
+
+        lora = LoraSpec(und=["q_proj", "v_proj"], gen=["q_proj", "down_proj"], rank=4, alpha=8)
+    module = InterleavedModule(model=cfg, tokenizer=spec["tokenizer"], train=None if lora else ["und"], lora=lora,
                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01))
     if spec["strategy"] == "fsdp2":
         strategy = MoTFSDP2Strategy(activation_checkpointing=True,

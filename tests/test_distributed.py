@@ -71,7 +71,7 @@ def runs(tiny_parts, tmp_path_factory):
     base = {"tokenizer": str(tiny_parts["root"] / "tokenizer"), "llm": tiny_parts["llm"],
             "vit": tiny_parts["vit"], "vae": tiny_parts["vae"], "steps": STEPS, "save_at": SAVE_AT,
             "unfreeze_at": UNFREEZE_AT, "resume": None}
-    out = {k: str(root / k) for k in ("single", "fsdp2", "resume2", "resume1")}
+    out = {k: str(root / k) for k in ("single", "fsdp2", "resume2", "resume1", "lora_single", "lora_fsdp2")}
     first = [(_launch({**base, "out": out["single"], "strategy": "single", "devices": 1}, 1), out["single"]),
              (_launch({**base, "out": out["fsdp2"], "strategy": "fsdp2", "devices": 2,
                        "broadcast_from_rank0": True}, 2), out["fsdp2"])]
@@ -84,7 +84,26 @@ def runs(tiny_parts, tmp_path_factory):
                out["resume1"])]
     for procs, o in second:
         _wait(procs, o)
+    lora = {**base, "lora": True, "unfreeze_at": STEPS + 1}
+    third = [(_launch({**lora, "out": out["lora_single"], "strategy": "single", "devices": 1}, 1), out["lora_single"]),
+             (_launch({**lora, "out": out["lora_fsdp2"], "strategy": "fsdp2", "devices": 2}, 2), out["lora_fsdp2"])]
+    for procs, o in third:
+        _wait(procs, o)
     return {k: Path(v) for k, v in out.items()}
+
+
+def test_lora_under_sharding_trains_and_saves_the_same_adapter_as_one_process(runs):
+    from safetensors.torch import load_file
+
+    single, sharded = _losses(runs["lora_single"], 1), _losses(runs["lora_fsdp2"], 2)
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], abs=1e-5), step
+    a = load_file(runs["lora_single"] / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs["lora_fsdp2"] / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and any("lora_A" in k for k in a) and any(".gen." in k for k in a)
+    for k, v in a.items():
+        assert b[k].shape == v.shape, k  # whole adapter tensors, not one rank's shard
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=k)
 
 
 def test_fsdp2_matches_single_process(runs):
