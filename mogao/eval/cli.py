@@ -1,8 +1,8 @@
 """`mogao eval`: run evaluation suites on a saved model (or an untrained baseline), print a table per suite and
 write results.json.
 
-    mogao eval --ckpt runs/tiny/curriculum/2-t2i/model --suite shapes --suite digits --out results.json
-    mogao eval --ckpt runs/tiny/curriculum/3-interleaved/model --suite all --n 16 --seed 1
+    mogao eval --ckpt runs/demo/2-t2i/model --suite shapes --suite digits --out results.json
+    mogao eval --ckpt runs/demo/3-interleaved/model --suite all --n 16 --seed 1
     mogao eval --untrained --suite all --out untrained.json
 
 results.json holds, per suite, the scores of every category (all / held-out / seen, with counts), the judges'

@@ -35,7 +35,7 @@ def load_checkpoint(directory: str | Path, tokenizer: str | Path | None = None) 
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
-                          "save_pretrained, e.g. runs/tiny/curriculum/2-t2i/model)")
+                          "save_pretrained, e.g. runs/demo/2-t2i/model)")
     model = MogaoModel.from_pretrained(d).eval()
     return model, load_tokenizer(tokenizer if tokenizer is not None else d)
 
