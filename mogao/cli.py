@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         if status is None:
             raise
         return status
+    except Exception as e:
+        # Lightning's own word for a trainer configuration that cannot work (e.g. conflicting flags)
+        lightning_exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+        if lightning_exceptions is None or not isinstance(e, lightning_exceptions.MisconfigurationException):
+            raise
+        print(f"mogao: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _signal_exit_status(e: SystemExit) -> int | None:

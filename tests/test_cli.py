@@ -38,3 +38,16 @@ def test_unknown_verb_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2 and "frobnicate" in capsys.readouterr().err
+
+
+def test_a_trainer_misconfiguration_is_a_clear_error(parts, tmp_path, capsys):
+    from mogao.cli import RECIPES_DIR
+
+    # the tiny recipe's RichProgressBar together with enable_progress_bar=false: Lightning refuses the pair
+    code = main(["fit", "--config", str(RECIPES_DIR / "tiny" / "t2i.yaml"), "--trainer.enable_progress_bar=false",
+                 f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.tokenizer={parts['tokenizer']}",
+                 f"--model.init_args.model.llm={parts['llm']}", f"--model.init_args.model.vit={parts['vit']}",
+                 "--model.init_args.tiny=null", "--model.init_args.model.latent_patch=8", "--trainer.max_steps=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mogao: error: Trainer was configured with `enable_progress_bar=False`" in err and "Traceback" not in err
