@@ -4,9 +4,7 @@ curves of all stages as one PNG; and the validation metrics. Images are embedded
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -36,10 +34,9 @@ HELD_OUT_PROMPTS = [  # colour-shape pairs no training sample ever shows
 
 
 def _png(img: Image.Image, scale: int = 4) -> str:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    from mogao.inference.report import png_data_uri
+
+    return png_data_uri(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
 
 
 def prompted_colour_share(img: Image.Image, colour: str,
@@ -60,15 +57,12 @@ def prompted_colour_share(img: Image.Image, colour: str,
 
 
 def _stage_examples(model_dir: Path, seed: int = 0) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from mogao.data.builtin import make_builtin
     from mogao.data.builtin.shapes import COLOURS
+    from mogao.inference.inputs import load_model_dir
     from mogao.inference.simple import generate_text, sample_images
-    from mogao.model.mogao import MogaoModel
 
-    model = MogaoModel.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    model, tok = load_model_dir(model_dir)
     prompts = T2I_PROMPTS + HELD_OUT_PROMPTS
     images = sample_images(model, tok, [[{"text": p, "loss": False}] for p in prompts], image_size=32, steps=24,
                            cfg_scale=3.0, seed=seed)

@@ -7,37 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from mogao.errors import ConfigError
+from mogao.inference.inputs import load_model_dir as load_checkpoint
+from mogao.inference.inputs import load_tokenizer
+
+__all__ = ["load_checkpoint", "load_tokenizer", "untrained_model"]
 
 UNTRAINED_RECIPE = "tiny/t2i"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def load_tokenizer(directory: str | Path) -> Any:
-    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
-    from transformers import AutoTokenizer
-
-    d = Path(directory)
-    if not d.is_dir() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
-                          "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
-    try:
-        return AutoTokenizer.from_pretrained(d)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
-        raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
-                          "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
-
-
-def load_checkpoint(directory: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` (the tokenizer from
-    the same directory unless `tokenizer` names another)."""
-    from mogao.model.mogao import MogaoModel
-
-    d = Path(directory).expanduser()
-    if not d.is_dir():
-        raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
-                          "save_pretrained, e.g. runs/demo/2-t2i/model)")
-    model = MogaoModel.from_pretrained(d).eval()
-    return model, load_tokenizer(tokenizer if tokenizer is not None else d)
 
 
 def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | None = None,

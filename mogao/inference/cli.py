@@ -40,19 +40,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     """Model and tokenizer from --ckpt, with --lora applied; ConfigError naming the path on failure."""
     import torch
-    from transformers import AutoTokenizer
 
-    from mogao.model.mogao import MogaoModel
+    from mogao.inference.inputs import load_model_dir
 
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_dir():
-        raise ConfigError(f"--ckpt: model directory not found: {ckpt} (give <run>/model as written by a fit)")
-    model = MogaoModel.from_pretrained(ckpt)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--ckpt: cannot load the tokenizer from {ckpt} ({e}); the model directory must hold "
-                          "the tokenizer files a fit saves next to the weights") from e
+    model, tokenizer = load_model_dir(args.ckpt)
     if args.lora:
         from mogao.lora import load_adapter
 

@@ -1,4 +1,5 @@
-"""Validation of what a user hands the generation loop: prompts, image files and in-memory images.
+"""Validation of what a user hands the generation loop: a saved model directory, prompts, image files and
+in-memory images.
 
 Everything either works - images of any size and mode are converted to RGB and resized to a token grid exactly
 as the data pipeline does (`mogao.data.images`) - or raises `ConfigError` / `DataError` naming the argument
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -16,6 +18,35 @@ from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_g
 from mogao.errors import ConfigError, DataError
 
 _ALLOWED_CONTROL = {"\n", "\t", "\r"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(directory: str | Path) -> Any:
+    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    if not d.is_dir() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
+                          "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(d)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
+        raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
+                          "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
+
+
+def load_model_dir(directory: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` (the tokenizer from
+    the same directory unless `tokenizer` names another)."""
+    from mogao.model.mogao import MogaoModel
+
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
+                          "save_pretrained, e.g. runs/demo/2-t2i/model)")
+    model = MogaoModel.from_pretrained(d).eval()
+    return model, load_tokenizer(tokenizer if tokenizer is not None else d)
 
 
 def check_prompt(text: object, what: str = "prompt") -> str:

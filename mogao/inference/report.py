@@ -11,7 +11,8 @@ from pathlib import Path
 from mogao.inference.session import Segment
 
 
-def _data_uri(img) -> str:
+def png_data_uri(img) -> str:
+    """The image as a `data:` URI (PNG, base64), for self-contained HTML pages."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -33,7 +34,7 @@ def save_conversation(history: list[Segment], out: Path, *, prefix: str = "", ti
                 seg.image.save(paths[i])
             item["image"] = paths[i].name if paths[i].parent == out else str(paths[i])
             item["size"] = list(seg.image.size)
-            blocks.append(f'<div class="{who}"><b>{who}</b><br><img src="{_data_uri(seg.image)}" '
+            blocks.append(f'<div class="{who}"><b>{who}</b><br><img src="{png_data_uri(seg.image)}" '
                           f'width="{max(128, seg.image.width)}" style="image-rendering: pixelated"></div>')
         else:
             item["text"] = seg.text

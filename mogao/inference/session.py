@@ -37,7 +37,7 @@ from mogao.errors import ConfigError
 from mogao.inference.cache import KVCache, Piece, cached_forward, text_piece
 from mogao.inference.guidance import BRANCHES, FULL, IMAGE_ONLY, Guidance
 from mogao.inference.inputs import check_prompt, image_tensors, load_image
-from mogao.inference.simple import eval_mode, tensor_to_pil
+from mogao.inference.simple import eval_mode, image_size_wh, tensor_to_pil
 from mogao.modality import Modality
 from mogao.model.autoencoder import PixelAutoencoder
 from mogao.model.mogao import MogaoModel
@@ -115,7 +115,7 @@ def default_image_size(model: MogaoModel) -> tuple[int, int]:
 def _size_wh(model: MogaoModel, image_size: int | Sequence[int] | None) -> tuple[int, int]:
     if image_size is None:
         return default_image_size(model)
-    w, h = (image_size, image_size) if isinstance(image_size, int) else (int(v) for v in image_size)
+    w, h = image_size_wh(image_size)
     p = model.vae_patch
     if w < p or h < p or w % p or h % p:
         raise ConfigError(f"image size {w}x{h} must be positive multiples of the model's VAE patch ({p} pixels), "

@@ -63,7 +63,8 @@ def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.dev
     return p.device if p is not None else torch.device("cpu")
 
 
-def _size_wh(image_size: int | Sequence[int]) -> tuple[int, int]:
+def image_size_wh(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(width, height) of an image size given as one side or a pair."""
     if isinstance(image_size, int):
         return image_size, image_size
     w, h = (int(v) for v in image_size)
@@ -104,7 +105,7 @@ def build_generation_batch(
     """
     if not contexts:
         raise ValueError("no contexts to sample from")
-    w, h = _size_wh(image_size)
+    w, h = image_size_wh(image_size)
     vae_patch = model.vae_patch
     if w < 1 or h < 1 or w % vae_patch or h % vae_patch:
         raise ConfigError(
