@@ -22,7 +22,6 @@ training weights are restored bit for bit afterwards. At the end of training the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +30,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+
+from mogao.training.rundir import run_dir
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ class EMA(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._ema or trainer.interrupted:
             return
-        directory = Path(self.save_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "ema"))
+        directory = Path(self.save_dir) if self.save_dir else run_dir(trainer) / "ema"
         from mogao.training.strategies import full_state_dict
 
         module = _target(pl_module)

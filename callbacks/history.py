@@ -13,10 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-
-def run_dir(trainer: pl.Trainer) -> Path:
-    """The directory a run writes to: the logger's log_dir, else default_root_dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+from mogao.training.rundir import run_dir
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -48,6 +45,9 @@ class MetricsHistory(pl.Callback):
         self.filename = filename
         self.path: Path | None = None
         self._t0 = time.perf_counter()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        run_dir(trainer)  # every rank: the first call is a broadcast
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:  # (on_train_start: the resumed global step is known here)

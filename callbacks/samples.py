@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from mogao.errors import ConfigError
 from mogao.inference import image_grid, sample_images
+from mogao.training.rundir import run_dir
 
 
 class SampleLogger(pl.Callback):
@@ -110,7 +111,7 @@ class SampleLogger(pl.Callback):
         """Sample, save and log one grid at the current global step; returns the PNG's path on rank 0."""
         step = trainer.global_step
         self._last_step = step
-        root = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: log_dir is a collective call
+        root = run_dir(trainer)
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         if not (trainer.is_global_zero or sharded):
             return None

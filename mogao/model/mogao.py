@@ -277,7 +277,7 @@ class MogaoModel(nn.Module):
         counts = torch.tensor([t.shape[0] for t in x0_t], device=x.device)
         sigma_tok = sigmas.repeat_interleave(counts)[:, None]
         x0_cat, eps = torch.cat(x0_t), torch.cat(noise)
-        x = x.index_copy(0, batch.noisy_index, self.latent_proj.proj_in(add_noise(x0_cat, eps, sigma_tok)))
+        x = x.index_copy(0, batch.noisy_index, self.latent_proj.proj_in(add_noise(x0_cat, eps, sigma_tok).to(x.dtype)))
         weights = batch.image_loss_weight[target_ids].to(x.dtype).repeat_interleave(counts)
         return x, sigmas, velocity_target(x0_cat, eps), weights
 

@@ -33,6 +33,7 @@ from mogao.data import DataConfig, PackedBatch, PackedDataset, load_samples, sam
 from mogao.data.packer import MAX_LISTED_FAULTS
 from mogao.data.samples import Sample
 from mogao.errors import ConfigError
+from mogao.training.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ class MogaoDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return None
-        root = Path(trainer.log_dir or trainer.default_root_dir)
+        root = run_dir(trainer)
         rank = trainer.global_rank
         return root / ("data_faults.json" if rank == 0 else f"data_faults.rank{rank}.json")
 

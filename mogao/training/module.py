@@ -40,6 +40,7 @@ from mogao.model.mogao import ModelConfig, MogaoModel, resolve_checkpoint
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.training.objectives import combine_losses
 from mogao.training.parts import check_parts, part_parameters, set_trainable
+from mogao.training.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,10 @@ class MogaoModule(pl.LightningModule):
             groups += [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         return groups
 
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            run_dir(self.trainer)  # every rank: the first call is a broadcast, later ones (on one rank) are not
+
     def configure_model(self) -> None:
         """Sharding hook: a strategy with a `parallelize(module)` method (`MoTFSDP2Strategy`) shards the model
         here, before the optimizer is built; other strategies wrap the model themselves."""
@@ -399,7 +404,7 @@ class MogaoModule(pl.LightningModule):
             return None
         trainer = self.trainer
         rank = trainer.global_rank
-        path = Path(trainer.log_dir or trainer.default_root_dir) / (
+        path = run_dir(trainer) / (
             "numerical_faults.json" if rank == 0 else f"numerical_faults.rank{rank}.json")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +486,7 @@ class MogaoModule(pl.LightningModule):
     def output_dir(self) -> Path:
         if self.save_dir is not None:
             return Path(self.save_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "model"
+        return run_dir(self.trainer) / "model"
 
     def on_fit_end(self) -> None:
         self.write_numerical_faults()
