@@ -74,6 +74,18 @@ def _rewrite_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _replace_list_overrides(argv: list[str]) -> list[str]:
+    """A `--data.sources=[...]` given on the command line replaces the recipe's list; jsonargparse would merge
+    it into the recipe's items one by one (keeping, say, a recipe source's `val_path`). Resetting the list
+    just before the override makes it a replacement (`--data.sources+=...` still appends)."""
+    out = []
+    for a in argv:
+        if a == "--data.sources" or a.startswith("--data.sources="):
+            out.append("--data.sources=[]")
+        out.append(a)
+    return out
+
+
 def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = True, instantiate: bool = True):
     """Run (or, with run=False, only parse and instantiate) a LightningCLI over the mogao stages and data.
 
@@ -120,6 +132,14 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
 
                 check_checkpoint(ckpt_path)  # a damaged file: a CheckpointError naming it and the problem
 
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would merge the checkpoint's hyper-parameters over the config here, letting a file
+            # choose classes (`_class_path`) and paths (`save_dir`, `init_from`); the config always wins
+            verb = self.config.get("subcommand")
+            ckpt_path = self.config[verb].get("ckpt_path") if verb else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                report_checkpoint_hparams(ckpt_path, self.config[verb].get("model"))
+
         def before_fit(self) -> None:
             self._resolve_ckpt_path("fit")
 
@@ -155,11 +175,64 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
     warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
     warnings.filterwarnings("ignore", message=r'\.(fit|validate)\(ckpt_path="last"\) is set, but there is no')
     return MogaoCLI(
-        MogaoModule, MogaoDataModule, subclass_mode_model=True, args=args, run=run,
+        MogaoModule, MogaoDataModule, subclass_mode_model=True, args=_replace_list_overrides(args), run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,
         trainer_defaults={"callbacks": [MetricsHistory(), *(callbacks or [])]},
         parser_kwargs={"parser_mode": "omegaconf"} if not run else {v: {"parser_mode": "omegaconf"} for v in TRAINER_VERBS},
     )
+
+
+def _plain(value: Any) -> Any:
+    """A config or hyper-parameter value as plain data, for comparing the two."""
+    from dataclasses import asdict, is_dataclass
+
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    elif is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def checkpoint_hparam_differences(hparams: Any, model_config: Any) -> list[str]:
+    """The keys (as `model.class_path` / `model.init_args.KEY`) where a checkpoint's saved hyper-parameters
+    differ from the model config being run."""
+    if not isinstance(hparams, dict):
+        return []
+    config = _plain(model_config) or {}
+    init_args = config.get("init_args") or {}
+    keys = []
+    if "_class_path" in hparams and _plain(hparams["_class_path"]) != config.get("class_path"):
+        keys.append("model.class_path")
+    for key, value in hparams.items():
+        if str(key).startswith("_"):
+            continue
+        if _plain(value) != init_args.get(str(key)):
+            keys.append(f"model.init_args.{key}")
+    return keys
+
+
+def report_checkpoint_hparams(ckpt_path: str | Path, model_config: Any) -> list[str]:
+    """Say (on the first process) where the checkpoint's hyper-parameters differ from the config; returns those
+    keys. Nothing is taken from them: a checkpoint restores state, the config chooses classes and paths."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from mogao.training.checkpointing import load_checkpoint_file
+
+    hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters")
+    keys = checkpoint_hparam_differences(hparams, model_config)
+    if keys and rank_zero_only.rank == 0:
+        shown = ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
+        print(f"[mogao] {ckpt_path} was saved with other hyper-parameters than the config in {shown}: the "
+              "config's values are used (a checkpoint restores state only)", flush=True)
+    return keys
 
 
 def _unwrap(e: ValueError) -> Exception:

@@ -11,6 +11,9 @@ A curriculum file names the stages (each a stage recipe plus overrides) and a ru
 Stage k runs in `<out>/<k>-<name>/` (config.yaml, checkpoints/, metrics.jsonl, TensorBoard logs, model/). It is
 resumable at both granularities: a finished stage (marked by `done.json`) is skipped, and an unfinished one
 resumes from its `checkpoints/last.ckpt` (optimizer, scheduler, callbacks and data position included).
+
+The run directory is marked as one (`mogao-run.json`); `--fresh` deletes only such a directory (or one laid out
+as a curriculum run: its `curriculum.yaml`, stage folders and report), and refuses any other, naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from omegaconf import OmegaConf
 from mogao.errors import ConfigError
 
 DONE = "done.json"
+RUN_MARKER = "mogao-run.json"  # written into every curriculum run directory: what `--fresh` may delete
+_REPORT_FILES = {"report.html", "report.json", "losses.png"}
 
 
 @dataclass
@@ -97,6 +102,31 @@ def stage_args(spec: CurriculumSpec, i: int, extra: list[str] | None = None) -> 
     return args
 
 
+def is_run_directory(spec: CurriculumSpec) -> bool:
+    """Whether `spec.out` is a directory a curriculum run made: it holds the run marker, or (runs made before
+    the marker existed) `curriculum.yaml` and nothing but this curriculum's stage folders and the report."""
+    d = spec.out
+    if not d.is_dir() or d.is_symlink():
+        return False
+    if (d / RUN_MARKER).is_file():
+        return True
+    names = {p.name for p in d.iterdir()}
+    stages = {spec.stage_dir(i).name for i in range(len(spec.stages))}
+    return "curriculum.yaml" in names and names <= {"curriculum.yaml", *_REPORT_FILES, *stages}
+
+
+def remove_run_directory(spec: CurriculumSpec) -> None:
+    """Delete the run directory for `--fresh`: only one a curriculum run made (or an empty one); ConfigError
+    naming it otherwise."""
+    d = spec.out
+    if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+        return
+    if not is_run_directory(spec):
+        raise ConfigError(f"--fresh would delete '{d}', which is not a run directory made by `mogao curriculum` "
+                          f"(no {RUN_MARKER} in it); nothing was deleted - give a new --out, or remove it yourself")
+    shutil.rmtree(d)
+
+
 def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool = False,
                    overrides: list[str] | None = None, stage_callbacks: dict[str, list[Any]] | None = None,
                    ) -> list[Path]:
@@ -108,8 +138,11 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
 
     spec = load_curriculum(path, out)
     if fresh and spec.out.exists():
-        shutil.rmtree(spec.out)
+        remove_run_directory(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
+    marker = spec.out / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"written_by": "mogao curriculum", "curriculum": str(path)}, indent=1))
     shutil.copyfile(path, spec.out / "curriculum.yaml")
     models = []
     for i, stage in enumerate(spec.stages):

@@ -3,13 +3,15 @@
     summary = summarise(path, tokenizer=None)   # counts, histograms and every problem (file, line, field)
     fix(path, out=None)                          # the good lines -> a new file; a report of what was dropped
 
-The original file is never modified.
+The original file is never modified, and `fix` reads it one line at a time (never every line at once).
+`printable` escapes what came from a data file (paths, text) before it reaches a terminal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,31 @@ from typing import Any
 
 from PIL import Image
 
-from mogao.data.samples import ImageSegment, Sample, TextSegment, _lines, iter_samples
+from mogao.data.samples import (
+    MAX_FILE_BYTES,
+    MAX_LINE_BYTES,
+    ImageSegment,
+    Sample,
+    TextSegment,
+    iter_lines,
+    iter_samples,
+)
 from mogao.errors import DataError
+
+
+def printable(text: object, keep: str = "") -> str:
+    """`str(text)` with control and format characters (terminal escape sequences, bidirectional overrides,
+    ...) shown as escapes, except those in `keep` (e.g. "\\n\\t" for multi-line model output): what a data
+    file or a model wrote must not drive the terminal it is printed on."""
+    out = []
+    for ch in str(text):
+        if ch not in keep and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 @dataclass
@@ -58,11 +83,13 @@ def _image_size(seg: ImageSegment) -> str:
     return f"{w}x{h}"
 
 
-def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool = True) -> Summary:
+def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool = True,
+              max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> Summary:
     """Read every line of `path`; count the valid samples' images, targets, (with a tokenizer) text tokens, and
     histogram images per sample and image resolutions; collect every problem."""
     s = Summary(str(path))
-    for item in iter_samples(path, check_images=check_images):
+    for item in iter_samples(path, check_images=check_images, max_line_bytes=max_line_bytes,
+                             max_file_bytes=max_file_bytes):
         if isinstance(item, DataError):
             s.problems.append(item)
             continue
@@ -98,27 +125,43 @@ def _rebase(raw: dict[str, Any], src_dir: Path, out_dir: Path) -> dict[str, Any]
     return {**raw, "segments": segs}
 
 
-def fix(path: str | Path, out: str | Path | None = None, check_images: bool = True) -> tuple[Path, Path, int, int]:
+def fix(path: str | Path, out: str | Path | None = None, check_images: bool = True,
+        max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[Path, Path, int, int]:
     """Write the valid lines of `path` to `out` (default: `<name>.clean.jsonl` next to it), image paths rebased
     onto the new folder, and `<out>.dropped.json` listing each dropped line with its id, field and reason.
 
-    Returns (cleaned file, report file, kept, dropped). Refuses to overwrite the original.
+    Returns (cleaned file, report file, kept, dropped). Refuses to overwrite the original. The file is read
+    and written one line at a time; the cleaned copy appears under its name only once complete.
     """
     path = Path(path)
     out = Path(out) if out is not None else path.with_name(path.stem + ".clean.jsonl")
     if out.resolve() == path.resolve():
         raise DataError("--out is the original file; the cleaned copy must go to another file", file=str(path))
-    raw_lines = dict(enumerate(_lines(path), start=1))
-    kept, dropped = [], []
-    for item in iter_samples(path, check_images=check_images):
+    counts, dropped = {"kept": 0}, []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            _write_kept(path, out, f, counts, dropped, check_images, max_line_bytes, max_file_bytes)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report = out.with_name(out.name.removesuffix(".jsonl") + ".dropped.json")
+    report.write_text(json.dumps({"source": str(path), "cleaned": str(out), "kept": counts["kept"],
+                                  "dropped": len(dropped), "problems": dropped}, indent=2))
+    return out, report, counts["kept"], len(dropped)
+
+
+def _write_kept(path: Path, out: Path, f: Any, counts: dict[str, int], dropped: list[dict[str, Any]],
+                check_images: bool, max_line_bytes: int, max_file_bytes: int) -> None:
+    """Write each valid line of `path` to the open file `f` as it is read; record the dropped ones."""
+    rebase = out.parent.resolve() != path.parent.resolve()
+    for n, data, item in iter_lines(path, check_images=check_images, max_line_bytes=max_line_bytes,
+                                    max_file_bytes=max_file_bytes):
         if isinstance(item, DataError):
             dropped.append({"line": item.line, "field": item.field, "reason": item.message})
             continue
-        raw = json.loads(raw_lines[item.line].decode("utf-8-sig" if item.line == 1 else "utf-8"))
-        kept.append(_rebase(raw, path.parent, out.parent) if out.parent.resolve() != path.parent.resolve() else raw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    report = out.with_name(out.name.removesuffix(".jsonl") + ".dropped.json")
-    report.write_text(json.dumps({"source": str(path), "cleaned": str(out), "kept": len(kept),
-                                  "dropped": len(dropped), "problems": dropped}, indent=2))
-    return out, report, len(kept), len(dropped)
+        raw = json.loads(data.decode("utf-8-sig" if n == 1 else "utf-8"))
+        raw = _rebase(raw, path.parent, out.parent) if rebase else raw
+        f.write((json.dumps(raw, ensure_ascii=False) + "\n").encode("utf-8"))
+        counts["kept"] += 1

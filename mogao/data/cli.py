@@ -1,6 +1,6 @@
 """`mogao data ...`: data set tools.
 
-    mogao data check FILE.jsonl [--tokenizer DIR] [--fix [--out CLEAN.jsonl]]
+    mogao data check FILE.jsonl [--tokenizer DIR] [--fix [--out CLEAN.jsonl]] [--max-line-bytes N]
         validate a data set: a summary (samples, images, generation targets, text tokens with a tokenizer,
         images per sample, resolutions) and every problem with file, line and field; --fix writes the good
         samples to a new file (default FILE.clean.jsonl) and a report of what was dropped and why
@@ -8,18 +8,24 @@
         LLaVA / ShareGPT-style chat JSON with <image> placeholders -> samples (answers carry loss)
     mogao data import captions DIR --out OUT.jsonl
         a folder of image + caption pairs (cat.png + cat.txt) -> text-to-image samples
+
+Size limits (a line, a file, a caption) are named in the message that reports them; the --max-* flags raise
+them. What is printed from a data file (paths, text) has its control characters escaped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from mogao.data.importers import MAX_CAPTION_BYTES, MAX_IMPORT_BYTES
+from mogao.data.samples import MAX_FILE_BYTES, MAX_LINE_BYTES
 from mogao.errors import DataError
 
 
-def _check(path: str, tokenizer: str | None, do_fix: bool, out: str | None) -> int:
-    from mogao.data.check import fix, summarise
+def _check(path: str, tokenizer: str | None, do_fix: bool, out: str | None, limits: dict[str, int]) -> int:
+    from mogao.data.check import fix, printable, summarise
 
     tok = None
     if tokenizer is not None:
@@ -28,29 +34,38 @@ def _check(path: str, tokenizer: str | None, do_fix: bool, out: str | None) -> i
         from mogao.model.mogao import resolve_checkpoint
 
         tok = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer, "tokenizer"))
-    summary = summarise(path, tokenizer=tok)
+    summary = summarise(path, tokenizer=tok, **limits)
     for p in summary.problems:
-        print(p)
+        print(printable(p))
     for line in summary.lines():
-        print(line)
+        print(printable(line))
     if do_fix:
-        cleaned, report, kept, dropped = fix(path, out)
-        print(f"wrote {cleaned} ({kept} samples kept, {dropped} dropped; reasons in {report}); {path} is unchanged")
+        cleaned, report, kept, dropped = fix(path, out, **limits)
+        print(printable(f"wrote {cleaned} ({kept} samples kept, {dropped} dropped; reasons in {report}); {path} "
+                        "is unchanged"))
         return 0
     if summary.problems:
-        print(f"{len(summary.problems)} problem(s) in {path}; `mogao data check {path} --fix` writes a copy "
-              "without them", file=sys.stderr)
+        print(printable(f"{len(summary.problems)} problem(s) in {path}; `mogao data check {path} --fix` writes a "
+                        "copy without them"), file=sys.stderr)
         return 1
     return 0
 
 
-def _import(kind: str, source: str, out: str) -> int:
+def _import(kind: str, source: str, out: str, limits: dict[str, int]) -> int:
+    from mogao.data.check import printable
     from mogao.data.importers import captions_to_samples, llava_to_samples, write_jsonl
 
-    samples = llava_to_samples(source, out) if kind == "llava" else captions_to_samples(source, out)
-    write_jsonl(samples, out)
+    src, dst = Path(source).expanduser(), Path(out).expanduser()
+    if dst.exists() and (dst.resolve() == src.resolve() or dst.is_dir()):
+        what = "the input file" if dst.resolve() == src.resolve() else "a folder"
+        raise DataError(f"--out is {what}; write the samples to a new file", file=str(dst))
+    if kind == "llava":
+        samples = llava_to_samples(src, dst, max_file_bytes=limits["max_file_bytes"])
+    else:
+        samples = captions_to_samples(src, dst, max_caption_bytes=limits["max_caption_bytes"])
+    write_jsonl(samples, dst)
     images = sum(1 for s in samples for seg in s["segments"] if "image" in seg)
-    print(f"wrote {out}: {len(samples)} samples, {images} images; check it with `mogao data check {out}`")
+    print(printable(f"wrote {out}: {len(samples)} samples, {images} images; check it with `mogao data check {out}`"))
     return 0
 
 
@@ -63,17 +78,30 @@ def main(argv: list[str]) -> int:
     check.add_argument("--tokenizer", help="tokenizer directory: also count text tokens")
     check.add_argument("--fix", action="store_true", help="write the valid samples to a new file (never in place)")
     check.add_argument("--out", help="with --fix: the cleaned file (default: FILE.clean.jsonl next to FILE)")
+    check.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                       help=f"longest line accepted (default {MAX_LINE_BYTES})")
+    check.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                       help=f"largest file accepted (default {MAX_FILE_BYTES})")
     imp = sub.add_parser("import", help="convert another data set layout to JSONL samples")
     imp.add_argument("kind", choices=["llava", "captions"])
     imp.add_argument("source", help="llava: the chat JSON file; captions: the folder of image + .txt pairs")
-    imp.add_argument("--out", required=True, help="the JSONL file to write (image paths relative to it)")
+    imp.add_argument("--out", required=True, help="the JSONL file to write (image paths relative to it; never "
+                                                  "the input)")
+    imp.add_argument("--max-file-bytes", type=int, default=MAX_IMPORT_BYTES,
+                     help=f"llava: largest chat file accepted (default {MAX_IMPORT_BYTES})")
+    imp.add_argument("--max-caption-bytes", type=int, default=MAX_CAPTION_BYTES,
+                     help=f"captions: largest caption file accepted (default {MAX_CAPTION_BYTES})")
     args = ap.parse_args(argv)
     try:
         if args.verb == "check":
             if args.out and not args.fix:
                 ap.error("--out needs --fix")
-            return _check(args.file, args.tokenizer, args.fix, args.out)
-        return _import(args.kind, args.source, args.out)
+            return _check(args.file, args.tokenizer, args.fix, args.out,
+                          {"max_line_bytes": args.max_line_bytes, "max_file_bytes": args.max_file_bytes})
+        return _import(args.kind, args.source, args.out,
+                       {"max_file_bytes": args.max_file_bytes, "max_caption_bytes": args.max_caption_bytes})
     except DataError as e:
-        print(f"mogao data: error: {e}", file=sys.stderr)
+        from mogao.data.check import printable
+
+        print(f"mogao data: error: {printable(e)}", file=sys.stderr)
         return 1

@@ -12,7 +12,10 @@
       the caption then the image as a generation target.
 
 Image paths in the output are relative to the output file. Problems raise `DataError` naming the file, the
-record (as `line`, 1-based) and the field.
+record (as `line`, 1-based) and the field - the same errors the JSONL loader gives, whatever the input holds
+(bytes that are not UTF-8, JSON nested too deeply, integers too long to convert). A chat file larger than
+`max_file_bytes` (default `MAX_IMPORT_BYTES`) or a caption larger than `max_caption_bytes` is refused, naming
+the limit.
 """
 
 from __future__ import annotations
@@ -22,12 +25,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mogao.data.samples import _check_unicode, _parse_line
 from mogao.errors import DataError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _USER_ROLES = {"user", "human", "system"}
 _ASSISTANT_ROLES = {"assistant", "gpt", "model"}
+MAX_IMPORT_BYTES = 4 * 2**30  # a chat JSON list is parsed in memory as a whole
+MAX_CAPTION_BYTES = 2**20
+
+
+def _check_size(path: Path, limit: int, what: str, flag: str) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}", file=str(path)) from e
+    if size > limit:
+        raise DataError(f"{what} ({size} bytes) is larger than the limit of {limit} bytes; if it really is "
+                        f"that large, raise the limit ({flag})", file=str(path))
 
 
 def _rel(image: Path, out_dir: Path) -> str:
@@ -57,6 +73,7 @@ def _turns(record: dict[str, Any], where: dict[str, Any]) -> tuple[str, list[tup
         if not isinstance(text, str):
             raise DataError(f"'{text_key}' must be a string, got {type(text).__name__}", field=f"{field}.{text_key}",
                             **where)
+        _check_unicode(text, f"'{text_key}'", where, f"{field}.{text_key}")
         out.append((role, text))
     return key, out
 
@@ -66,6 +83,10 @@ def _images(record: dict[str, Any], where: dict[str, Any]) -> list[str]:
     raw = [raw] if isinstance(raw, str) else raw
     if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
         raise DataError("'images' must be a list of image paths (or 'image' one path)", field="images", **where)
+    for i, x in enumerate(raw):
+        _check_unicode(x, "the image path", where, f"images[{i}]")
+        if "\0" in x:
+            raise DataError("the image path contains a NUL character", field=f"images[{i}]", **where)
     return raw
 
 
@@ -96,28 +117,36 @@ def llava_record_to_sample(record: Any, *, image_root: Path, out_dir: Path, file
     if not any(s.get("loss") for s in segments):
         raise DataError("no assistant turn: nothing to learn from this record", field=key, **where)
     sid = record.get("id")
+    if sid is not None and (isinstance(sid, bool) or not isinstance(sid, (str, int))):
+        raise DataError(f"'id' must be a string or an integer, got {type(sid).__name__}", field="id", **where)
+    if isinstance(sid, str):
+        _check_unicode(sid, "'id'", where, "id")
     return {"id": str(sid) if sid not in (None, "") else f"{Path(file).stem}-{index}", "segments": segments}
 
 
-def llava_to_samples(path: str | Path, out: str | Path) -> list[dict[str, Any]]:
+def llava_to_samples(path: str | Path, out: str | Path,
+                     max_file_bytes: int = MAX_IMPORT_BYTES) -> list[dict[str, Any]]:
     """Read a LLaVA/ShareGPT-style JSON list (or JSONL) of chat records; image paths are taken relative to the
     input file's folder and written relative to `out`'s folder."""
     path, out_dir = Path(path), Path(out).parent
+    _check_size(path, max_file_bytes, "the chat file", "--max-file-bytes")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}", file=str(path)) from e
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}", file=str(path)) from e
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        records = _parse_line(data, 1, str(path))  # the whole file as one JSON value
+    except DataError as whole:
+        if "invalid JSON" not in whole.message or "nested too deeply" in whole.message:
+            raise
+        records = []  # maybe JSONL: one record a line, each with the loader's errors
+        for n, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON: {e.msg} at column {e.colno} (neither a JSON list nor JSONL)",
-                                    file=str(path), line=n) from None
+                    records.append(_parse_line(line, n, str(path)))
+                except DataError as e:
+                    raise DataError(f"{e.message} (neither a JSON list nor JSONL)", file=str(path),
+                                    line=n) from None
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
@@ -126,7 +155,8 @@ def llava_to_samples(path: str | Path, out: str | Path) -> list[dict[str, Any]]:
             for i, r in enumerate(records)]
 
 
-def captions_to_samples(directory: str | Path, out: str | Path) -> list[dict[str, Any]]:
+def captions_to_samples(directory: str | Path, out: str | Path,
+                        max_caption_bytes: int = MAX_CAPTION_BYTES) -> list[dict[str, Any]]:
     """Every image in `directory` (recursively, sorted) with a caption file of the same stem (`.txt`) -> a
     text-to-image sample. An image without a caption, or an empty caption, is a `DataError`."""
     d, out_dir = Path(directory), Path(out).parent
@@ -141,7 +171,14 @@ def captions_to_samples(directory: str | Path, out: str | Path) -> list[dict[str
         if not cap.is_file():
             raise DataError(f"image {img.name} has no caption file {cap.name}; add one or remove the image",
                             file=str(img))
-        text = cap.read_text(encoding="utf-8").strip()
+        _check_size(cap, max_caption_bytes, "the caption", "--max-caption-bytes")
+        try:
+            text = cap.read_bytes().decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"not UTF-8 text: {e.reason} at byte {e.start + 1}; save the caption as UTF-8",
+                            file=str(cap)) from None
+        except OSError as e:
+            raise DataError(f"cannot read {cap}: {e.strerror or e}", file=str(cap)) from e
         if not text:
             raise DataError("empty caption", file=str(cap))
         sid = img.relative_to(d).with_suffix("").as_posix()

@@ -17,7 +17,9 @@ Keys
 Every problem raises `DataError` naming file, line and field, so a bad line in a million-line file is found
 without a debugger - whatever the file holds (bytes that are not UTF-8, JSON nested too deeply, numbers too
 large for a float, text with unpaired surrogates). `check_samples` collects all problems of a file instead of
-stopping at the first.
+stopping at the first. A line longer than `max_line_bytes` (default `MAX_LINE_BYTES`) is a problem of its own,
+found without reading it whole, and a file larger than `max_file_bytes` (default `MAX_FILE_BYTES`) is refused;
+`mogao data check --max-line-bytes / --max-file-bytes` raise them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from mogao.errors import DataError
 
 log = logging.getLogger(__name__)
 
+MAX_LINE_BYTES = 16 * 2**20  # one sample: text and image paths, never megabytes of it
+MAX_FILE_BYTES = 64 * 2**30
 SAMPLE_KEYS = ("id", "segments")
 TEXT_KEYS = ("text", "loss")
 IMAGE_KEYS = ("image", "generate", "loss")
@@ -255,42 +259,76 @@ def _parse_line(data: bytes, n: int, file: str) -> Any:
         raise DataError(f"invalid JSON: {e}", file=file, line=n) from None
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def _lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
     """The file's lines as bytes, split as text mode splits them (on \\n, \\r\\n and \\r) but decoded by
-    the caller, so one line that is not UTF-8 is reported and skipped instead of ending the read."""
+    the caller, so one line that is not UTF-8 is reported and skipped instead of ending the read. A line longer
+    than `max_line_bytes` is skipped in bounded reads and given as None: it is never held in memory whole."""
     with path.open("rb") as f:
-        for chunk in f:
+        while True:
+            chunk = f.readline(max_line_bytes + 1)
+            if not chunk:
+                return
+            if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+                while chunk and not chunk.endswith(b"\n"):
+                    chunk = f.readline(1 << 20)
+                yield None
+                continue
             yield from chunk.splitlines()
 
 
-def iter_samples(path: str | Path, *, check_images: bool = True) -> Iterator[Sample | DataError]:
-    """Yield each line's `Sample`, or the `DataError` describing what is wrong with it (blank lines are skipped)."""
+def _size_limit_error(what: str, limit: int, flag: str, **where: Any) -> DataError:
+    return DataError(f"{what} is longer than the limit of {limit} bytes; a sample file should not need it - if "
+                     f"this one does, raise the limit ({flag})", **where)
+
+
+def iter_lines(path: str | Path, *, check_images: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
+               max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[tuple[int, bytes | None, Sample | DataError]]:
+    """(line number, the line's bytes (None when too long), its `Sample` or the `DataError` describing what is
+    wrong with it) for each line of `path` but blank ones; see `iter_samples`."""
     path = Path(path)
     try:
         found = path.is_file()
+        size = path.stat().st_size if found else 0
     except OSError as e:
         raise DataError(f"cannot access sample file {path}: {e.strerror or e}", file=str(path)) from e
     if not found:
         raise DataError(f"sample file not found: {path}", file=str(path))
+    if size > max_file_bytes:
+        raise _size_limit_error(f"the file ({size} bytes)", max_file_bytes, "--max-file-bytes", file=str(path))
     seen: dict[str, int] = {}
     try:
-        for n, data in enumerate(_lines(path), start=1):
+        for n, data in enumerate(_lines(path, max_line_bytes), start=1):
+            if data is None:
+                yield n, None, _size_limit_error("the line", max_line_bytes, "--max-line-bytes", file=str(path),
+                                                 line=n)
+                continue
             if not data.strip():
                 continue
             try:
                 raw = _parse_line(data, n, str(path))
                 sample = sample_from_dict(raw, root=path.parent, file=str(path), line=n, check_images=check_images)
             except DataError as e:
-                yield e
+                yield n, data, e
                 continue
             if sample.id in seen:
-                yield DataError(f"duplicate id {sample.id!r} (first used on line {seen[sample.id]}); ids seed the "
-                                "noise and dropout draws, so they must be unique", file=str(path), line=n, field="id")
+                yield n, data, DataError(f"duplicate id {sample.id!r} (first used on line {seen[sample.id]}); ids "
+                                         "seed the noise and dropout draws, so they must be unique", file=str(path),
+                                         line=n, field="id")
                 continue
             seen[sample.id] = n
-            yield sample
+            yield n, data, sample
     except OSError as e:  # unreadable (permissions, I/O error): the rest of the file cannot be checked
         raise DataError(f"cannot read sample file {path}: {e.strerror or e}", file=str(path)) from e
+
+
+def iter_samples(path: str | Path, *, check_images: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
+                 max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[Sample | DataError]:
+    """Yield each line's `Sample`, or the `DataError` describing what is wrong with it (blank lines are skipped).
+
+    A line longer than `max_line_bytes` is such a problem; a file larger than `max_file_bytes` raises one."""
+    for _, _, item in iter_lines(path, check_images=check_images, max_line_bytes=max_line_bytes,
+                                 max_file_bytes=max_file_bytes):
+        yield item
 
 
 def load_samples(path: str | Path, *, strict: bool = True, check_images: bool = True) -> list[Sample]:

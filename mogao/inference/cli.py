@@ -5,6 +5,9 @@
 
 MODEL_DIR is a saved model directory as a fit writes it (`<run>/model`: mogao_config.json, model.safetensors
 and the tokenizer). Errors a user can cause are printed as one line naming the argument or file (exit 2).
+`--out` must be new or empty unless `--overwrite` is given, and an input image is never written over. What the
+model wrote is printed with its control characters escaped (newlines and tabs kept), so it cannot drive the
+terminal.
 """
 
 from __future__ import annotations
@@ -14,7 +17,25 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mogao.data.check import printable
 from mogao.errors import ConfigError, MogaoError
+
+_MODEL_TEXT_KEEP = "\n\t"  # control characters model text may print as they are
+
+
+def _check_out(out: Path, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """`out` must be new or empty unless `overwrite`; and no input image may live in it (it could be written
+    over by an output of the same name)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{out}' is not empty; give a new folder, or --overwrite to write over what "
+                          "is there")
+    for image in inputs:
+        p = Path(image).expanduser()
+        if p.exists() and out.exists() and p.resolve().parent == out.resolve():
+            raise ConfigError(f"--image '{image}' is in --out '{out}', where outputs are written; copy it "
+                              "elsewhere or choose another --out")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -79,9 +100,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", required=True, help="the user's text")
     p.add_argument("--image", action="append", default=[], help="input image (repeatable), before the prompt")
     p.add_argument("--draw", action="store_true", help="make the answer begin with an image (t2i, editing)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it is not empty")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        _check_out(Path(args.out), args.overwrite, args.image)
         from mogao.inference.inputs import check_prompt
         from mogao.inference.report import save_conversation
         from mogao.inference.session import GenerationSession
@@ -95,15 +118,15 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         paths = save_conversation(session.history[0], Path(args.out), title=args.prompt[:80],
                                   settings=_settings(args))
     except MogaoError as e:
-        print(f"mogao generate: error: {e}", file=sys.stderr)
+        print(f"mogao generate: error: {printable(e)}", file=sys.stderr)
         return 2
     for seg in response.segments:
         if seg.text:
-            print(seg.text)
+            print(printable(seg.text, keep=_MODEL_TEXT_KEEP))
     for key, path in paths.items():
         if key.startswith("image_"):
-            print(f"image: {path}")
-    print(f"page: {paths['html']}  (stopped: {response.stop_reason})")
+            print(printable(f"image: {path}"))
+    print(printable(f"page: {paths['html']}  (stopped: {response.stop_reason})"))
     return 0
 
 
@@ -115,10 +138,12 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
     """
     p = argparse.ArgumentParser(prog="mogao chat", description="a multi-turn terminal session")
     _add_common(p)
-    p.add_argument("--out", default="chat", help="where images and the conversation are written")
+    p.add_argument("--out", default="chat", help="where images and the conversation are written (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it is not empty")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
     try:
+        _check_out(out, args.overwrite)
         from mogao.inference.inputs import check_prompt
         from mogao.inference.report import save_conversation
         from mogao.inference.session import GenerationSession
@@ -128,7 +153,7 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
         session = GenerationSession(model, tokenizer, 1, cfg, guidance, progress=sys.stderr.isatty())
         out.mkdir(parents=True, exist_ok=True)
     except MogaoError as e:
-        print(f"mogao chat: error: {e}", file=sys.stderr)
+        print(f"mogao chat: error: {printable(e)}", file=sys.stderr)
         return 2
     saved: dict[int, Path] = {}
     attached: list[str] = []
@@ -140,7 +165,12 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
         if line.strip() in ("/quit", "/exit"):
             break
         if line.startswith("/image "):
-            attached.append(line[len("/image "):].strip())
+            image = line[len("/image "):].strip()
+            p_img = Path(image).expanduser()
+            if p_img.exists() and p_img.resolve().parent == out.resolve():
+                print(printable(f"error: {image} is in --out '{out}', where outputs are written; copy it elsewhere"))
+                continue
+            attached.append(image)
             continue
         draw = line.startswith("/draw ")
         text = line[len("/draw "):] if draw else line
@@ -150,20 +180,20 @@ def chat_main(argv: Sequence[str] | None = None) -> int:
             attached = []
             response = session.respond(draw=draw)[0]
         except MogaoError as e:
-            print(f"error: {e}")
+            print(f"error: {printable(e)}")
             attached = []
             continue
         first = len(session.history[0]) - len(response.segments)
         for k, seg in enumerate(response.segments):
             if seg.text:
-                print(f"model: {seg.text}")
+                print(f"model: {printable(seg.text, keep=_MODEL_TEXT_KEEP)}")
             if seg.image is not None:
                 path = out / f"image_{len(saved):03d}.png"
                 seg.image.save(path)
                 saved[first + k] = path
-                print(f"model: [image saved: {path}]")
+                print(printable(f"model: [image saved: {path}]"))
         sys.stdout.flush()
     paths = save_conversation(session.history[0], out, title="mogao chat", settings=_settings(args),
                               image_paths=saved)
-    print(f"conversation: {paths['html']}")
+    print(printable(f"conversation: {paths['html']}"))
     return 0

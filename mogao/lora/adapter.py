@@ -188,20 +188,25 @@ def adapter_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None = 
 
 
 def save_adapter(model: nn.Module, directory: str | Path, full: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `adapter_model.safetensors` and `adapter_config.json` (spec + base identity) to `directory`;
-    `full`: as in `adapter_state_dict`."""
+    """Write `adapter_model.safetensors` and `adapter_config.json` (spec + base identity) to `directory` as one
+    unit (`mogao.training.checkpointing.write_directory`: new, empty, or a folder an adapter or model was saved
+    to before); `full`: as in `adapter_state_dict`."""
     from safetensors.torch import save_file
 
+    from mogao.training.checkpointing import write_directory
+
     state = lora_state(model)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     weights = adapter_state_dict(model, full)
-    save_file(weights, str(d / ADAPTER_WEIGHTS))
     meta = {"format": FORMAT, "version": 1, "spec": state.spec.to_dict(), "base": state.base,
             "target_modules": state.spec.target_regex(len(model.backbone.layers)),
             "parameters": int(sum(v.numel() for v in weights.values()))}
-    (d / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-    return d
+
+    def write(d: Path) -> None:
+        save_file(weights, str(d / ADAPTER_WEIGHTS))
+        (d / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+    # weights and config as one unit (a temporary folder renamed into place), files with the user's umask
+    return write_directory(directory, write)
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:
@@ -211,12 +216,12 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"'{d}' is not a LoRA adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                           "(written at the end of a LoRA fit, in <run dir>/adapter)")
     try:
-        meta = json.loads(cfg.read_text())
-        if meta.get("format") != FORMAT:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise KeyError("format")
         meta["spec"] = LoraSpec.from_dict(meta["spec"])
         meta["base"]["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ConfigError(f"'{cfg}' is not a valid mogao LoRA adapter config ({type(e).__name__}: {e})") from e
     return meta
 
@@ -233,7 +238,12 @@ def _load_adapter(model: nn.Module, path: str | Path, base_name: str | Path | No
     plain = LoraSpec.from_dict({**spec.to_dict(), "quantize": "none", "dropout": 0.0})
     apply_lora(model, plain, base_name, quantize=False)
     model.lora_state = LoraState(spec, meta["base"])
-    saved = load_file(str(Path(path).expanduser() / ADAPTER_WEIGHTS))
+    weights_file = Path(path).expanduser() / ADAPTER_WEIGHTS
+    try:
+        saved = load_file(str(weights_file))
+    except Exception as e:  # noqa: BLE001 - safetensors reports a bad file with several error types
+        raise ConfigError(f"cannot read adapter weights '{weights_file}' ({type(e).__name__}: {e}); not a "
+                          "safetensors file, or damaged") from e
     own_params = dict(model.named_parameters())
     own_params.update({f"{part}.{k}": v for part, m in _full_modules(model, spec).items()
                        for k, v in m.state_dict().items()})
@@ -244,6 +254,11 @@ def _load_adapter(model: nn.Module, path: str | Path, base_name: str | Path | No
     if missing or unexpected:
         raise ConfigError(f"adapter '{path}' does not fit its own spec: missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]} (a damaged or hand-edited adapter?)")
+    wrong = [f"{k} {tuple(v.shape)} (needs {tuple(own_params[k].shape)})" for k, v in mapped.items()
+             if v.shape != own_params[k].shape]
+    if wrong:  # copy_ would broadcast e.g. a one-element tensor over a whole matrix without a word
+        raise ConfigError(f"adapter '{weights_file}': {len(wrong)} weight(s) of the wrong shape, e.g. "
+                          f"{'; '.join(wrong[:3])} (a damaged or hand-edited adapter?)")
     with torch.no_grad():
         for k, v in mapped.items():
             own_params[k].copy_(v.to(own_params[k].dtype))

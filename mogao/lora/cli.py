@@ -1,7 +1,8 @@
 """`mogao lora ...`: LoRA adapter tools.
 
-    mogao lora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR
-        fold an adapter into its base: a full saved model (MogaoModel.from_pretrained loads it)
+    mogao lora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--overwrite]
+        fold an adapter into its base: a full saved model (MogaoModel.from_pretrained loads it); OUT_DIR must
+        be new or empty unless --overwrite
     mogao lora info ADAPTER_DIR
         print an adapter's spec, size and base model
 """
@@ -16,22 +17,30 @@ from pathlib import Path
 from mogao.errors import ConfigError
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Load `base`, put `adapter` on it, merge and save the full model to `out` (with the base's tokenizer
-    files, when the base directory has them)."""
+    files, when the base directory has them), written as one unit. `out` must be new or empty unless
+    `overwrite` (which replaces a model saved there before, never another folder)."""
     from mogao.lora.adapter import _load_adapter, merge_lora
     from mogao.model.mogao import MogaoModel
+    from mogao.training.checkpointing import save_model_directory
 
-    base, out = Path(base).expanduser(), Path(out).expanduser()
-    if out.resolve() == base.resolve():
-        raise ConfigError(f"--out '{out}' is the base directory; write the merged model somewhere else")
+    base, adapter, out = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
+    for given, what in ((base, "the base directory"), (adapter, "the adapter directory")):
+        if out.resolve() == given.resolve() or out.resolve() in given.resolve().parents:
+            raise ConfigError(f"--out '{out}' is or holds {what}; write the merged model somewhere else")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{out}' is not empty; give a new folder, or --overwrite to replace a model "
+                          "saved there")
     model = MogaoModel.from_pretrained(base)
-    merge_lora(_load_adapter(model, adapter, base_name=base)).save_pretrained(out)
+    tokenizer = None
     if (base / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    return save_model_directory(merge_lora(_load_adapter(model, adapter, base_name=base)), tokenizer, out)
 
 
 def info(adapter: str | Path) -> dict:
@@ -48,13 +57,14 @@ def main(argv: list[str]) -> int:
     m = sub.add_parser("merge", help="fold an adapter into its base model and save the full model")
     m.add_argument("--base", required=True, help="directory of the base mogao model the adapter was trained on")
     m.add_argument("--adapter", required=True, help="adapter directory (<run dir>/adapter)")
-    m.add_argument("--out", required=True, help="directory for the merged model")
+    m.add_argument("--out", required=True, help="directory for the merged model (new or empty)")
+    m.add_argument("--overwrite", action="store_true", help="replace a model saved in --out before")
     i = sub.add_parser("info", help="print an adapter's spec and base")
     i.add_argument("adapter")
     args = ap.parse_args(argv)
     try:
         if args.verb == "merge":
-            out = merge(args.base, args.adapter, args.out)
+            out = merge(args.base, args.adapter, args.out, args.overwrite)
             print(f"merged {args.adapter} into {args.base}: {out}")
         else:
             print(json.dumps(info(args.adapter), indent=2))

@@ -13,10 +13,16 @@ moves them with `shutil.move`: when that directory is on another file system the
 can tear, nothing is `fsync`ed, and a killed save leaves its staging file behind in /tmp. Remote (fsspec URL)
 paths still go through Lightning's implementation here.
 
-Reading validates. `AtomicCheckpointIO.load_checkpoint` raises `CheckpointError`, naming the file and the
-problem, for a file that cannot be unpickled (truncated, empty, garbage) or that lacks what a Lightning
-checkpoint has (`state_dict`, `global_step`). `check_checkpoint` also compares every record with its CRC-32,
-so it finds damage that unpickling alone does not notice. `find_valid_checkpoint` returns the newest
+Reading validates, and never runs code from the file: checkpoints are read in torch's weights-only format
+(tensors, containers, numbers, strings and the few config classes the project registers with
+`torch.serialization.add_safe_globals`), whatever a caller asks for. `AtomicCheckpointIO.load_checkpoint` raises
+`CheckpointError`, naming the file and the problem, for a file that cannot be loaded that way (truncated,
+empty, garbage, or holding other objects) or that lacks what a Lightning checkpoint has (`state_dict`,
+`global_step`). `check_checkpoint` also compares every record with its CRC-32, so it finds damage that
+unpickling alone does not notice. A sharded checkpoint's shard index (`.metadata`, which torch's distributed
+checkpoint reader unpickles without restriction) is first read by `read_shard_index`, an unpickler that
+builds only the index classes torch writes there, and every non-tensor record of the shards is read
+weights-only, so a folder that would run code is refused before torch opens it. `find_valid_checkpoint` returns the newest
 checkpoint of a directory that passes `check_checkpoint`, skipping (with a warning) those that do not;
 `resolve_ckpt_path` is what `mogao fit --ckpt_path=last` goes through.
 
@@ -31,8 +37,11 @@ checkpoint that a run was resumed from can outlive the N newest.)
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import secrets
+import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -122,6 +131,93 @@ def atomic_save(obj: Any, path: _PATH, write: Callable[[Any, IO[bytes]], None] |
     fsync_directory(final.parent)
 
 
+# files a saved model or adapter folder holds: a folder with one of them was written by this project
+SAVED_FOLDER_MARKERS = ("mogao_config.json", "adapter_config.json")
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask (read without changing it where /proc allows)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(directory: _PATH) -> None:
+    """Give every file under `directory` (and the folders) the mode a plain `open` would have given it:
+    some writers (safetensors) create their files 0600 whatever the umask, which hides them from the group."""
+    mask = current_umask()
+    root = Path(directory)
+    for d, subdirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.chmod(Path(d, name), 0o666 & ~mask)
+        for name in subdirs:
+            with contextlib.suppress(OSError):
+                os.chmod(Path(d, name), 0o777 & ~mask)
+    with contextlib.suppress(OSError):
+        os.chmod(root, 0o777 & ~mask)
+
+
+def write_directory(directory: _PATH, write: Callable[[Path], None]) -> Path:
+    """Write a saved model / adapter folder as one unit: `write(tmp)` fills a temporary sibling folder, whose
+    files then get the user's umask, and the folder is renamed onto `directory` (a previous save there is
+    replaced, then removed). A kill leaves the previous folder or the new one, never a mix of both.
+
+    `directory` must be new, empty, or a folder this project saved a model or adapter to (it holds one of
+    `SAVED_FOLDER_MARKERS`); ConfigError naming it otherwise, so that no other folder is replaced.
+    """
+    final = Path(directory).expanduser()
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"'{final}' is a file, not a folder to save a model to")
+    replace = final.is_dir() and any(final.iterdir())
+    if replace and not any((final / m).is_file() for m in SAVED_FOLDER_MARKERS):
+        raise ConfigError(f"'{final}' already holds files and is not a folder this project saved a model or "
+                          "adapter to; choose a new or empty folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = final.with_name(f".{final.name}.{tag}{TEMP_SUFFIX}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        honour_umask(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if final.is_dir():
+            old = final.with_name(f".{final.name}.{tag}.old")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_directory(final.parent)
+    return final
+
+
+def save_model_directory(model: Any, tokenizer: Any, directory: _PATH,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """`model.save_pretrained` (with `state_dict`, see `MogaoModel.save_pretrained`) and, when given,
+    `tokenizer.save_pretrained` into `directory` as one unit (`write_directory`)."""
+
+    def write(d: Path) -> None:
+        if state_dict is None:
+            model.save_pretrained(d)
+        else:
+            model.save_pretrained(d, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+
+    return write_directory(directory, write)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO with atomic, durable saves and validated loads (see the module docstring).
 
@@ -148,8 +244,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        try:
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        _register_safe_globals()
+        try:  # weights only whatever is asked: a checkpoint from elsewhere must not run code
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except MemoryError:
             raise
         except Exception as e:  # torch.load's errors for a torn or foreign file: RuntimeError, EOFError, ...
@@ -210,6 +307,7 @@ def check_checkpoint(path: _PATH) -> int:
         if not meta.is_file() or not index.is_file():
             raise CheckpointError(p, f"a directory without '{SHARDED_META}' and '{SHARDED_INDEX}': not a "
                                      "sharded checkpoint, or one whose save was interrupted")
+        check_shard_records(p, read_shard_index(index))
         return validate_checkpoint(_load(meta), meta, sharded=True)
     if not p.is_file():
         raise CheckpointError(p, "does not exist")
@@ -239,16 +337,117 @@ def _check_records(path: Path) -> None:
         raise CheckpointError(path, f"damaged archive ({_reason(e)})") from e
 
 
-def _load(path: Path, mmap: bool = False) -> Any:
+def _register_safe_globals() -> None:
     import mogao.model.mogao  # noqa: F401 - registers the config classes checkpoints hold as safe globals
     import mogao.model.tiny  # noqa: F401
 
+
+def _load(path: Path, mmap: bool = False) -> Any:
+    _register_safe_globals()
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except MemoryError:
         raise
     except Exception as e:
         raise CheckpointError(path, _unloadable(path, e)) from e
+
+
+def load_checkpoint_file(path: _PATH, mmap: bool = False) -> Any:
+    """`torch.load` of a checkpoint file (or a sharded checkpoint's `meta.pt`) in the weights-only format only;
+    CheckpointError naming the file when it holds anything else or cannot be read."""
+    return _load(Path(path), mmap=mmap)
+
+
+# ---- the shard index of a sharded checkpoint ------------------------------------------------------------
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# what torch's distributed checkpoint writer puts in `.metadata` (torch.distributed.checkpoint.filesystem)
+_INDEX_CLASSES = {
+    (_DCP_METADATA, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                       "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "StorageMeta",
+                                       "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    """Builds only the classes of a distributed checkpoint's index (and torch dtypes); anything else is an
+    error, so unpickling cannot call arbitrary functions."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _INDEX_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a shard index never holds")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("holds a persistent reference, which a shard index never holds")
+
+
+def read_shard_index(path: _PATH) -> Any:
+    """The `torch.distributed.checkpoint` index (`Metadata`) in the file `path` (a sharded checkpoint's
+    `.metadata`), read without running code: CheckpointError naming the file when it holds anything but the
+    index classes torch writes there."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            index = _ShardIndexUnpickler(f).load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(p, f"not a shard index that can be read safely ({_reason(e)}); refusing to load "
+                                 "it") from e
+    if not isinstance(index, Metadata):
+        raise CheckpointError(p, f"holds a {type(index).__name__}, not a distributed checkpoint index")
+    return index
+
+
+def check_shard_records(directory: _PATH, index: Any) -> None:
+    """Read every non-tensor record of a sharded checkpoint's shard files weights-only (torch's reader
+    unpickles those records without restriction when the optimizer state is loaded); CheckpointError naming
+    the shard file when one holds anything else or lies outside the checkpoint."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    d = Path(directory)
+    storage = getattr(index, "storage_data", None) or {}
+    kinds = getattr(index, "state_dict_metadata", None) or {}
+    if not isinstance(storage, dict) or not isinstance(kinds, dict):
+        raise CheckpointError(d / SHARDED_INDEX, "a shard index without its storage tables")
+    for key, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise CheckpointError(d / SHARDED_INDEX, f"names the shard file {rel!r}, which is not a file of the "
+                                                     "checkpoint folder")
+        if not isinstance(kinds.get(getattr(key, "fqn", None)), BytesStorageMetadata):
+            continue  # tensors: torch reads them weights-only
+        shard = d / rel
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(shard, "holds a transformed (e.g. compressed) record, which cannot be checked")
+        try:
+            with open(shard, "rb") as f:
+                f.seek(int(info.offset))
+                data = f.read(int(info.length))
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise CheckpointError(shard, f"record '{key.fqn}' cannot be loaded weights-only ({_reason(e)}); "
+                                         "refusing to load it") from e
+
+
+def check_sharded_checkpoint(directory: _PATH) -> None:
+    """Check a sharded checkpoint folder's shard index and non-tensor records (see `read_shard_index` and
+    `check_shard_records`) before torch's reader opens it; CheckpointError naming the file otherwise."""
+    d = Path(directory)
+    index = d / SHARDED_INDEX
+    if not index.is_file():
+        raise CheckpointError(d, f"a directory without '{SHARDED_INDEX}': not a sharded checkpoint, or one whose "
+                                 "save was interrupted")
+    check_shard_records(d, read_shard_index(index))
 
 
 # ---- finding the checkpoint to resume from -------------------------------------------------------------

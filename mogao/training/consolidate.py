@@ -3,13 +3,18 @@ written by `MoTFSDP2Strategy`/`MoTFSDPStrategy`, or a full `.ckpt` file - into a
 (`model.safetensors` + `mogao_config.json` + the tokenizer), loadable with `MogaoModel.from_pretrained` and by
 `mogao generate --ckpt DIR`.
 
-    mogao checkpoint consolidate RUN_OR_CKPT --out DIR [--tokenizer DIR] [--dtype bfloat16]
+    mogao checkpoint consolidate RUN_OR_CKPT --out DIR [--tokenizer DIR] [--dtype bfloat16] [--overwrite]
 
 RUN_OR_CKPT is a checkpoint (directory or file) or a run directory, whose newest valid checkpoint is used
 (`<run>/checkpoints/`, as `--ckpt_path=last` picks). Runs on one process, no GPU and no process group: the
 model is built on the meta device from the architecture the strategy stored in the checkpoint, allocated once
 on the CPU, and the shards are read into it (`torch.distributed.checkpoint`, resharding to one rank). Peak
 memory is one copy of the weights in their saved dtype; the optimizer state is never read.
+
+A checkpoint may come from elsewhere: it is read weights-only and its shard index is checked before torch
+opens it (`mogao.training.checkpointing.check_checkpoint`), so it cannot run code; every weight must have the
+shape the stored architecture gives it. `--out` must be new or empty (`--overwrite` replaces a model folder
+saved there before), and the folder is written as one unit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from mogao.training.checkpointing import (
     CheckpointError,
     check_checkpoint,
     checkpoint_candidates,
+    load_checkpoint_file,
+    save_model_directory,
 )
 from mogao.training.strategies import ARCHITECTURE_KEY
 
@@ -58,15 +65,19 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _metadata(ckpt: Path) -> dict[str, Any]:
-    # (the metadata holds the run's hyper-parameters - dataclasses among them - so not weights_only)
+    # weights-only (the config classes checkpoints hold are registered safe globals); a sharded checkpoint's
+    # shard index is checked here too, before torch's reader unpickles it
+    check_checkpoint(ckpt)
     path = ckpt / SHARDED_META if ckpt.is_dir() else ckpt
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=False, mmap=not ckpt.is_dir())
-    except Exception as e:
-        raise CheckpointError(path, f"cannot be loaded ({type(e).__name__}: {e})") from e
+    meta = load_checkpoint_file(path, mmap=not ckpt.is_dir())
     if not isinstance(meta, dict):
         raise CheckpointError(path, f"holds a {type(meta).__name__}, not a Lightning checkpoint")
     return meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def load_trained_model(ckpt: Path, dtype: torch.dtype | None = None):
@@ -91,12 +102,20 @@ def load_trained_model(ckpt: Path, dtype: torch.dtype | None = None):
     if ckpt.is_dir():
         import torch.distributed.checkpoint as dcp
 
-        dcp.load({"state_dict": own}, checkpoint_id=str(ckpt), no_dist=True)
+        try:  # (torch compares each shard's shape with the architecture's)
+            dcp.load({"state_dict": own}, checkpoint_id=str(ckpt), no_dist=True)
+        except Exception as e:  # noqa: BLE001 - torch's reader wraps every failure in its own types
+            raise CheckpointError(ckpt, f"its shards do not load into the stored architecture ({_first_line(e)})"
+                                  ) from e
     else:
         saved = meta.get("state_dict", {})
         missing = sorted(k for k in own if k not in saved)
         if missing:
             raise CheckpointError(ckpt, f"lacks model weights, e.g. {missing[:3]}")
+        wrong = [f"{k} {tuple(saved[k].shape)} (the architecture needs {tuple(v.shape)})" for k, v in own.items()
+                 if not torch.is_tensor(saved[k]) or saved[k].shape != v.shape]
+        if wrong:  # copy_ would broadcast a smaller tensor silently
+            raise CheckpointError(ckpt, f"{len(wrong)} weight(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
         with torch.no_grad():
             for k, v in own.items():
                 v.copy_(saved[k])
@@ -105,27 +124,43 @@ def load_trained_model(ckpt: Path, dtype: torch.dtype | None = None):
     return model.eval(), meta
 
 
+def _check_out(out: Path, overwrite: bool, keep: list[Path]) -> None:
+    """`out` must be new or empty unless `overwrite`, and never a folder the inputs live in."""
+    target = out.resolve()
+    for p in keep:
+        p = p.resolve()
+        if target == p or target in p.parents:
+            raise ConfigError(f"--out '{out}' holds an input ({p}); write the model somewhere else")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out '{out}' is not empty; give a new folder, or --overwrite to replace a model "
+                          "saved there")
+
+
 def consolidate(source: str | Path, out: str | Path, tokenizer: str | None = None,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write the model of checkpoint (or run) `source` as a saved model directory `out`; returns `out`.
 
     The tokenizer is the one the run trained with (`model.init_args.tokenizer` in the checkpoint's
-    hyper-parameters) unless `tokenizer` names another directory.
+    hyper-parameters) unless `tokenizer` names another directory. `out` must be new or empty unless
+    `overwrite` (which replaces a model folder saved there, never another folder).
     """
     from transformers import AutoTokenizer
 
     from mogao.model.mogao import resolve_checkpoint
 
+    d = Path(out).expanduser()
     ckpt = find_checkpoint(source)
+    _check_out(d, overwrite, [ckpt] + ([Path(tokenizer).expanduser()] if tokenizer else []))
     model, meta = load_trained_model(ckpt, dtype)
     tok_path = tokenizer or (meta.get("hyper_parameters") or {}).get("tokenizer")
     if tok_path is None:
         raise ConfigError(f"'{ckpt}' does not name its tokenizer: give --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tok_path), "tokenizer"))
-    d = Path(out).expanduser()
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    tok_dir = resolve_checkpoint(str(tok_path), "tokenizer")
+    _check_out(d, overwrite, [ckpt, tok_dir])
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return save_model_directory(model, tok, d)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -147,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                                                 "the tokenizer to")
     c.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
     c.add_argument("--dtype", default=None, help="cast the weights, e.g. bfloat16 (default: as saved)")
+    c.add_argument("--overwrite", action="store_true", help="replace the model saved in --out before (a folder "
+                                                            "that is not empty is refused otherwise)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = consolidate(args.source, args.out, args.tokenizer, _dtype(args.dtype))
+        out = consolidate(args.source, args.out, args.tokenizer, _dtype(args.dtype), args.overwrite)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

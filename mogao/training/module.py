@@ -496,6 +496,7 @@ class MogaoModule(pl.LightningModule):
         if self.trainer.interrupted:
             return
         # collectives on every rank: the gathered weights, and `trainer.log_dir` (a broadcast) in output_dir
+        from mogao.training.checkpointing import save_model_directory
         from mogao.training.strategies import full_state_dict
 
         full = full_state_dict(self.model, keep=self.trainer.is_global_zero)
@@ -507,8 +508,7 @@ class MogaoModule(pl.LightningModule):
             save_adapter(self.model, d, full)
             log.info("saved the LoRA adapter to %s", d)
         elif self.trainer.is_global_zero:
-            self.model.save_pretrained(d, state_dict=full)
-            self.tokenizer.save_pretrained(d)
+            save_model_directory(self.model, self.tokenizer, d, full)  # one unit: a temporary folder renamed
             log.info("saved the trained model to %s", d)
 
 _KIND = {"loss": "loss", "grad_norm": "gradient norm"}

@@ -184,17 +184,23 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Whatever path led here (`--ckpt_path`, `trainer.fit(ckpt_path=...)` from Python, SLURM's hpc
+        # checkpoints), the checkpoint is checked on every rank just before it is read, and read weights-only:
+        # a sharded checkpoint's shard index through a restricted unpickler, `meta.pt` and whole files in
+        # torch's weights-only format (the config classes they hold are registered safe globals).
+        from mogao.training.checkpointing import check_checkpoint, load_checkpoint_file
+
+        path = Path(self.broadcast(checkpoint_path))
+        check_checkpoint(path)  # CheckpointError naming the file
         # the optimizer must have the saved param groups before its state is loaded into it: parts unfrozen
         # by a curriculum before the save get their groups now (the module re-applies the rest on load)
-        path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
         meta = path / "meta.pt" if path.is_dir() else None
         if meta is not None and meta.is_file() and hasattr(module, "set_train_parts"):
-            saved = torch.load(meta, map_location="cpu", weights_only=False).get("mogao")
+            saved = load_checkpoint_file(meta).get("mogao")
             if saved:
                 module.set_train_parts(list(saved["optimizer_parts"]))
-        # the metadata holds the run's hyper-parameters (dataclasses), as AtomicCheckpointIO's files do
-        return super().load_checkpoint(checkpoint_path, weights_only=bool(weights_only))
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
 
 
 def _parameters_to_meta(model: nn.Module) -> None:
