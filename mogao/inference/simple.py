@@ -285,12 +285,15 @@ def generate_text(
     max_new_tokens: int = 16,
     max_image_tokens: int = 256,
     device: torch.device | str | None = None,
+    lockstep: bool = False,
 ) -> list[str]:
     """Greedy text continuation of each context (e.g. `[{"image": img}, {"text": "What colour is it?"}]`).
 
     Decoding stops at `<|endoftext|>`, at a begin-of-image token (this reference decoder does not draw) or
     after `max_new_tokens`; the stop token is not part of the answer. Images in a context get at most
     `max_image_tokens` tokens per copy, as in `DataConfig`. Returns the decoded answers, stripped.
+    `lockstep`: run exactly `max_new_tokens` forwards whatever the answers (a sharded model all-gathers in
+    every forward, so every rank must run as many; finished answers are kept as they were).
     """
     dev = _device_of(model, device)
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -310,9 +313,10 @@ def generate_text(
     active = list(range(len(prompts)))
     with eval_mode(model):
         for _ in range(max_new_tokens):
-            if not active:
+            if not active and not lockstep:
                 break
-            plans = [_with_text(prompts[i], answers[i]) for i in active]
+            rows = active if active else [0]  # (lockstep with every answer done: a forward all the same)
+            plans = [_with_text(prompts[i], answers[i]) for i in rows]
             batch = collate_plans(plans, sum(p.num_tokens for p in plans)).to(dev)
             logits = model(batch, return_logits=True).text_logits
             next_ids = logits[last_token_rows(batch)].argmax(dim=-1).tolist()

@@ -66,6 +66,11 @@ class Source:
             raise ConfigError(f"data source '{self.name}': give exactly one of 'builtin' (a task) or 'path' (a JSONL file)")
         if self.weight < 0:
             raise ConfigError(f"data source '{self.name}': weight must be >= 0, got {self.weight}")
+
+    def check_files(self) -> None:
+        """Raise `ConfigError` naming a file of this source that does not exist. Called when the data module is
+        set up, not when the recipe is parsed: a recipe's placeholder paths may be replaced on the command line
+        (`--data.path`, `--data.sources`) after its list was instantiated."""
         for p in (self.path, self.val_path):
             if p is not None and not Path(p).expanduser().is_file():
                 raise ConfigError(f"data source '{self.name}': file not found: '{p}'")
@@ -205,6 +210,7 @@ class MogaoDataModule(pl.LightningDataModule):
                  num_workers: int = 0, val_budget: int | None = None, worker_timeout: float = 600.0,
                  path: str | None = None, val_path: str | None = None) -> None:
         super().__init__()
+        self.single_path = path is not None
         if path is not None:
             sources = [Source(name=Path(path).stem or "data", path=path, val_path=val_path)]
         elif val_path is not None:
@@ -215,6 +221,8 @@ class MogaoDataModule(pl.LightningDataModule):
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: duplicate names {names}")
+        for s in sources:  # the sources that will be read, after any command-line override
+            s.check_files()
         self.tokenizer_path = tokenizer
         self.sources = sources
         self.data = data or DataConfig()
@@ -236,7 +244,11 @@ class MogaoDataModule(pl.LightningDataModule):
     # ---- schedules (set by the curriculum-schedule callback before the loaders are built) ----------------
     def set_schedules(self, mixture: list[tuple[int, dict[str, float]]] | None = None,
                       resolution: list[tuple[int, int]] | None = None, accumulate: int = 1) -> None:
-        """Piecewise-constant schedules keyed by optimizer step (converted to batch index here)."""
+        """Piecewise-constant schedules keyed by optimizer step (converted to batch index here). With
+        `data.path` (one file in place of the recipe's sources) a mixture schedule has nothing to mix."""
+        if mixture and self.single_path:
+            log.info("data.path replaces the recipe's sources: its mixture schedule is not used")
+            mixture = None
         self.mixture_schedule = sorted((s * accumulate, w) for s, w in (mixture or []))
         self.resolution_schedule = sorted((s * accumulate, t) for s, t in (resolution or []))
 

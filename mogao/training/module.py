@@ -467,13 +467,20 @@ class MogaoModule(pl.LightningModule):
         rank, world = self.global_rank, self.trainer.world_size
         for name in dm.val_names:
             qa = [x for x in map(_question_answer, dm.val_samples(name)) if x is not None]
-            qa = qa[: self.exact_match_samples][rank::world]
+            qa = qa[: self.exact_match_samples]
             correct, total = SumMetric().to(self.device), SumMetric().to(self.device)
             if qa:
-                answers = generate_text(self.model, self.tokenizer, [c for c, _ in qa],
-                                        max_new_tokens=max(len(self.tokenizer(a)["input_ids"]) for _, a in qa) + 2)
-                correct.update(torch.tensor(float(sum(_norm(g) == _norm(a) for g, (_, a) in zip(answers, qa)))))
-                total.update(torch.tensor(float(len(qa))))
+                # every rank decodes as many questions for as many steps (a sharded model's forward is a
+                # collective): its share, padded with repeats that are not counted
+                steps = max(len(self.tokenizer(a)["input_ids"]) for _, a in qa) + 2
+                share = qa[rank::world]
+                counted = len(share)
+                share = share + [qa[0]] * (-(-len(qa) // world) - counted)
+                answers = generate_text(self.model, self.tokenizer, [c for c, _ in share], max_new_tokens=steps,
+                                        lockstep=world > 1)
+                hits = sum(_norm(g) == _norm(a) for g, (_, a) in list(zip(answers, share))[:counted])
+                correct.update(torch.tensor(float(hits)))
+                total.update(torch.tensor(float(counted)))
             else:
                 correct.update(torch.tensor(0.0))
                 total.update(torch.tensor(0.0))
