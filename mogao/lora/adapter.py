@@ -247,14 +247,15 @@ def _load_adapter(model: nn.Module, path: str | Path, base_name: str | Path | No
     own_params = dict(model.named_parameters())
     own_params.update({f"{part}.{k}": v for part, m in _full_modules(model, spec).items()
                        for k, v in m.state_dict().items()})
-    mapped = {_LORA_KEY.sub(lambda m: f".{m.group(1)}.{ADAPTER_NAME}.", k): v for k, v in saved.items()}
+    names = {_LORA_KEY.sub(lambda m: f".{m.group(1)}.{ADAPTER_NAME}.", k): k for k in saved}
+    mapped = {own: saved[k] for own, k in names.items()}
     missing = sorted(k for k in own_params if k not in mapped and (_LORA_KEY.search(k) or
                                                                    k.split(".")[0] in spec.full))
     unexpected = sorted(k for k in mapped if k not in own_params)
     if missing or unexpected:
         raise ConfigError(f"adapter '{path}' does not fit its own spec: missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]} (a damaged or hand-edited adapter?)")
-    wrong = [f"{k} {tuple(v.shape)} (needs {tuple(own_params[k].shape)})" for k, v in mapped.items()
+    wrong = [f"{names[k]} {tuple(v.shape)} (needs {tuple(own_params[k].shape)})" for k, v in mapped.items()
              if v.shape != own_params[k].shape]
     if wrong:  # copy_ would broadcast e.g. a one-element tensor over a whole matrix without a word
         raise ConfigError(f"adapter '{weights_file}': {len(wrong)} weight(s) of the wrong shape, e.g. "
