@@ -137,13 +137,16 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
     from mogao.cli import build_cli
 
     spec = load_curriculum(path, out)
-    if fresh and spec.out.exists():
-        remove_run_directory(spec)
-    spec.out.mkdir(parents=True, exist_ok=True)
-    marker = spec.out / RUN_MARKER
-    if not marker.is_file():
-        marker.write_text(json.dumps({"written_by": "mogao curriculum", "curriculum": str(path)}, indent=1))
-    shutil.copyfile(path, spec.out / "curriculum.yaml")
+    rank, barrier = _join_launch()
+    if rank == 0:  # the run directory is laid out by one process; the others wait for it
+        if fresh and spec.out.exists():
+            remove_run_directory(spec)
+        spec.out.mkdir(parents=True, exist_ok=True)
+        marker = spec.out / RUN_MARKER
+        if not marker.is_file():
+            marker.write_text(json.dumps({"written_by": "mogao curriculum", "curriculum": str(path)}, indent=1))
+        shutil.copyfile(path, spec.out / "curriculum.yaml")
+    barrier()
     models = []
     for i, stage in enumerate(spec.stages):
         d = spec.stage_dir(i)
@@ -159,9 +162,33 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
         print(f"[curriculum] stage {i + 1}/{len(spec.stages)} '{stage.name}': {how} in {d}")
         cli = build_cli(args, callbacks=(stage_callbacks or {}).get(stage.name))
         trainer = cli.trainer
+        barrier()  # the first process has written the stage's model before any process looks for it
         if trainer.interrupted or not (d / "model" / "model.safetensors").is_file():
             raise ConfigError(f"stage '{stage.name}' did not finish (status {trainer.state.status}); run the "
                               "same command again to resume it")
-        (d / DONE).write_text(json.dumps({"stage": stage.name, "global_step": trainer.global_step,
-                                          "model": str(d / "model")}, indent=1))
+        if rank == 0:
+            (d / DONE).write_text(json.dumps({"stage": stage.name, "global_step": trainer.global_step,
+                                              "model": str(d / "model")}, indent=1))
+        barrier()
     return models
+
+
+def _join_launch() -> tuple[int, Any]:
+    """(this process's rank, a barrier over every process) of a multi-process launch (torchrun sets
+    WORLD_SIZE and RANK; so does Lightning for the processes it starts), else (0, a no-op).
+
+    Every process runs the whole curriculum; the stages' trainers then use the process group joined here, so
+    that the run directory can be laid out and each stage's end marked by one process while the others wait.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, lambda: None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.barrier
