@@ -6,6 +6,8 @@
 - text decoding: tokens/s with the cache vs re-running the sequence for every token.
 
     .venv/bin/python benchmarks/generation.py          (CUDA when available, else CPU)
+
+`measure` runs the same rows for any device, model size and context lengths (`benchmarks/gpu_check.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -51,9 +54,10 @@ def _time(fn, dev: torch.device, repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _build(root: Path, dev: torch.device):
+def _build(root: Path, dev: torch.device, hidden: int = 256, layers: int = 4):
     tok = train_tokenizer(caption_corpus(), vocab_size=512)
-    llm = save_tiny_llm(root / "llm", vocab_size=len(tok), hidden_size=256, layers=4, heads=4, kv_heads=2)
+    llm = save_tiny_llm(root / "llm", vocab_size=len(tok), hidden_size=hidden, layers=layers,
+                        heads=max(4, hidden // 128), kv_heads=2)
     vit = save_tiny_vit(root / "vit", hidden_size=64, patch_size=4)
     torch.manual_seed(0)
     model = MogaoModel.from_parts(ModelConfig(llm=str(llm), vit=str(vit), autoencoder="pixel", latent_patch=4))
@@ -129,23 +133,36 @@ def bench_decode(model, tok, dev, context: int, n_new: int) -> tuple[float, floa
     return n_new / t_cached, n_new / (time.perf_counter() - t0)
 
 
+def measure(dev: torch.device, contexts: tuple[int, ...] = (256, 1024), repeat: int = 10, n_new: int = 32,
+            hidden: int = 256, layers: int = 4) -> Iterator[dict]:
+    """The benchmark's rows, yielded as they are measured: `measurement`, `fast` / `slow` seconds (or tokens/s
+    for decoding) of the cached or batched path and of recomputation or sequential branches, `speedup`."""
+    with tempfile.TemporaryDirectory() as d:
+        model, tok = _build(Path(d), dev, hidden, layers)
+    for ctx in contexts:
+        c, f = bench_sampling(model, tok, dev, ctx, repeat)
+        yield {"measurement": f"image step, {ctx}-token context, {GRID[0] * GRID[1]}-token image", "unit": "s",
+               "fast": c, "slow": f, "speedup": f / c}
+    b, sq = bench_cfg(model, tok, dev, repeat)
+    yield {"measurement": "3-branch CFG step (batched vs sequential)", "unit": "s", "fast": b, "slow": sq,
+           "speedup": sq / b}
+    ctx = contexts[0]
+    tc, tf = bench_decode(model, tok, dev, ctx, n_new)
+    yield {"measurement": f"text decoding, {ctx}-token context (tokens/s)", "unit": "tok/s", "fast": tc,
+           "slow": tf, "speedup": tc / tf}
+
+
 def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    with tempfile.TemporaryDirectory() as d:
-        model, tok = _build(Path(d), dev)
-    repeat = 10
     rows = []
-    for ctx in (256, 1024):
-        c, f = bench_sampling(model, tok, dev, ctx, repeat)
-        rows.append((f"image step, {ctx}-token context, 256-token image", f"{c * 1e3:.1f} ms", f"{f * 1e3:.1f} ms",
-                     f"{f / c:.2f}x"))
-    b, sq = bench_cfg(model, tok, dev, repeat)
-    rows.append(("3-branch CFG step (batched vs sequential)", f"{b * 1e3:.1f} ms", f"{sq * 1e3:.1f} ms",
-                 f"{sq / b:.2f}x"))
-    tc, tf = bench_decode(model, tok, dev, 256, 32)
-    rows.append(("text decoding, 256-token context (tokens/s)", f"{tc:.1f} tok/s", f"{tf:.1f} tok/s",
-                 f"{tc / tf:.2f}x"))
+    for r in measure(dev):
+        if r["unit"] == "s":
+            rows.append((r["measurement"], f"{r['fast'] * 1e3:.1f} ms", f"{r['slow'] * 1e3:.1f} ms",
+                         f"{r['speedup']:.2f}x"))
+        else:
+            rows.append((r["measurement"], f"{r['fast']:.1f} tok/s", f"{r['slow']:.1f} tok/s",
+                         f"{r['speedup']:.2f}x"))
     print(f"machine: {platform.platform()} | {name} | {os.cpu_count()} CPUs | torch {torch.__version__} | "
           f"{dev.type}, {torch.get_num_threads()} threads | model: 4 layers, hidden 256, fp32")
     print()

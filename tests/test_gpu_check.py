@@ -1,0 +1,105 @@
+"""benchmarks/gpu_check.py: the dry run (CPU, toy sizes) writes every part's table, the failure and time-out
+paths are recorded without stopping the run, and (on CUDA only) bitsandbytes' 8-bit AdamW steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+PARTS = ["tests", "attention", "train", "ectf", "generation", "lora", "fsdp2"]
+
+
+def _run(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU check; on CUDA run the real one")
+def test_dry_run_writes_every_part(tmp_path):
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ESTIMATE" in proc.stdout and "Assumed:" in proc.stdout and "bf16_tflops=" in proc.stdout
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    env = report["environment"]
+    assert env["dry_run"] and env["gpus"] == 0 and env["torch"] == torch.__version__
+    assert set(env) >= {"device", "cuda", "flash_attn", "date", "command"}
+    parts = {p["name"]: p for p in report["parts"]}
+    assert [p["name"] for p in report["parts"]] == PARTS
+    for name in PARTS[:-1]:  # everything but fsdp2 runs on the CPU at toy sizes
+        assert parts[name]["status"] == "ok", (name, parts[name]["status"], parts[name].get("trace"))
+        assert parts[name]["rows"] and parts[name]["elapsed_s"] > 0
+        assert parts[name]["estimate_s"] > 0 and parts[name]["budget_s"] > 0
+    assert parts["fsdp2"]["status"] == "needs CUDA"
+    assert [r["step"] for r in parts["fsdp2"]["rows"]] == [1, 2, 3, 4]
+    assert all(r["status"] == "needs CUDA" for r in parts["fsdp2"]["rows"])
+
+    tests = parts["tests"]["rows"]  # every GPU test collected and skipped on the CPU, none failed
+    assert len(tests) >= 30 and all(r["outcome"] == "skipped" for r in tests)
+    assert any("test_attention_gpu.py" in r["test"] for r in tests)
+    assert any("test_qlora_on_cuda" in r["test"] for r in tests)
+    assert any("test_adamw8bit" in r["test"] for r in tests)
+    assert (tmp_path / "gpu_tests.xml").exists()
+
+    backends = [r["backend"] for r in parts["attention"]["rows"]]
+    assert [b.split(" ")[0] for b in backends] == ["sdpa_dense", "flash_varlen", "flex", "causal"]
+    for r in parts["attention"]["rows"]:
+        assert r["status"].startswith("ok") and r["fwd_bwd_s"] > 0
+    for r in parts["attention"]["rows"][:2]:  # the ECTF backends with a backward: compared to fp32
+        assert {"err_out", "err_dq", "err_dk", "err_dv", "ratio"} <= set(r)
+    assert [(r["preset"], r["ckpt"]) for r in parts["train"]["rows"]] == [("tiny", "off"), ("tiny", "on")]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in parts["train"]["rows"])
+    assert [r["targets"] for r in parts["ectf"]["rows"]] == [1, 2]
+    assert len(parts["generation"]["rows"]) == 4
+    assert {r["mode"]: r["status"] for r in parts["lora"]["rows"]} == {"full": "ok", "lora": "ok",
+                                                                        "qlora": "needs CUDA"}
+
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "DRY RUN" in md and env["device"] in md
+    for name in PARTS:
+        assert f"#### {name}:" in md
+    assert "| 1 | - | - | - | - | needs CUDA |" in md  # fsdp2's skeleton row
+
+
+def test_a_failing_or_slow_part_is_recorded_and_the_rest_go_on(tmp_path):
+    proc = _run(tmp_path, "--isolate", "yes", "--parts", "attention", "ectf", "fsdp2", "--budget", "attention=0.5",
+                "--inject-failure", "ectf", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = {p["name"]: p for p in json.loads((tmp_path / "gpu_check.json").read_text())["parts"]}
+    assert parts["attention"]["status"].startswith("timed out")
+    assert [r["status"] for r in parts["attention"]["rows"]] == ["not reached"] * 4
+    assert parts["ectf"]["status"].startswith("failed: RuntimeError: failure injected")
+    assert "failure injected" in parts["ectf"]["trace"]
+    assert parts["fsdp2"]["status"] == "needs CUDA"
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "timed out" in md and "failure injected" in md
+
+
+def test_wheels_lists_what_a_bare_torch_machine_needs():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--wheels"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for dist in ("lightning", "peft", "diffusers", "transformers", "omegaconf", "jsonargparse", "bitsandbytes"):
+        assert dist in out.stdout
+    assert "pip download --no-deps" in out.stdout and "torch|" in out.stdout  # torch itself is not brought
+
+
+@pytest.mark.gpu
+def test_adamw8bit_steps_on_cuda():
+    from mogao.training.optim import AdamW8bit
+
+    p = torch.nn.Parameter(torch.randn(64, 128, device="cuda"))  # >= 4096 elements: 8-bit state
+    opt = AdamW8bit([p], lr=1e-2)
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(before, p.detach())
+    assert opt.state[p]["state1"].dtype == torch.uint8
