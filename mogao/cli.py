@@ -222,11 +222,13 @@ def checkpoint_hparam_differences(hparams: Any, model_config: Any) -> list[str]:
 def report_checkpoint_hparams(ckpt_path: str | Path, model_config: Any) -> list[str]:
     """Say (on the first process) where the checkpoint's hyper-parameters differ from the config; returns those
     keys. Nothing is taken from them: a checkpoint restores state, the config chooses classes and paths."""
+    import zipfile
+
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from mogao.training.checkpointing import load_checkpoint_file
 
-    hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters")
+    hparams = load_checkpoint_file(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path)).get("hyper_parameters")
     keys = checkpoint_hparam_differences(hparams, model_config)
     if keys and rank_zero_only.rank == 0:
         shown = ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
