@@ -116,8 +116,10 @@ class Throughput(Callback):
     # ---- metrics --------------------------------------------------------------------------------
     def _rates(self, trainer, pl_module) -> dict[str, float]:
         elapsed = self._times[-1] - self._times[0]
-        if elapsed <= 0 or not math.isfinite(elapsed):
+        if trainer.world_size == 1 and (elapsed <= 0 or not math.isfinite(elapsed)):
             return {}
+        # (with several ranks every rank reaches the all-reduce below, whatever its own clock says)
+        elapsed = elapsed if elapsed > 0 and math.isfinite(elapsed) else math.inf
         work = list(self._work)
         tokens = sum(w.tokens for w in work) / elapsed
         samples = sum(w.samples for w in work) / elapsed

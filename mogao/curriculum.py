@@ -174,21 +174,27 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
 
 
 def _join_launch() -> tuple[int, Any]:
-    """(this process's rank, a barrier over every process) of a multi-process launch (torchrun sets
-    WORLD_SIZE and RANK; so does Lightning for the processes it starts), else (0, a no-op).
+    """(this process's rank, a barrier over every process) under a multi-process launcher (torchrun, srun),
+    else (0, a no-op).
 
     Every process runs the whole curriculum; the stages' trainers then use the process group joined here, so
-    that the run directory can be laid out and each stage's end marked by one process while the others wait.
+    that the run directory is laid out and each stage's end marked by one process while the others wait.
     """
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    env = next((e() for e in (TorchElasticEnvironment, SLURMEnvironment) if e.detect()), None)
+    if env is None or env.world_size() <= 1:
         return 0, lambda: None
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.main_address)
+        os.environ.setdefault("MASTER_PORT", str(env.main_port))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+            torch.cuda.set_device(env.local_rank())
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                rank=env.global_rank(), world_size=env.world_size())
     return dist.get_rank(), dist.barrier

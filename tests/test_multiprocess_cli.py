@@ -250,6 +250,7 @@ def test_lora_recipe_on_two_processes(base_model, tmp_path):
 _TINY_MODEL = ["--model.init_args.model.autoencoder=pixel", "--model.init_args.model.autoencoder_subfolder=null",
                "--model.init_args.model.latent_patch=4", "--model.init_args.model.attention=sdpa_dense",
                "--model.init_args.model.vit_feature_layer=-1", "--trainer.accelerator=cpu", "--trainer.devices=1",
+               "--trainer.num_nodes=1",
                "--data.num_workers=0", "--data.data.token_budget=2048", "--data.data.max_image_tokens=64"]
 
 
@@ -267,7 +268,7 @@ def test_user_jsonl_on_every_recipe_family(recipe, parts, base_model, tmp_path):
         args += _part_args(parts) + _TINY_MODEL + [f"--data.sources=[{{name: mine, path: {data}}}]"]
     elif recipe.startswith("lora"):  # the real-scale LoRA recipe on the tiny base (QLoRA needs CUDA)
         args += [f"--model.init_args.init_from={base_model}", f"--model.init_args.tokenizer={base_model}",
-                 "--model.init_args.lora.quantize=null", "--trainer.accelerator=cpu",
+                 "--model.init_args.lora.quantize=none", "--trainer.accelerator=cpu",
                  f"--data.path={data}"]
     else:
         args += _part_args(parts) + [f"--data.path={data}"]

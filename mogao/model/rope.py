@@ -49,5 +49,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, H, D); cos/sin: (N, D)."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """x: (N, H, D); cos/sin: (N, D). The result keeps x's dtype (under autocast q and k come out of the
+    projections in bf16 while cos/sin follow the fp32 residual stream; v stays bf16)."""
+    return (x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]).to(x.dtype)

@@ -321,9 +321,25 @@ class MogaoDataModule(pl.LightningDataModule):
             self._consumed[int(batch.data_state["worker"])] = batch.data_state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"workers": copy.deepcopy(self._consumed)}
+        """This rank's data position; with several ranks also every rank's ("ranks"), gathered here: a
+        whole-file checkpoint is written by the first rank alone, and each rank must resume from its own
+        position. (Lightning builds the checkpoint on every rank, so the gather is reached by all.)"""
+        state: dict[str, Any] = {"workers": copy.deepcopy(self._consumed)}
+        rank, world = self._rank()
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, state["workers"])
+                state["ranks"] = {str(r): {"workers": w} for r, w in enumerate(gathered)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world = self._rank()
+        ranks = state.get("ranks") or {}
+        if len(ranks) == world and str(rank) in ranks:
+            state = ranks[str(rank)]  # (saved with another world size: the first rank's, refused with a reason)
         self._consumed = {int(k): v for k, v in state.get("workers", {}).items()}
         self._loaded = state
         if self._train is not None:
