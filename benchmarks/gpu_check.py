@@ -5,15 +5,15 @@
     python benchmarks/gpu_check.py --wheels                          # what to pip-download for a bare machine
 
 Parts, most valuable first, each with its own time budget (seconds):
-  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          90
+  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          80
   attention   flash_varlen vs flex vs sdpa_dense vs plain causal FA2: fwd+bwd time, peak memory,
-              error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets      85
+              error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets     100
   train       training throughput and MFU, 0.5b and 1.5b presets, bf16, 8k tokens, act. ckpt
               off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                100
   ectf        ECTF one pass vs naive teacher forcing at 1/2/4/8 targets                           30
   generation  cached vs recomputed image step at 256/1024/4096 context, batched 3-branch CFG vs
               sequential, text tokens/s                                                           40
-  lora        full fine-tuning vs LoRA vs QLoRA on the 1.5b preset: peak memory, step time        90
+  lora        full fine-tuning vs LoRA vs QLoRA on the 1.5b preset: peak memory, step time        85
   fsdp2       with 2+ GPUs: the 2-rank FSDP2 equivalence run (tests/dist_child.py) on NCCL        45
 
 Each part runs in its own process (a crash, an OOM or a hang costs that part only; it is killed at its budget)
@@ -37,11 +37,23 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from gpu_check_parts import (
+    Recorder,
+    fsdp_child,
+    gpu_test_files,
+    part_attention,
+    part_ectf,
+    part_fsdp2,
+    part_generation,
+    part_lora,
+    part_tests,
+    part_train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -73,25 +85,25 @@ class Part:
 _MS = dict(fmt="{:.2f}", scale=1e3)
 BASE = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "diffusers", "PIL")
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 90,
+    Part("tests", "GPU tests (pytest -m gpu)", 80,
          (Col("test", "test"), Col("outcome", "outcome"), Col("seconds", "s", "{:.1f}"), Col("message", "message")),
          ("test",), ("pytest", "hypothesis", *BASE, "peft", "bitsandbytes", "lightning")),
-    Part("attention", "ECTF attention backends, bf16, same tokens", 85,
+    Part("attention", "ECTF attention backends, bf16, same tokens", 100,
          (Col("tokens", "tokens"), Col("backend", "backend"), Col("samples", "samples"),
           Col("fwd_bwd_s", "fwd+bwd ms", **_MS), Col("peak_mib", "peak MiB", "{:.0f}"),
           Col("first_call_s", "first call s", "{:.2f}"), Col("err_out", "err out", "{:.2e}"),
           Col("err_dq", "err dq", "{:.2e}"), Col("err_dk", "err dk", "{:.2e}"), Col("err_dv", "err dv", "{:.2e}"),
           Col("ratio", "ratio (<=1 ok)", "{:.2f}")),
          ("tokens", "backend"), ("torch",)),
-    Part("train", "Training throughput and MFU (bf16, flash_varlen)", 100,
-         (Col("preset", "preset"), Col("ckpt", "act. ckpt"), Col("params", "params (M)", "{:.1f}", 1e-6),
+    Part("train", "Training throughput and MFU", 100,
+         (Col("preset", "preset"), Col("ckpt", "act. ckpt"), Col("attention", "attention"), Col("params", "params (M)", "{:.1f}", 1e-6),
           Col("tokens_per_step", "tokens/step", "{:.0f}"), Col("step_s", "step ms", **_MS),
           Col("tokens_per_s", "tokens/s", "{:.0f}"), Col("tflops", "TFLOP/s", "{:.1f}"),
           Col("mfu", "MFU (Lightning peak)", "{:.1%}"), Col("mfu_dense", "MFU (dense bf16 peak)", "{:.1%}"),
           Col("peak_gib", "peak GiB", "{:.1f}")),
          ("preset", "ckpt"), (*BASE, "lightning")),
     Part("ectf", "ECTF one pass vs naive teacher forcing (training step)", 30,
-         (Col("targets", "targets"), Col("ectf_tokens", "ECTF tokens"), Col("naive_tokens", "naive tokens"),
+         (Col("targets", "targets"), Col("attention", "attention"), Col("ectf_tokens", "ECTF tokens"), Col("naive_tokens", "naive tokens"),
           Col("ectf_s", "ECTF ms", **_MS), Col("naive_s", "naive ms", **_MS),
           Col("naive_over_ectf", "naive/ECTF", "{:.2f}")),
          ("targets",), BASE),
@@ -99,7 +111,7 @@ PARTS = (
          (Col("measurement", "measurement"), Col("fast", "cached / batched"), Col("slow", "recompute / sequential"),
           Col("speedup", "speed-up", "{:.2f}x")),
          ("measurement",), BASE),
-    Part("lora", "Full fine-tuning vs LoRA vs QLoRA (one step, bf16 autocast)", 90,
+    Part("lora", "Full fine-tuning vs LoRA vs QLoRA (one step, bf16 autocast)", 85,
          (Col("mode", "mode"), Col("params", "params (M)", "{:.0f}", 1e-6),
           Col("trainable", "trainable (M)", "{:.1f}", 1e-6), Col("tokens", "tokens"),
           Col("peak_gib", "peak GiB", "{:.2f}"), Col("second_step_s", "step ms", **_MS)),
@@ -152,12 +164,6 @@ def skeleton(part: str, dry: bool) -> list[dict]:
     if part == "fsdp2":
         return [{"step": k} for k in range(1, s["steps"] + 1)]
     return [{"test": "(the tests marked gpu in " + ", ".join(gpu_test_files()) + ")"}]
-
-
-def gpu_test_files() -> list[str]:
-    """Test files holding tests marked `gpu` (relative to the repository root)."""
-    return sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
-                  if "pytest.mark.gpu" in p.read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------- estimates
@@ -277,290 +283,16 @@ def wheels_text() -> str:
     ])
 
 
-# ------------------------------------------------------------------------------------------- recording
-
-
-@dataclass
-class Recorder:
-    """A part's rows, written to `path` after each one (atomic replace), so a killed part keeps its rows."""
-
-    path: Path
-    deadline: float
-    rows: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    on_write: object = None
-
-    def add(self, row: dict) -> None:
-        row.setdefault("status", "failed: " + row["error"] if "error" in row else "ok")
-        self.rows.append(row)
-        self.write()
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-        self.write()
-
-    def time_left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def write(self, **extra) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": self.rows, "notes": self.notes, **extra}, indent=1, default=str))
-        os.replace(tmp, self.path)
-        if callable(self.on_write):
-            self.on_write()
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _over(rec: Recorder) -> bool:
-    if rec.time_left() > 0:
-        return False
-    rec.note("stopped at its time budget; the rows not reached are marked")
-    return True
-
-
-# ------------------------------------------------------------------------------------------- the parts
-
-
-def part_tests(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    events = out / "parts" / "tests.events.jsonl"
-    events.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "gpu_check", "-p", "no:cacheprovider",
-           f"--junitxml={out / 'gpu_tests.xml'}", *gpu_test_files()]
-    env = {**os.environ, "GPU_CHECK_EVENTS": str(events),
-           "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    rec.note("command: " + shlex.join(cmd[1:]))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, collected = 0, []
-
-    def drain() -> None:
-        nonlocal seen, collected
-        if not events.exists():
-            return
-        lines = events.read_text().splitlines()
-        for line in lines[seen:]:
-            e = json.loads(line)
-            if "collected" in e:
-                collected = e["collected"]
-            else:
-                rec.add({"test": e["nodeid"], "outcome": e["outcome"], "seconds": e["duration"],
-                         "message": e["message"], "status": "ok" if e["outcome"] != "failed" else "failed"})
-        seen = len(lines)
-
-    while proc.poll() is None:
-        drain()
-        if rec.time_left() < 3:
-            proc.kill()
-            rec.note("pytest stopped at the part's budget")
-            break
-        time.sleep(0.5)
-    tail = proc.communicate()[0] or ""
-    drain()
-    done = {r["test"] for r in rec.rows}
-    for nodeid in collected:
-        if nodeid not in done:
-            rec.add({"test": nodeid, "status": "not reached (budget)"})
-    counts = {k: sum(r.get("outcome") == k for r in rec.rows) for k in ("passed", "failed", "skipped")}
-    rec.note("pytest exit {}: {passed} passed, {failed} failed, {skipped} skipped".format(proc.returncode, **counts))
-    if proc.returncode not in (0, 1, 5, -9):  # 1: tests failed (recorded above); 5: none collected
-        rec.note("pytest output tail: " + tail[-1500:])
-
-
-def part_attention(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    import torch
-    from attention_speed import measure
-
-    dev = _device()
-    for tokens in s["tokens"]:
-        if _over(rec):
-            return
-        rows = []
-        for r in measure(tokens, dev, torch.bfloat16, s["repeats"], s["max_targets"], s["image_tokens"],
-                         s["vit_tokens"], s["text_tokens"]):
-            if "errors" in r:  # the error columns arrive after all backends ran
-                for row in rows:
-                    row.update(r["errors"].get(row["backend"], {}))
-                rec.write()
-                continue
-            r["samples"] = r.pop("samples")
-            if "fwd_s" in r:
-                r["fwd_bwd_s"] = r.pop("fwd_s")
-            if r.get("note"):
-                r["status"] = "ok (" + r.pop("note") + ")"
-            rows.append(r)
-            rec.add(r)
-
-
-DENSE_BF16_PEAK = {"gh200": 989e12, "h200": 989e12, "h100": 989e12, "h800": 989e12, "b200": 2250e12,
-                   "a100": 312e12, "a800": 312e12, "l40s": 362e12, "l4": 121e12}
-
-
-def dense_peak() -> float | None:
-    """Dense (no sparsity) bf16 tensor-core peak of this GPU, from its name; None if unknown."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().lower()
-    return next((v for k, v in sorted(DENSE_BF16_PEAK.items(), key=lambda kv: -len(kv[0])) if k in name), None)
-
-
-def part_train(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    import torch
-    from train_throughput import build_model, make_batches, run_one
-
-    dev = _device()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    probe = build_model("tiny", "sdpa_dense")  # patch sizes are the same for every preset
-    batches = make_batches(s["tokens"], 4, probe.vit_patch, probe.vae_patch)
-    peak = dense_peak()
-    rec.note(f"attention {s['attention']}, {s['steps']} timed steps after {s['warmup']}; MFU (Lightning peak) is "
-             "callbacks.Throughput's figure; MFU (dense bf16 peak) divides by "
-             + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "(unknown here)"))
-    for preset in s["presets"]:
-        for ckpt in (False, True):
-            row = {"preset": preset, "ckpt": "on" if ckpt else "off"}
-            if _over(rec):
-                return
-            try:
-                r = run_one(preset, s["attention"], ckpt, s["tokens"], s["steps"], s["warmup"], dev, dtype, batches)
-                row.update(r, mfu_dense=r["tflops"] * 1e12 / peak if peak else None,
-                           peak_gib=None if r["peak_bytes"] is None else r["peak_bytes"] / 2**30)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rec.add(row)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def part_ectf(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    import torch
-    from ectf_scaling import measure
-
-    dev = _device()
-    cuda = dev.type == "cuda"
-    rec.note(f"hidden {s['hidden']}, {s['layers']} layers, {(s['image_px'] // 4) ** 2} tokens per image copy, "
-             + ("flash_varlen, bf16 autocast" if cuda else "sdpa_dense, fp32"))
-    for row in measure(s["targets"], s["repeats"], s["hidden"], s["layers"], s["image_px"], dev,
-                       "flash_varlen" if cuda else "sdpa_dense", torch.bfloat16 if cuda else None):
-        rec.add(row)
-        if _over(rec):
-            return
-
-
-def part_generation(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    from generation import measure
-
-    rec.note(f"random model hidden {s['hidden']}, {s['layers']} layers, fp32; image block 256 tokens")
-    for r in measure(_device(), tuple(s["contexts"]), s["repeat"], s["n_new"], s["hidden"], s["layers"]):
-        if r["unit"] == "s":
-            r["fast"], r["slow"] = f"{r['fast'] * 1e3:.2f} ms", f"{r['slow'] * 1e3:.2f} ms"
-        else:
-            r["fast"], r["slow"] = f"{r['fast']:.1f} tok/s", f"{r['slow']:.1f} tok/s"
-        rec.add(r)
-        if _over(rec):
-            return
-
-
-def part_lora(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
-    from lora_memory import measure
-
-    rec.note("peak: torch.cuda.max_memory_allocated" if not dry else
-             "dry run: modes run in this process; peak is its resident set size, not a measurement")
-    for r in measure(tuple(s["modes"]), s["hidden"], s["layers"], s["tokens"], s["preset"], isolate=not dry):
-        if "needs" in r:
-            r["status"] = "needs CUDA"
-        elif "error" in r:
-            r["error"] = r["error"][-600:]
-        else:
-            r["peak_gib"] = r["peak_bytes"] / 2**30
-        rec.add(r)
-        if _over(rec):
-            return
-
-
-def part_fsdp2(rec: Recorder, s: dict, dry: bool, out: Path, accelerator: str = "cuda") -> None:
-    """tests/dist_child.py's single-process and 2-rank FSDP2 runs, on CUDA (NCCL) instead of CPU (gloo)."""
-    import socket
-
-    from mogao.data import train_tokenizer
-    from mogao.data.shapes_mini import caption_corpus
-    from mogao.model.tiny import save_tiny_llm, save_tiny_vae, save_tiny_vit
-
-    root = Path(tempfile.mkdtemp(prefix="fsdp2_", dir=out / "parts"))
-    tok = train_tokenizer(caption_corpus(), vocab_size=300)
-    tok.save_pretrained(root / "tokenizer")
-    base = {"tokenizer": str(root / "tokenizer"), "steps": s["steps"], "save_at": -1, "unfreeze_at": 2,
-            "resume": None, "llm": str(save_tiny_llm(root / "llm", vocab_size=len(tok), hidden_size=64, layers=2)),
-            "vit": str(save_tiny_vit(root / "vit", hidden_size=32, patch_size=4)), "vae": str(save_tiny_vae(root / "vae"))}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for name, n in (("single", 1), ("fsdp2", 2)):
-        spec = {**base, "out": str(root / name), "strategy": "fsdp2" if n == 2 else "single", "devices": n,
-                "broadcast_from_rank0": True}
-        (root / f"{name}.json").write_text(json.dumps(spec))
-        for rank in range(n):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            if n > 1:
-                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), NODE_RANK="0",
-                           LOCAL_RANK=str(rank))
-            log = open(root / f"{name}.rank{rank}.log", "w")
-            procs.append((name, rank, subprocess.Popen(
-                [sys.executable, __file__, "--fsdp-child", str(root / f"{name}.json"), "--accelerator", accelerator],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    for name, rank, p in procs:
-        try:
-            code = p.wait(timeout=max(1.0, rec.time_left()))
-        except subprocess.TimeoutExpired:
-            for *_, q in procs:
-                q.kill()
-            code = "timeout"
-        if code != 0:
-            log = (root / f"{name}.rank{rank}.log").read_text()[-1500:]
-            raise RuntimeError(f"{name} rank {rank} exited with {code}: {log}")
-
-    def losses(name: str, world: int) -> dict[int, float]:
-        per = [json.loads((root / name / f"losses.rank{r}.json").read_text()) for r in range(world)]
-        return {int(k): sum(d[k] for d in per) / world for k in per[0]}
-
-    single, sharded = losses("single", 1), losses("fsdp2", 2)
-    for step in sorted(single):
-        diff = abs(sharded[step] - single[step])
-        rec.add({"step": step, "single": single[step], "sharded": sharded[step], "diff": diff,
-                 "within": "yes" if diff <= 1e-5 else "NO", "status": "ok" if diff <= 1e-5 else "failed: differs"})
-
-
-def fsdp_child(spec: str, accelerator: str) -> None:
-    """One process of tests/dist_child.py with the Trainer on `accelerator` (the test itself runs on CPU)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import lightning.pytorch as pl
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
-    import dist_child
-
-    class Trainer(pl.Trainer):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **{**kwargs, "accelerator": accelerator})
-
-    pl.Trainer = Trainer
-    dist_child.main(spec)
-
-
 RUNNERS = {"tests": part_tests, "attention": part_attention, "train": part_train, "ectf": part_ectf,
            "generation": part_generation, "lora": part_lora, "fsdp2": part_fsdp2}
+
 
 
 def run_part(name: str, out: Path, dry: bool, budget: float, fail: bool = False, on_write=None) -> None:
     """Run one part here, recording into out/parts/<name>.json; an exception is recorded, not raised."""
     sys.path[:0] = [str(BENCH), str(ROOT)]
+    # the project needs no install: its processes (pytest, the LoRA modes, FSDP2 ranks) find it on the path
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(BENCH), os.environ.get("PYTHONPATH", "")])
     rec = Recorder(out / "parts" / f"{name}.json", time.monotonic() + budget, on_write=on_write)
     rec.write(started=True)
     try:
@@ -580,27 +312,6 @@ def run_part(name: str, out: Path, dry: bool, budget: float, fail: bool = False,
         rec.write(error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
         if isinstance(e, KeyboardInterrupt):
             raise
-
-
-# pytest plugin (`-p gpu_check`): one JSON line per test as it finishes, so a part killed at its budget keeps
-# every result it had; active only when GPU_CHECK_EVENTS names the file.
-def _event(obj: dict) -> None:
-    path = os.environ.get("GPU_CHECK_EVENTS")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(obj) + "\n")
-
-
-def pytest_collection_finish(session) -> None:
-    _event({"collected": [item.nodeid for item in session.items]})
-
-
-def pytest_runtest_logreport(report) -> None:
-    if report.when == "call" or (report.outcome != "passed" and report.when in ("setup", "teardown")):
-        longrepr = report.longrepr
-        message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "").strip().splitlines()[-1:]
-        _event({"nodeid": report.nodeid, "outcome": report.outcome, "duration": report.duration,
-                "message": (message if isinstance(message, str) else " ".join(message))[:300]})
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -690,6 +401,12 @@ def write_report(out: Path, env: dict, results: dict[str, dict]) -> None:
         for row in r["rows"]:
             md.append("| " + " | ".join(_cell(c, row.get(c.key)) for c in p.cols) + " | "
                       + _cell(Col("", ""), row.get("status", "")) + " |")
+    if env["dry_run"]:  # the dry run's rows are toy sizes; these are the rows the GPU run will fill
+        md += ["", "#### The rows each table holds on the GPU (GPU sizes)", ""]
+        for r in results.values():
+            rows = skeleton(r["name"], dry=False)
+            keys = " · ".join(" ".join(str(v) for v in q.values()) for q in rows)
+            md.append(f"- {r['name']} ({len(rows)} rows; {', '.join(PART[r['name']].keys)}): {keys}")
     (out / "gpu_check.md").write_text("\n".join(md) + "\n")
 
 
@@ -755,13 +472,15 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.out, env, results)
 
         if isolate:
+            # the part stops itself at its budget less a grace; the kill at the full budget is the backstop,
+            # so the parts together never take longer than their budgets add up to
+            grace = min(10.0, 0.2 * budgets[p.name])
             cmd = [sys.executable, __file__, "--run-part", p.name, "--out", str(args.out), "--part-budget",
-                   str(budgets[p.name]), *(["--dry-run"] if args.dry_run else []),
+                   str(budgets[p.name] - grace), *(["--dry-run"] if args.dry_run else []),
                    *(["--inject-failure", *args.inject_failure] if args.inject_failure else [])]
             log = open(args.out / "parts" / f"{p.name}.log", "w")
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            grace = min(10.0, 0.2 * budgets[p.name])  # the part stops itself at its budget; this is the backstop
-            while proc.poll() is None and time.monotonic() - t0 < budgets[p.name] + grace:
+            while proc.poll() is None and time.monotonic() - t0 < budgets[p.name]:
                 time.sleep(min(2.0, grace))
                 refresh()
             if proc.poll() is None:  # past its budget (and the grace): the whole process group goes

@@ -46,10 +46,13 @@ def build_model(preset: str, attention: str, device: torch.device | str | None =
     from mogao.model.mogao import ModelConfig, MogaoModel
 
     cfg = ModelConfig(llm="random", vit="random", autoencoder="pixel", latent_patch=8, attention=attention)
-    if device is None:
-        return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
-    with torch.device(device):
-        return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
+    if device is not None:
+        try:
+            with torch.device(device):
+                return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
+        except Exception as e:  # some part cannot be created there: build on the host (slower, same model)
+            print(f"building on {device} failed ({type(e).__name__}: {e}); building on the host", flush=True)
+    return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
 
 
 def make_batches(tokens: int, n: int, vit_patch: int, vae_patch: int) -> list:

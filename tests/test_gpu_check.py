@@ -39,6 +39,7 @@ def test_dry_run_writes_every_part(tmp_path):
         assert parts[name]["status"] == "ok", (name, parts[name]["status"], parts[name].get("trace"))
         assert parts[name]["rows"] and parts[name]["elapsed_s"] > 0
         assert parts[name]["estimate_s"] > 0 and parts[name]["budget_s"] > 0
+    assert sum(p["budget_s"] for p in report["parts"]) <= 480  # the 8-minute cap
     assert parts["fsdp2"]["status"] == "needs CUDA"
     assert [r["step"] for r in parts["fsdp2"]["rows"]] == [1, 2, 3, 4]
     assert all(r["status"] == "needs CUDA" for r in parts["fsdp2"]["rows"])
@@ -68,6 +69,7 @@ def test_dry_run_writes_every_part(tmp_path):
     for name in PARTS:
         assert f"#### {name}:" in md
     assert "| 1 | - | - | - | - | needs CUDA |" in md  # fsdp2's skeleton row
+    assert "32768 flex" in md and "1.5b on" in md  # the rows the GPU run fills, at GPU sizes
 
 
 def test_a_failing_or_slow_part_is_recorded_and_the_rest_go_on(tmp_path):
