@@ -5,15 +5,15 @@
     python benchmarks/gpu_check.py --wheels                          # what to pip-download for a bare machine
 
 Parts, most valuable first, each with its own time budget (seconds):
-  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          80
+  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          90
   attention   flash_varlen vs flex vs sdpa_dense vs plain causal FA2: fwd+bwd time, peak memory,
-              error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets     100
+              error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets      95
   train       training throughput and MFU, 0.5b and 1.5b presets, bf16, 8k tokens, act. ckpt
-              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                100
+              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                 95
   ectf        ECTF one pass vs naive teacher forcing at 1/2/4/8 targets                           30
   generation  cached vs recomputed image step at 256/1024/4096 context, batched 3-branch CFG vs
               sequential, text tokens/s                                                           40
-  lora        full fine-tuning vs LoRA vs QLoRA on the 1.5b preset: peak memory, step time        85
+  lora        QLoRA vs LoRA vs full fine-tuning on the 1.5b preset: peak memory, step time        85
   fsdp2       with 2+ GPUs: the 2-rank FSDP2 equivalence run (tests/dist_child.py) on NCCL        45
 
 Each part runs in its own process (a crash, an OOM or a hang costs that part only; it is killed at its budget)
@@ -85,17 +85,17 @@ class Part:
 _MS = dict(fmt="{:.2f}", scale=1e3)
 BASE = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "diffusers", "PIL")
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 80,
+    Part("tests", "GPU tests (pytest -m gpu)", 90,
          (Col("test", "test"), Col("outcome", "outcome"), Col("seconds", "s", "{:.1f}"), Col("message", "message")),
          ("test",), ("pytest", "hypothesis", *BASE, "peft", "bitsandbytes", "lightning")),
-    Part("attention", "ECTF attention backends, bf16, same tokens", 100,
+    Part("attention", "ECTF attention backends, bf16, same tokens", 95,
          (Col("tokens", "tokens"), Col("backend", "backend"), Col("samples", "samples"),
           Col("fwd_bwd_s", "fwd+bwd ms", **_MS), Col("peak_mib", "peak MiB", "{:.0f}"),
           Col("first_call_s", "first call s", "{:.2f}"), Col("err_out", "err out", "{:.2e}"),
           Col("err_dq", "err dq", "{:.2e}"), Col("err_dk", "err dk", "{:.2e}"), Col("err_dv", "err dv", "{:.2e}"),
           Col("ratio", "ratio (<=1 ok)", "{:.2f}")),
          ("tokens", "backend"), ("torch",)),
-    Part("train", "Training throughput and MFU", 100,
+    Part("train", "Training throughput and MFU", 95,
          (Col("preset", "preset"), Col("ckpt", "act. ckpt"), Col("attention", "attention"), Col("params", "params (M)", "{:.1f}", 1e-6),
           Col("tokens_per_step", "tokens/step", "{:.0f}"), Col("step_s", "step ms", **_MS),
           Col("tokens_per_s", "tokens/s", "{:.0f}"), Col("tflops", "TFLOP/s", "{:.1f}"),
@@ -111,7 +111,7 @@ PARTS = (
          (Col("measurement", "measurement"), Col("fast", "cached / batched"), Col("slow", "recompute / sequential"),
           Col("speedup", "speed-up", "{:.2f}x")),
          ("measurement",), BASE),
-    Part("lora", "Full fine-tuning vs LoRA vs QLoRA (one step, bf16 autocast)", 85,
+    Part("lora", "QLoRA vs LoRA vs full fine-tuning (bf16 autocast)", 85,
          (Col("mode", "mode"), Col("params", "params (M)", "{:.0f}", 1e-6),
           Col("trainable", "trainable (M)", "{:.1f}", 1e-6), Col("tokens", "tokens"),
           Col("peak_gib", "peak GiB", "{:.2f}"), Col("second_step_s", "step ms", **_MS)),
@@ -134,8 +134,8 @@ SIZES = {  # GPU sizes, then the dry run's toy sizes
              {"targets": [1, 2], "repeats": 1, "hidden": 64, "layers": 2, "image_px": 16}),
     "generation": ({"contexts": [256, 1024, 4096], "repeat": 10, "n_new": 32, "hidden": 1024, "layers": 8},
                    {"contexts": [16, 32], "repeat": 1, "n_new": 2, "hidden": 64, "layers": 2}),
-    "lora": ({"preset": "1.5b", "hidden": 0, "layers": 0, "tokens": 2048, "modes": ["full", "lora", "qlora"]},
-             {"preset": None, "hidden": 64, "layers": 2, "tokens": 512, "modes": ["full", "lora", "qlora"]}),
+    "lora": ({"preset": "1.5b", "hidden": 0, "layers": 0, "tokens": 2048, "modes": ["qlora", "lora", "full"]},
+             {"preset": None, "hidden": 64, "layers": 2, "tokens": 512, "modes": ["qlora", "lora", "full"]}),
     "fsdp2": ({"steps": 4}, {"steps": 4}),
     "tests": ({}, {}),
 }

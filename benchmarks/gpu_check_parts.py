@@ -20,10 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
+
 def gpu_test_files() -> list[str]:
-    """Test files holding tests marked `gpu` (relative to the repository root)."""
-    return sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
-                  if "pytest.mark.gpu" in p.read_text(encoding="utf-8"))
+    """Test files holding tests marked `gpu` (relative to the repository root). The attention suite goes last:
+    it is the longest (flex compiles), so a budget cut falls on it rather than on the quick checks."""
+    files = [p.name for p in (ROOT / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text(encoding="utf-8")]
+    return [f"tests/{f}" for f in sorted(files, key=lambda f: (f == "test_attention_gpu.py", f))]
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -83,21 +85,24 @@ def part_tests(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
     env = {**os.environ, "GPU_CHECK_EVENTS": str(events),
            "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     rec.note("command: " + shlex.join(cmd[1:]))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "parts" / "tests.pytest.log"  # a file, not a pipe: long failure output cannot block pytest
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     seen, collected = 0, []
 
     def drain() -> None:
         nonlocal seen, collected
         if not events.exists():
             return
-        lines = events.read_text().splitlines()
+        text = events.read_text()
+        lines = text[: text.rfind("\n") + 1].splitlines()  # complete lines only: pytest may be mid-write
         for line in lines[seen:]:
             e = json.loads(line)
             if "collected" in e:
                 collected = e["collected"]
             else:
                 rec.add({"test": e["nodeid"], "outcome": e["outcome"], "seconds": e["duration"],
-                         "message": e["message"], "status": "ok" if e["outcome"] != "failed" else "failed"})
+                         "message": e["message"], "status": "failed" if e["outcome"] in ("failed", "error") else "ok"})
         seen = len(lines)
 
     while proc.poll() is None:
@@ -107,16 +112,17 @@ def part_tests(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
             rec.note("pytest stopped at the part's budget")
             break
         time.sleep(0.5)
-    tail = proc.communicate()[0] or ""
+    proc.wait()
     drain()
     done = {r["test"] for r in rec.rows}
     for nodeid in collected:
         if nodeid not in done:
             rec.add({"test": nodeid, "status": "not reached (budget)"})
-    counts = {k: sum(r.get("outcome") == k for r in rec.rows) for k in ("passed", "failed", "skipped")}
-    rec.note("pytest exit {}: {passed} passed, {failed} failed, {skipped} skipped".format(proc.returncode, **counts))
+    counts = {k: sum(r.get("outcome") == k for r in rec.rows) for k in ("passed", "failed", "error", "skipped")}
+    rec.note("pytest exit {}: {passed} passed, {failed} failed, {error} errors, {skipped} skipped".format(
+        proc.returncode, **counts))
     if proc.returncode not in (0, 1, 5, -9):  # 1: tests failed (recorded above); 5: none collected
-        rec.note("pytest output tail: " + tail[-1500:])
+        rec.note("pytest output tail: " + log.read_text()[-1500:])
 
 
 def part_attention(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
@@ -138,7 +144,6 @@ def part_attention(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
                     row.update(r["errors"].get(row["backend"], {}))
                 rec.write()
                 continue
-            r["samples"] = r.pop("samples")
             if "fwd_s" in r:
                 r["fwd_bwd_s"] = r.pop("fwd_s")
             if r.get("note"):
@@ -343,5 +348,6 @@ def pytest_runtest_logreport(report) -> None:
             lines = report.longreprtext.strip().splitlines()
             errors = [ln[1:].strip() for ln in lines if ln.startswith("E ")]
             message = " / ".join(errors[:2] + lines[-1:]) if lines else ""
-        _event({"nodeid": report.nodeid, "outcome": report.outcome, "duration": report.duration,
+        outcome = "error" if report.failed and report.when != "call" else report.outcome  # pytest's naming
+        _event({"nodeid": report.nodeid, "outcome": outcome, "duration": report.duration,
                 "message": message[:400]})
