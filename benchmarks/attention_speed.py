@@ -26,6 +26,7 @@ import torch
 HEADS, KV_HEADS, HEAD_DIM = 12, 2, 128
 TARGET_CYCLE = (1, 8, 2, 7, 3, 6, 4, 5)  # generation targets per sample, in packing order
 ALLOWANCE = {"out": 2.0, "dq": 3.0, "dk": 2.0, "dv": 2.0}
+BACKENDS = ("sdpa_dense", "flash_varlen", "flex", "causal")  # causal: plain causal FA2 over each sample
 
 
 def packed_spans(tokens: int, max_targets: int = 8, image_tokens: int = 256, vit_tokens: int = 256,
@@ -110,9 +111,10 @@ def _fwd_bwd(fn, q, k, v, dout, backward: bool):
 
 def measure(tokens: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 3,
             max_targets: int = 8, image_tokens: int = 256, vit_tokens: int = 256, text_tokens: int = 32,
-            text_sees_vae: bool = False, seed: int = 0) -> Iterator[dict]:
-    """One row per backend on one pack of `tokens` tokens, yielded as measured, then the error columns are
-    added to the ECTF rows once all ran (a row with `"errors": {...}` by backend comes last)."""
+            text_sees_vae: bool = False, seed: int = 0, backends: tuple[str, ...] = BACKENDS) -> Iterator[dict]:
+    """One row per backend on one pack of `tokens` tokens, yielded as measured; last, a row `{"errors": {...}}`
+    with the error columns of each ECTF backend that ran forward and backward. `backends`: a subset of
+    BACKENDS (the same pack and inputs whatever the subset)."""
     from mogao.attention import TokenLayout, get_attention_backend
     from mogao.attention.fa2_ops import _available, select_kernels
     from mogao.attention.flash_varlen import FlashVarlenAttention
@@ -125,10 +127,14 @@ def measure(tokens: int, device: torch.device, dtype: torch.dtype = torch.bfloat
     q, k, v = (t.to(dtype).requires_grad_() for t in (q32, k32, v32))
     dout = dout32.to(dtype)
     cuda = device.type == "cuda"
-    variants: list[tuple[str, object]] = [("sdpa_dense", get_attention_backend("sdpa_dense"))]
-    kernels = [n for n in ("flash_attn", "torch") if _available(n, device)] or ["emulator"]
-    variants += [(f"flash_varlen ({n})", FlashVarlenAttention(kernels=n)) for n in kernels]
-    variants.append(("flex", get_attention_backend("flex")))
+    variants: list[tuple[str, object]] = []
+    if "sdpa_dense" in backends:
+        variants.append(("sdpa_dense", get_attention_backend("sdpa_dense")))
+    if "flash_varlen" in backends:
+        kernels = [n for n in ("flash_attn", "torch") if _available(n, device)] or ["emulator"]
+        variants += [(f"flash_varlen ({n})", FlashVarlenAttention(kernels=n)) for n in kernels]
+    if "flex" in backends:
+        variants.append(("flex", get_attention_backend("flex")))
     lengths = torch.tensor(layout.sample_lengths)
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(device=device, dtype=torch.int32)
     fa2 = select_kernels(device, dtype)
@@ -150,7 +156,8 @@ def measure(tokens: int, device: torch.device, dtype: torch.dtype = torch.bfloat
     results: dict[str, tuple] = {}
     shape = {"tokens": tokens, "samples": layout.num_samples, "longest_sample": longest,
              "targets_per_sample": f"1-{max_targets}"}
-    for name, backend in [*variants, (f"causal FA2 ({fa2.name}, no ECTF mask)", None)]:
+    causal = [(f"causal FA2 ({fa2.name}, no ECTF mask)", None)] if "causal" in backends else []
+    for name, backend in [*variants, *causal]:
         row = {**shape, "backend": name}
         try:
             backward = cuda or name != "flex"  # PyTorch has no CPU backward for FlexAttention

@@ -149,8 +149,8 @@ def skeleton(part: str, dry: bool) -> list[dict]:
     """The rows a part will fill, named by its key columns."""
     s = sizes(part, dry)
     if part == "attention":
-        return [{"tokens": t, "backend": b} for t in s["tokens"]
-                for b in ("sdpa_dense", "flash_varlen", "flex", "causal FA2")]
+        return ([{"tokens": t, "backend": b} for t in s["tokens"] for b in ("sdpa_dense", "flash_varlen", "causal FA2")]
+                + [{"tokens": t, "backend": "flex"} for t in s["tokens"]])
     if part == "train":
         return [{"preset": p, "ckpt": c} for p in s["presets"] for c in ("off", "on")]
     if part == "ectf":

@@ -52,7 +52,7 @@ def test_dry_run_writes_every_part(tmp_path):
     assert (tmp_path / "gpu_tests.xml").exists()
 
     backends = [r["backend"] for r in parts["attention"]["rows"]]
-    assert [b.split(" ")[0] for b in backends] == ["sdpa_dense", "flash_varlen", "flex", "causal"]
+    assert [b.split(" ")[0] for b in backends] == ["sdpa_dense", "flash_varlen", "causal", "flex"]
     for r in parts["attention"]["rows"]:
         assert r["status"].startswith("ok") and r["fwd_bwd_s"] > 0
     for r in parts["attention"]["rows"][:2]:  # the ECTF backends with a backward: compared to fp32
