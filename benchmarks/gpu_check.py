@@ -287,7 +287,6 @@ RUNNERS = {"tests": part_tests, "attention": part_attention, "train": part_train
            "generation": part_generation, "lora": part_lora, "fsdp2": part_fsdp2}
 
 
-
 def run_part(name: str, out: Path, dry: bool, budget: float, fail: bool = False, on_write=None) -> None:
     """Run one part here, recording into out/parts/<name>.json; an exception is recorded, not raised."""
     sys.path[:0] = [str(BENCH), str(ROOT)]
