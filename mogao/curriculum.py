@@ -115,16 +115,23 @@ def is_run_directory(spec: CurriculumSpec) -> bool:
     return "curriculum.yaml" in names and names <= {"curriculum.yaml", *_REPORT_FILES, *stages}
 
 
-def remove_run_directory(spec: CurriculumSpec) -> None:
-    """Delete the run directory for `--fresh`: only one a curriculum run made (or an empty one); ConfigError
-    naming it otherwise."""
+def check_removable(spec: CurriculumSpec) -> bool:
+    """Whether `--fresh` has a run directory to delete (False: none, or an empty one); ConfigError naming it
+    when it is not one a curriculum run made."""
     d = spec.out
-    if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
-        return
+    if not d.exists() or (d.is_dir() and not d.is_symlink() and not any(d.iterdir())):
+        return False
     if not is_run_directory(spec):
         raise ConfigError(f"--fresh would delete '{d}', which is not a run directory made by `mogao curriculum` "
                           f"(no {RUN_MARKER} in it); nothing was deleted - give a new --out, or remove it yourself")
-    shutil.rmtree(d)
+    return True
+
+
+def remove_run_directory(spec: CurriculumSpec) -> None:
+    """Delete the run directory for `--fresh`: only one a curriculum run made (an empty one is kept);
+    ConfigError naming it otherwise."""
+    if check_removable(spec):
+        shutil.rmtree(spec.out)
 
 
 def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool = False,
@@ -137,9 +144,11 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
     from mogao.cli import build_cli
 
     spec = load_curriculum(path, out)
+    if fresh:  # every process refuses a folder that is not a run directory, before any waits for another
+        check_removable(spec)
     rank, barrier = _join_launch()
     if rank == 0:  # the run directory is laid out by one process; the others wait for it
-        if fresh and spec.out.exists():
+        if fresh:
             remove_run_directory(spec)
         spec.out.mkdir(parents=True, exist_ok=True)
         marker = spec.out / RUN_MARKER
