@@ -22,8 +22,12 @@ def save_tiny_llm(
     kv_heads: int = 2,
     family: Literal["qwen2", "llama", "qwen3"] = "qwen2",
     seed: int = 0,
+    rope_theta: float | None = None,
 ) -> Path:
-    """Save a random decoder LLM of the given family and return its directory."""
+    """Save a random decoder LLM of the given family and return its directory.
+
+    rope_theta: RoPE base (None: the family's default, 10000).
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -31,6 +35,8 @@ def save_tiny_llm(
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=4096, rms_norm_eps=1e-6,
     )
+    if rope_theta is not None:
+        common["rope_parameters"] = {"rope_type": "default", "rope_theta": float(rope_theta)}
     if family == "qwen2":
         cfg = Qwen2Config(**common, tie_word_embeddings=True)
     elif family == "qwen3":
@@ -101,6 +107,12 @@ class TinySpec:
     """Pixels per ViT patch side."""
     vocab_size: int = 400
     """Target vocabulary of the tokenizer trained on the built-in corpus."""
+    rope_theta: float = 100.0
+    """RoPE base of the tiny LLM. IL-RoPE gives an image's rows and columns every third of the highest rotary
+    frequencies; with a head_dim of 32 and the usual base of 10000 the fastest of them turns only 0.3-0.6 rad
+    per token-grid cell, too flat for a generated token to find the same cell of a condition image, and
+    copying a condition image (editing) learns several times slower. A base of 100 turns them 0.56-0.75 rad
+    per cell while text positions stay distinct over about 500 tokens, far more than the built-in samples."""
     seed: int = 0
     """Seed of the random weights."""
 
@@ -142,6 +154,7 @@ def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path,
     vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     _build_atomically(llm, lambda d: save_tiny_llm(d, vocab_size=vocab, hidden_size=spec.hidden_size,
                                                    layers=spec.layers, heads=spec.heads, kv_heads=spec.kv_heads,
-                                                   family=spec.family, seed=spec.seed))
+                                                   family=spec.family, seed=spec.seed,
+                                                   rope_theta=getattr(spec, "rope_theta", None)))
     _build_atomically(vit, lambda d: save_tiny_vit(d, hidden_size=spec.vit_hidden_size,
                                                    patch_size=spec.vit_patch_size))
