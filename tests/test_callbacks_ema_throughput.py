@@ -223,6 +223,12 @@ def test_peak_flops_lookup():
     assert compute_dtype("bf16-mixed") is torch.bfloat16
     assert compute_dtype("16-mixed") is torch.float16
     assert compute_dtype("32-true") is torch.float32
+    from mogao.training.flops import _dense_hopper_peak
+
+    # dense bf16 peaks for the names CUDA reports for Hopper SXM parts (H200's plain name included)
+    assert _dense_hopper_peak("NVIDIA H200", torch.bfloat16) == 989.4e12
+    assert _dense_hopper_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert _dense_hopper_peak("NVIDIA H100 PCIe", torch.bfloat16) is None  # (Lightning's table has it)
 
 
 # ---- EMA --------------------------------------------------------------------------------------------

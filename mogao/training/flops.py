@@ -318,6 +318,10 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> float | 
         return None
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda" and torch.cuda.is_available():
+        dense = _dense_hopper_peak(torch.cuda.get_device_name(device), dtype)
+        if dense is not None:
+            return dense
     from lightning.fabric.utilities.throughput import get_available_flops
 
     try:
@@ -325,3 +329,15 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> float | 
     except Exception:
         return None
     return float(value) if value else None
+
+
+# Dense (not 2:4-sparse) tensor-core peaks of the SXM Hopper parts, from NVIDIA's H100/H200 datasheets. Lightning's
+# table does not recognise a device named plain "NVIDIA H200" and lists the H200's sparse bf16 figure.
+_HOPPER_SXM_DENSE = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12}
+
+
+def _dense_hopper_peak(name: str, dtype: torch.dtype | str) -> float | None:
+    """The dense peak of an H100 SXM (HBM3) or H200 (SXM / plain name) for `dtype`, else None."""
+    chip = name.lower()
+    sxm = ("h200" in chip and "nvl" not in chip) or ("h100" in chip and ("hbm3" in chip or "sxm" in chip))
+    return _HOPPER_SXM_DENSE.get(dtype) if sxm else None
