@@ -1,7 +1,10 @@
-"""Validate a JSONL data set, summarise it, and write a cleaned copy without the bad samples.
+"""Validate a JSONL data set or a prepared folder, summarise it, and write a cleaned copy without the bad samples.
 
     summary = summarise(path, tokenizer=None)   # counts, histograms and every problem (file, line, field)
     fix(path, out=None)                          # the good lines -> a new file; a report of what was dropped
+
+`summarise` takes a JSONL file or a folder made by `mogao data prepare` (every stored image decoded again; the
+lines left out when it was prepared are listed from its manifest). `fix` works on JSONL files.
 
 The original file is never modified, and `fix` reads it one line at a time (never every line at once).
 `printable` escapes what came from a data file (paths, text) before it reaches a terminal.
@@ -58,6 +61,7 @@ class Summary:
     images_per_sample: Counter = field(default_factory=Counter)
     resolutions: Counter = field(default_factory=Counter)
     problems: list[DataError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"{self.path}: {self.samples} samples, {self.images} images ({self.targets} generation targets), "
@@ -71,7 +75,7 @@ class Summary:
             rest = sum(self.resolutions.values()) - sum(v for _, v in top)
             out.append("  resolutions (WxH): " + ", ".join(f"{k}: {v}" for k, v in top)
                        + (f", other: {rest}" if rest else ""))
-        return out
+        return out + [f"  {n}" for n in self.notes]
 
 
 def _image_size(seg: ImageSegment) -> str:
@@ -86,7 +90,10 @@ def _image_size(seg: ImageSegment) -> str:
 def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool = True,
               max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> Summary:
     """Read every line of `path`; count the valid samples' images, targets, (with a tokenizer) text tokens, and
-    histogram images per sample and image resolutions; collect every problem."""
+    histogram images per sample and image resolutions; collect every problem. A prepared folder is read row by
+    row (see `summarise_prepared`)."""
+    if Path(path).expanduser().is_dir():
+        return summarise_prepared(path, tokenizer, check_images)
     s = Summary(str(path))
     for item in iter_samples(path, check_images=check_images, max_line_bytes=max_line_bytes,
                              max_file_bytes=max_file_bytes):
@@ -94,6 +101,36 @@ def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool
             s.problems.append(item)
             continue
         _count(s, item, tokenizer)
+    return s
+
+
+def summarise_prepared(path: str | Path, tokenizer: Any | None = None, check_images: bool = True) -> Summary:
+    """`summarise` for a folder made by `mogao data prepare`: every row read and (with `check_images`) every
+    stored image decoded again; the lines left out when it was prepared are reported from its manifest."""
+    from mogao.data.images import open_image, to_rgb
+    from mogao.data.prepared import PreparedSamples
+
+    data = PreparedSamples(path)
+    s = Summary(str(path))
+    man = data.manifest
+    s.notes.append(f"prepared from {man['source']}: {man['bad']} bad line(s) left out then, "
+                   f"{len(man['shards'])} shard(s)")
+    s.notes += [f"  left out: {p}" for p in man["problems"][:20]]
+    for sample in data:
+        if check_images:
+            bad = None
+            for i, seg in enumerate(sample.segments):
+                if isinstance(seg, ImageSegment):
+                    try:
+                        to_rgb(open_image(seg.image, file=sample.file, line=sample.line,
+                                          field=f"segments[{i}].image"))
+                    except DataError as e:
+                        bad = e
+                        break
+            if bad is not None:
+                s.problems.append(bad)
+                continue
+        _count(s, sample, tokenizer)
     return s
 
 
@@ -134,6 +171,9 @@ def fix(path: str | Path, out: str | Path | None = None, check_images: bool = Tr
     and written one line at a time; the cleaned copy appears under its name only once complete.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError("--fix writes a cleaned JSONL file; for a prepared folder, prepare it again from its "
+                        "JSONL file (`mogao data prepare` leaves bad lines out)", file=str(path))
     out = Path(out) if out is not None else path.with_name(path.stem + ".clean.jsonl")
     if out.resolve() == path.resolve():
         raise DataError("--out is the original file; the cleaned copy must go to another file", file=str(path))

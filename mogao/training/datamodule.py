@@ -21,7 +21,7 @@ import copy
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mogao.data import DataConfig, PackedBatch, PackedDataset, load_samples, samples_from_dicts, stable_seed
 from mogao.data.packer import MAX_LISTED_FAULTS
+from mogao.data.prepared import PreparedSamples, decoded, is_prepared, read_manifest
 from mogao.data.samples import Sample
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, DataError
 from mogao.training.rundir import run_dir
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ class Source:
     name: str
     """Name used in logs (`val/<name>/...`) and in mixture schedules."""
     builtin: str | None = None
-    """A built-in generated task (see `mogao.data.builtin.TASKS`), or None for a JSONL file."""
+    """A built-in generated task (see `mogao.data.builtin.TASKS`), or None for a JSONL file or prepared folder."""
     path: str | None = None
-    """JSONL file of samples (image paths relative to the file), or None for a built-in task."""
+    """JSONL file of samples (image paths relative to the file), or a folder made by `mogao data prepare`
+    (read lazily from memory-mapped shards: for large data sets), or None for a built-in task."""
     weight: float = 1.0
     """Share of training batches drawn from this source (weights are normalised over sources)."""
     n: int = 1000
@@ -55,7 +57,7 @@ class Source:
     val_n: int = 0
     """Built-in: number of validation samples (held-out split); 0 = no validation for this source."""
     val_path: str | None = None
-    """JSONL file of validation samples for this source."""
+    """JSONL file or prepared folder of validation samples for this source."""
     seed: int = 0
     """Built-in: generator seed."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +65,8 @@ class Source:
 
     def __post_init__(self) -> None:
         if (self.builtin is None) == (self.path is None):
-            raise ConfigError(f"data source '{self.name}': give exactly one of 'builtin' (a task) or 'path' (a JSONL file)")
+            raise ConfigError(f"data source '{self.name}': give exactly one of 'builtin' (a task) or 'path' (a JSONL "
+                              "file or a prepared folder)")
         if self.weight < 0:
             raise ConfigError(f"data source '{self.name}': weight must be >= 0, got {self.weight}")
 
@@ -72,10 +75,22 @@ class Source:
         set up, not when the recipe is parsed: a recipe's placeholder paths may be replaced on the command line
         (`--data.path`, `--data.sources`) after its list was instantiated."""
         for p in (self.path, self.val_path):
-            if p is not None and not Path(p).expanduser().is_file():
+            if p is None:
+                continue
+            where = Path(p).expanduser()
+            if where.is_dir():
+                if not is_prepared(where):
+                    try:
+                        read_manifest(where)
+                    except DataError as e:
+                        raise ConfigError(f"data source '{self.name}': '{p}' is a folder but {e.message}") from None
+            elif not where.is_file():
                 raise ConfigError(f"data source '{self.name}': file not found: '{p}'")
 
-    def load(self, split: str) -> list[Sample]:
+    def load(self, split: str) -> Sequence[Sample]:
+        """The split's samples. A prepared folder gives a lazy sequence (rows read when indexed; its images were
+        fully checked by `mogao data prepare`); a JSONL file is read whole and validated line by line, its
+        images only when lowered (a bad one is then skipped and counted), so start-up does not open them."""
         if self.builtin is not None:
             from mogao.data.builtin import make_builtin
 
@@ -85,7 +100,12 @@ class Source:
             made = make_builtin(self.builtin, split=split, n=n, seed=self.seed, **self.options)
             return samples_from_dicts(made.samples, name=f"builtin:{self.builtin}:{split}")
         path = self.path if split == "train" else self.val_path
-        return [] if path is None else load_samples(Path(path).expanduser())
+        if path is None:
+            return []
+        where = Path(path).expanduser()
+        if where.is_dir():
+            return PreparedSamples(where)
+        return load_samples(where, check_images=False)
 
 
 def _at(schedule: list[tuple[int, Any]], step: int, default: Any) -> Any:
@@ -194,9 +214,10 @@ class MogaoDataModule(pl.LightningDataModule):
     Args:
         tokenizer: directory of the (fast) tokenizer; the same one the model was built with.
         sources: the named sources of the mixture.
-        path: a user's own JSONL file: shorthand for one source `{name: <file stem>, path: PATH}` that
-            replaces `sources` (so `--data.path=my.jsonl` works on any recipe).
-        val_path: with `path`, the JSONL file of its validation samples.
+        path: a user's own JSONL file or prepared folder (`mogao data prepare`): shorthand for one source
+            `{name: <file stem>, path: PATH}` that replaces `sources` (so `--data.path=mine.data` works on any
+            recipe).
+        val_path: with `path`, the JSONL file or prepared folder of its validation samples.
         data: packing and lowering (token budget, image sizes, condition dropout, seed). The ViT/VAE patch sizes
             are taken from the model when one is attached.
         num_workers: DataLoader worker processes (0 = in the training process).
@@ -309,7 +330,8 @@ class MogaoDataModule(pl.LightningDataModule):
 
     def val_samples(self, name: str) -> list[Sample]:
         src = next(s for s in self.sources if s.name == name)
-        return src.load("validation")
+        # (the images of a prepared set as PIL images; one that cannot be decoded leaves its sample out)
+        return [d for d in map(decoded, src.load("validation")) if d is not None]
 
     def val_dataloader(self) -> list[DataLoader]:
         return [DataLoader(batches, batch_size=None, collate_fn=_identity) for _, batches in (self._val or [])]
