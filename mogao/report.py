@@ -56,39 +56,94 @@ def prompted_colour_share(img: Image.Image, colour: str,
     return float((nearest == names.index(colour)).mean())
 
 
-def _stage_examples(model_dir: Path, seed: int = 0) -> dict[str, Any]:
+TWO_OBJECT_PROMPTS = [  # two objects in cells (the captions the t2i data writes for two-object scenes)
+    "A red circle on the left and a blue square on the right.",
+    "A green triangle at the top and a yellow cross at the bottom.",
+]
+
+EVAL_N = {"shapes": 8, "digits": 20, "vqa": 32, "interleaved": 8}
+"""Items per suite in the report's score table (`mogao eval` takes larger n for the measured figures)."""
+
+SCORE_COLUMNS = [  # (heading, suite, category, group)
+    ("T2I one object (seen)", "shapes", "single_object", "seen"),
+    ("T2I one object (held-out pairs)", "shapes", "single_object", "held_out"),
+    ("T2I two objects", "shapes", "two_objects", "all"),
+    ("T2I positions", "shapes", "position", "all"),
+    ("T2I counting", "shapes", "counting", "all"),
+    ("VQA", "vqa", "overall", "all"),
+    ("edits (teacher-forced)", "interleaved", "edit_correct", "all"),
+    ("stories (free-running)", "interleaved", "correct", "all"),
+    ("digits accuracy", "digits", "accuracy", "all"),
+]
+
+
+def _guidance(text: float):
+    from mogao.inference import Guidance
+
+    return Guidance(text_scale=text, image_scale=1.5)
+
+
+def stage_scores(model: Any, tok: Any, n: dict[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """`mogao eval` suites on one model (through the generation loop); {suite: result}."""
+    from mogao.eval.suites import SUITES, run_suite
+
+    n = {**EVAL_N, **(n or {})}
+    return {suite: run_suite(model, tok, suite, n=n[suite], seed=seed) for suite in SUITES}
+
+
+def score_row(results: dict[str, Any]) -> list[float | None]:
+    """The report's score columns (`SCORE_COLUMNS`) from `stage_scores`' results."""
+    return [results[suite]["scores"][cat][group] for _, suite, cat, group in SCORE_COLUMNS]
+
+
+def _story(model: Any, tok: Any, seed: int) -> dict[str, Any] | None:
+    """One free-running story of three turns: each turn's text, then the image the model draws for it."""
+    from mogao.eval.suites import story_items
+    from mogao.inference import GenerationConfig, GenerationSession
+
+    story = next((s for s in story_items(16, seed) if len(s["texts"]) >= 3), None)
+    if story is None:
+        return None
+    session = GenerationSession(model, tok, 1, GenerationConfig(max_images=1, steps=24, seed=seed),
+                                _guidance(2.0))
+    turns = []
+    for text in story["texts"][:3]:
+        session.add_user_turn([[{"text": text}]])
+        turns.append({"text": text, "image": session.respond(draw=True)[0].images[0]})
+    return {"turns": turns}
+
+
+def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | None = None) -> dict[str, Any]:
     from mogao.data.builtin import make_builtin
     from mogao.data.builtin.shapes import COLOURS
+    from mogao.inference import GenerationConfig
     from mogao.inference.inputs import load_model_dir
-    from mogao.inference.simple import generate_text, sample_images
+    from mogao.inference.tasks import answer, edit_image, text_to_image
 
     model, tok = load_model_dir(model_dir)
-    prompts = T2I_PROMPTS + HELD_OUT_PROMPTS
-    images = sample_images(model, tok, [[{"text": p, "loss": False}] for p in prompts], image_size=32, steps=24,
-                           cfg_scale=3.0, seed=seed)
+    draw = GenerationConfig(steps=24, seed=seed)
+    prompts = T2I_PROMPTS + HELD_OUT_PROMPTS + TWO_OBJECT_PROMPTS
+    images = text_to_image(model, tok, prompts, config=draw, guidance=_guidance(3.0))
     t2i = []
     for p, img in zip(prompts, images):
-        colour = next((c for c in COLOURS if f" {c} " in p), None)
+        colour = next((c for c in COLOURS if f" {c} " in p), None) if p not in TWO_OBJECT_PROMPTS else None
         share = None if colour is None else prompted_colour_share(img, colour)
         t2i.append({"prompt": p, "image": img, "colour_share": share, "held_out": p in HELD_OUT_PROMPTS})
     vqa = make_builtin("vqa", split="validation", n=6, seed=seed, max_objects=2)
     cap = make_builtin("digits_classify", split="validation", n=2, seed=seed)
-    qa = []
-    for s in vqa.samples + cap.samples:
-        segs = s["segments"]
-        qa.append({"image": segs[0]["image"], "question": segs[1]["text"], "reference": segs[2]["text"],
-                   "context": segs[:2]})
-    answers = generate_text(model, tok, [[{"image": q["context"][0]["image"]}, {**q["context"][1], "loss": False}]
-                                         for q in qa], max_new_tokens=12)
+    qa = [{"image": s["segments"][0]["image"], "question": s["segments"][1]["text"],
+           "reference": s["segments"][2]["text"]} for s in vqa.samples + cap.samples]
+    answers = answer(model, tok, [q["question"] for q in qa], images=[q["image"] for q in qa],
+                     config=GenerationConfig(max_new_tokens=12))
     for q, a in zip(qa, answers):
         q["answer"] = a
-    edits = make_builtin("edit", split="validation", n=4, seed=seed, max_objects=1)
-    ctx = [[{"image": s["segments"][0]["image"]}, {"text": s["segments"][1]["text"], "loss": False}]
-           for s in edits.samples]
-    edited = sample_images(model, tok, ctx, image_size=32, steps=24, cfg_scale=2.0, seed=seed)
+    edits = make_builtin("edit", split="validation", n=6, seed=seed, max_objects=2)
+    edited = edit_image(model, tok, [s["segments"][0]["image"] for s in edits.samples],
+                        [s["segments"][1]["text"] for s in edits.samples], config=draw, guidance=_guidance(2.0))
     ed = [{"before": s["segments"][0]["image"], "instruction": s["segments"][1]["text"], "after": img,
            "reference": s["segments"][2]["image"]} for s, img in zip(edits.samples, edited)]
-    return {"t2i": t2i, "qa": qa, "edits": ed}
+    return {"t2i": t2i, "qa": qa, "edits": ed, "story": _story(model, tok, seed),
+            "scores": stage_scores(model, tok, eval_n, seed)}
 
 
 def _plot_losses(stages: list[tuple[str, list[dict]]], path: Path) -> None:
@@ -130,8 +185,31 @@ td,th{border:1px solid #ddd;padding:4px 8px;font-size:.9em;text-align:left;verti
 image-rendering:pixelated;border:1px solid #ccc}.held{color:#a33}.ok{color:#282}.bad{color:#a33}"""
 
 
-def write_report(curriculum: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """Write `<out>/report.html` (and `losses.png`, `report.json`) for a finished curriculum run."""
+def _score_table(stages: list[dict[str, Any]]) -> list[str]:
+    """The stage × capability table of eval scores (a share of items judged correct)."""
+    rows = [(s["name"], score_row(s["examples"]["scores"])) for s in stages if s["examples"]]
+    if not rows:
+        return []
+    n = next(s["examples"]["scores"] for s in stages if s["examples"])
+    sizes = ", ".join(f"{k} n={r['scores']['overall'].get('n', '?')}" for k, r in n.items())
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, *_ in SCORE_COLUMNS)
+    out = ["<h2>What each stage can do (mogao eval scores)</h2>",
+           f"<p>Share of items judged correct by the programmatic judges ({html.escape(sizes)}); images and "
+           "answers generated through the KV-cached loop with multi-modal CFG.</p>",
+           f"<table><tr><th>stage</th>{head}</tr>"]
+    for name, vals in rows:
+        cells = "".join("<td>–</td>" if v is None else
+                        f"<td class={'ok' if v >= 0.8 else 'bad' if v < 0.4 else ''}>{v:.2f}</td>" for v in vals)
+        out.append(f"<tr><td>{html.escape(name)}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def write_report(curriculum: str | Path, out: str | Path, seed: int = 0, eval_n: dict[str, int] | None = None,
+                 ) -> Path:
+    """Write `<out>/report.html` (and `losses.png`, `report.json`) for a finished curriculum run. Every image
+    and answer comes from the generation loop users get (`mogao.inference`); the score table from the `mogao
+    eval` suites with `eval_n` items each (default `EVAL_N`)."""
     out = Path(out)
     spec = load_curriculum(curriculum, out=out)
     stages = []
@@ -140,13 +218,13 @@ def write_report(curriculum: str | Path, out: str | Path, seed: int = 0) -> Path
         rows = read_history(d / "metrics.jsonl")
         val = [r for r in rows if r.get("kind") == "val"]
         stages.append({"name": st.name, "dir": d, "rows": rows, "val": val[-1] if val else {},
-                       "examples": _stage_examples(d / "model", seed) if (d / "model").is_dir() else None})
+                       "examples": _stage_examples(d / "model", seed, eval_n) if (d / "model").is_dir() else None})
     _plot_losses([(s["name"], s["rows"]) for s in stages], out / "losses.png")
     parts = [f"<!doctype html><meta charset=utf-8><title>mogao run report</title><style>{_CSS}</style>",
              f"<h1>Curriculum run: {html.escape(str(out))}</h1>",
-             "<p>Stages in order, each starting from the previous stage's weights. Images are 32×32, shown 4× "
-             "enlarged. Prompts in <span class=held>red</span> name colour–shape pairs that no training sample "
+             "<p>Stages in order, each starting from the previous stage's weights. Images are shown 4× enlarged. Prompts in <span class=held>red</span> name colour–shape pairs that no training sample "
              "shows (compositional generalisation).</p>",
+             *_score_table(stages),
              f"<h2>Loss curves</h2><img src='{_png(Image.open(out / 'losses.png'), 1)}' style='max-width:100%'>",
              "<h2>Validation metrics (last validation of each stage)</h2><table><tr><th>stage</th><th>metric</th>"
              "<th>value</th></tr>"]
@@ -165,6 +243,8 @@ def write_report(curriculum: str | Path, out: str | Path, seed: int = 0) -> Path
             entry["answers_correct"] = sum(q["answer"].strip().rstrip(".").lower() ==
                                            q["reference"].strip().rstrip(".").lower() for q in ex["qa"])
             entry["answers_total"] = len(ex["qa"])
+            entry["scores"] = {h: v for (h, *_), v in zip(SCORE_COLUMNS, score_row(ex["scores"]))}
+            entry["eval"] = {suite: r["scores"] for suite, r in ex["scores"].items()}
         summary["stages"].append(entry)
     parts.append("</table>")
     for s in stages:
@@ -191,6 +271,12 @@ def write_report(curriculum: str | Path, out: str | Path, seed: int = 0) -> Path
             parts.append(f"<tr><td><img src='{_png(e['before'], 3)}'></td><td>{html.escape(e['instruction'])}</td>"
                          f"<td><img src='{_png(e['after'], 3)}'></td><td><img src='{_png(e['reference'], 3)}'></td></tr>")
         parts.append("</table>")
+        if ex["story"]:
+            parts.append("<h3>A free-running story (each image drawn from the model's own earlier ones)</h3>"
+                         "<div class=grid>")
+            for t in ex["story"]["turns"]:
+                parts.append(f"<div class=cell><img src='{_png(t['image'])}'><br>{html.escape(t['text'])}</div>")
+            parts.append("</div>")
     path = out / "report.html"
     path.write_text("\n".join(parts))
     (out / "report.json").write_text(json.dumps(summary, indent=1, default=float))
