@@ -6,6 +6,7 @@
     mogao list                                              the shipped recipes, one line each
     mogao demo [--out DIR]                                  the tiny curriculum on CPU with an HTML report
     mogao data check FILE.jsonl                             validate a data set: every problem with file, line, field
+    mogao data prepare FILE.jsonl --out DATA_DIR            memory-mapped shards for large data sets (--data.path=DIR)
     mogao generate | chat | eval | lora | checkpoint ...    see `mogao VERB --help`
 
 A recipe may be given as a path or by its name under recipes/ (e.g. `tiny/t2i`).
@@ -39,7 +40,7 @@ MODULE_VERBS = {
     "eval": ("mogao.eval.cli:main", "run an evaluation suite on a checkpoint (shapes, digits, vqa, interleaved)"),
     "lora": ("mogao.lora.cli:main", "LoRA adapters: merge into full weights, inspect"),
     "checkpoint": ("mogao.training.consolidate:main", "checkpoint tools: consolidate a sharded checkpoint"),
-    "data": ("mogao.data.cli:main", "data set tools: check (validate, summarise, --fix), import"),
+    "data": ("mogao.data.cli:main", "data set tools: check (validate, summarise, --fix), prepare, import"),
 }
 
 
