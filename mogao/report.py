@@ -57,8 +57,8 @@ def prompted_colour_share(img: Image.Image, colour: str,
 
 
 TWO_OBJECT_PROMPTS = [  # two objects in cells (the captions the t2i data writes for two-object scenes)
-    "A red circle on the left and a blue square on the right.",
-    "A green triangle at the top and a yellow cross at the bottom.",
+    "A large red circle at the top left and a large blue square at the bottom right on a white background.",
+    "A large green triangle at the top right and a large yellow cross at the bottom left on a white background.",
 ]
 
 EVAL_N = {"shapes": 8, "digits": 20, "vqa": 32, "interleaved": 8}
