@@ -208,11 +208,10 @@ class EMA(Callback):
             full = full_state_dict(module, keep=trainer.is_global_zero)  # every rank: gathers a sharded model
             if not trainer.is_global_zero:
                 return
-            if hasattr(module, "save_pretrained"):
-                if full is None:
-                    module.save_pretrained(directory)
-                else:  # the gathered weights of a sharded model
-                    module.save_pretrained(directory, state_dict=full)
+            if hasattr(module, "save_pretrained"):  # one unit, as the trained model (a sharded model: gathered)
+                from mogao.training.checkpointing import save_model_directory
+
+                save_model_directory(module, None, directory, full)
             else:
                 directory.mkdir(parents=True, exist_ok=True)
                 torch.save(module.state_dict(), directory / "model.pt")
