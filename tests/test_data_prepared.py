@@ -161,8 +161,59 @@ def test_exact_resume_with_dataloader_workers_on_a_prepared_source(parts, tmp_pa
     assert first + _take(resumed, 5) == full
 
 
+def _ranked_dm(tok, data: Path, rank: int, world: int, num_workers: int = 0) -> MogaoDataModule:
+    cfg = DataConfig(token_budget=48, max_image_tokens=4, vit_patch=4, vae_patch=4, lookahead=3, seed=1)
+    dm = MogaoDataModule(str(tok), [Source(name="pics", path=str(data))], cfg, num_workers=num_workers,
+                         worker_timeout=30)
+    dm._rank = lambda: (rank, world)  # (what the trainer of a multi-process run gives each rank)
+    dm.setup("fit")
+    return dm
+
+
+def _take_with_epochs(dm: MogaoDataModule, k: int) -> list[tuple[int, tuple[str, ...]]]:
+    out = []
+    for batch in dm.train_dataloader():
+        dm.consumed(batch)
+        out.append((batch.data_state["sources"]["pics"]["epoch"], tuple(batch.sample_ids)))
+        if len(out) == k:
+            return out
+    raise AssertionError("the stream ended")
+
+
+def _saved(dms: list[MogaoDataModule]) -> dict:
+    """The checkpointed data state of a run of len(dms) ranks (`state_dict` gathers "ranks" under
+    torch.distributed; here the ranks are in one process)."""
+    state = dms[0].state_dict()
+    if len(dms) > 1:
+        state["ranks"] = {str(r): {"workers": dm.state_dict()["workers"]} for r, dm in enumerate(dms)}
+    return state
+
+
+@pytest.mark.parametrize(("saved", "now", "k", "workers"), [(2, 1, 3, 0), (1, 2, 4, 0), (2, 1, 3, 2)])
+def test_resume_on_another_number_of_ranks_reads_every_sample_once(parts, tmp_path, saved, now, k, workers):
+    src = write_source(tmp_path / "d", n=20)
+    prepare(src, tmp_path / "pics.data", shard_size=6, progress=False)
+    data = tmp_path / "pics.data"
+    before = [_ranked_dm(parts["tokenizer"], data, r, saved, workers) for r in range(saved)]
+    seen = [i for dm in before for _, ids in _take_with_epochs(dm, k) for i in ids]
+    state = _saved(before)
+    runs = []
+    for _ in range(2):  # resuming twice from one checkpoint gives the same batches
+        after = [_ranked_dm(parts["tokenizer"], data, r, now, workers) for r in range(now)]
+        for dm in after:
+            dm.load_state_dict(state)
+        runs.append([_take_with_epochs(dm, 12) for dm in after])
+    assert runs[0] == runs[1]
+    rest = [i for rank in runs[0] for epoch, ids in rank if epoch == 0 for i in ids]
+    assert len(seen) + len(rest) == len(set(seen) | set(rest)) == 20  # the epoch: every sample once
+    for rank in runs[0]:  # then whole new epochs, sharded over the new ranks
+        assert [e for e, _ in rank] == sorted(e for e, _ in rank)
+    epoch1 = [i for rank in runs[0] for epoch, ids in rank if epoch == 1 for i in ids]
+    assert len(epoch1) == len(set(epoch1))
+
+
 @pytest.mark.parametrize(("saved", "now"), [(2, 1), (1, 2)])
-def test_resume_with_another_world_size_is_refused(tmp_path, saved, now):
+def test_a_packed_dataset_alone_refuses_a_position_of_another_world_size(tmp_path, saved, now):
     src = write_source(tmp_path / "d", n=12)
     prepare(src, tmp_path / "pics.data", progress=False)
     samples = PreparedSamples(tmp_path / "pics.data")
@@ -220,3 +271,19 @@ def test_a_recipe_source_on_a_prepared_folder_trains_through_mogao_fit(parts, tm
     assert cli.trainer.global_step == 2
     report = json.loads((tmp_path / "run" / "data_faults.json").read_text())
     assert report["train"]["bad"] == 0 and report["train"]["read"] >= 4
+
+
+def test_a_second_resume_during_the_re_split_pass_still_reads_every_sample_once(parts, tmp_path):
+    src = write_source(tmp_path / "d", n=20)
+    prepare(src, tmp_path / "pics.data", shard_size=6, progress=False)
+    data = tmp_path / "pics.data"
+    two = [_ranked_dm(parts["tokenizer"], data, r, 2) for r in range(2)]
+    seen = [i for dm in two for _, ids in _take_with_epochs(dm, 3) for i in ids]
+    one = _ranked_dm(parts["tokenizer"], data, 0, 1)
+    one.load_state_dict(_saved(two))
+    seen += [i for _, ids in _take_with_epochs(one, 2) for i in ids]  # (still in the re-split pass)
+    three = [_ranked_dm(parts["tokenizer"], data, r, 3) for r in range(3)]
+    for dm in three:
+        dm.load_state_dict(_saved([one]))
+    rest = [i for dm in three for epoch, ids in _take_with_epochs(dm, 6) if epoch == 0 for i in ids]
+    assert len(seen) + len(rest) == len(set(seen) | set(rest)) == 20

@@ -272,30 +272,66 @@ class PackedDataset(IterableDataset):
             worker = self.worker_role
         return self.rank * workers + worker, self.world_size * workers
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every source index in the reading order of `epoch` (before sharding): a numpy permutation (8 bytes an
+        index, made in milliseconds for millions), not a list of Python ints."""
+        n = len(self.source)
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng(stable_seed("shuffle", self.config.seed, epoch)).permutation(n)
+
     def shard_indices(self, epoch: int) -> Sequence[int]:
         """This process's source indices for `epoch`, in reading order: every `shards`-th entry of the epoch's
-        permutation of all indices. A numpy permutation (8 bytes an index, made in milliseconds for millions),
-        not a list of Python ints, so start-up time and memory stay small for large prepared sources."""
-        n = len(self.source)
-        if self.shuffle:
-            order = np.random.default_rng(stable_seed("shuffle", self.config.seed, epoch)).permutation(n)
-        else:
-            order = np.arange(n, dtype=np.int64)
+        order, so start-up time and memory stay small for large prepared sources."""
         shard, shards = self._shard()
-        return _Indices(order[shard::shards])
+        return _Indices(self.epoch_order(epoch)[shard::shards])
 
-    def _lower(self, index: int) -> SequencePlan | None:
-        return lower_sample(self.source[index], self.tokenizer, self.config, epoch=self.epoch,
-                            special=self.special, index=index)
+    def _remaining(self, position: dict[str, Any], shard: int, shards: int, last_epoch: int,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs, indices) that shard `shard` of `shards` had still to read, from its saved `position`
+        through the end of `last_epoch`: its read-but-unpacked samples, the rest of its current pass, then its
+        share of each later epoch up to `last_epoch`."""
+        epoch, read = int(position["epoch"]), int(position.get("read", 0))
+        if "carry" in position:  # (it was itself finishing a re-split pass)
+            ep, ix = self._carry_slice(position["carry"], shard, shards, epoch)
+            buffer = [(int(ep[k]), int(ix[k])) for k in (position.get("buffer") or [])]  # (positions in it)
+        else:
+            ix = self.epoch_order(epoch)[shard::shards]
+            ep = np.full(len(ix), epoch, dtype=np.int64)
+            buffer = [(epoch, int(i)) for i in (position.get("buffer") or [])]
+        parts_e = [np.array([e for e, _ in buffer], dtype=np.int64), ep[read:]]
+        parts_i = [np.array([i for _, i in buffer], dtype=np.int64), ix[read:]]
+        for later in range(epoch + 1, last_epoch + 1):
+            more = self.epoch_order(later)[shard::shards]
+            parts_e.append(np.full(len(more), later, dtype=np.int64))
+            parts_i.append(more)
+        return np.concatenate(parts_e), np.concatenate(parts_i)
 
-    def _lower_or_skip(self, index: int) -> SequencePlan | None:
+    def _carry_slice(self, carry: dict[str, Any], shard: int, shards: int, epoch: int,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's part of a re-split pass: what the `carry["shards"]` shards of the saved run had still
+        to read (`carry["positions"]`, one per old shard) through `epoch`, concatenated in old-shard order and
+        dealt out to the `shards` new shards."""
+        old = int(carry["shards"])
+        parts = [self._remaining(pos, s, old, epoch) for s, pos in enumerate(carry["positions"])]
+        epochs = np.concatenate([e for e, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
+        indices = np.concatenate([i for _, i in parts]) if parts else np.zeros(0, dtype=np.int64)
+        return epochs[shard::shards], indices[shard::shards]
+
+    def _lower(self, index: int, epoch: int | None = None, position: int | None = None) -> SequencePlan | None:
+        return lower_sample(self.source[index], self.tokenizer, self.config,
+                            epoch=self.epoch if epoch is None else epoch, special=self.special,
+                            index=index if position is None else position)
+
+    def _lower_or_skip(self, index: int, epoch: int | None = None, position: int | None = None,
+                       ) -> SequencePlan | None:
         """Lower sample `index`; None when it is dropped on purpose (too_long) or bad (then counted, logged
         and checked against the limit - which raises `DataError` when passed)."""
         try:
-            return self._lower(index)
+            return self._lower(index, epoch, position)
         except SAMPLE_FAULTS as e:
             fault = e
-        record = self.stats.record_bad(self.source[index], fault, self.epoch)
+        record = self.stats.record_bad(self.source[index], fault, self.epoch if epoch is None else epoch)
         log.warning("skipping bad sample %r at %s%s: %s", record["id"], _where(record),
                     f" (data source {self.name!r})" if self.name else "", record["reason"])
         stats, cfg = self.stats, self.config
@@ -304,11 +340,26 @@ class PackedDataset(IterableDataset):
         return None
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        indices = self.shard_indices(self.epoch)
         shard = self._shard()
         resume, self._resume = self._resume, None
-        state = {"epoch": self.epoch, "read": 0, "buffer": [], "shard": list(shard), "num_samples": len(self.source)}
+        state: dict[str, Any] = {"epoch": self.epoch, "read": 0, "buffer": [], "shard": list(shard),
+                                 "num_samples": len(self.source)}
+        carry = resume.get("carry") if resume is not None and resume["epoch"] == self.epoch else None
+        if carry is not None:
+            # a re-split pass (a resume with another number of ranks): read what the saved run had left, then
+            # go on with the next epochs; the buffer holds positions in this pass (they give index and epoch)
+            state["carry"] = carry
+            epochs, order = self._carry_slice(carry, shard[0], shard[1], self.epoch)
+            indices: Sequence[int] = _Indices(order)
+        else:
+            epochs, indices = None, self.shard_indices(self.epoch)
         packer = GreedyPacker(self.config.token_budget, self.config.lookahead)
+
+        def lower_at(pos: int) -> SequencePlan | None:
+            if epochs is None:
+                return self._lower_or_skip(indices[pos])
+            return self._lower_or_skip(indices[pos], int(epochs[pos]), pos)
+
         if resume is not None and resume["epoch"] == self.epoch:
             saved = (list(resume.get("shard", shard)), resume.get("num_samples", len(self.source)))
             if saved != (list(shard), len(self.source)):
@@ -317,16 +368,20 @@ class PackedDataset(IterableDataset):
                                   f"{len(self.source)}; resume with the same world size, workers and data")
             state["read"] = resume["read"]
             # (already counted as read; a sample that went bad since is counted as bad once more)
-            packer.buffer = [p for p in map(self._lower_or_skip, resume["buffer"]) if p is not None]
+            if epochs is None:
+                buffered = map(self._lower_or_skip, resume["buffer"])
+            else:
+                buffered = map(lower_at, resume["buffer"])
+            packer.buffer = [p for p in buffered if p is not None]
         self._state = state
 
         def read() -> Iterator[SequencePlan]:
             while state["read"] < len(indices):
-                index = indices[state["read"]]
+                pos = state["read"]
                 state["read"] += 1
                 self.stats.read += 1
                 bad = self.stats.bad
-                plan = self._lower_or_skip(index)
+                plan = lower_at(pos)
                 if plan is not None:
                     yield plan
                 elif self.stats.bad == bad:

@@ -336,12 +336,11 @@ class PreparedSamples(Sequence[Sample]):
     """
 
     def __init__(self, path: str | Path) -> None:
-        from datasets import Dataset, concatenate_datasets
-        from datasets.utils.logging import disable_progress_bar
+        from datasets import Dataset
+        from datasets.table import ConcatenationTable, MemoryMappedTable
 
         self.root = Path(path).expanduser()
         self.manifest = read_manifest(self.root)
-        disable_progress_bar()
         parts = []
         for shard in self.manifest["shards"]:
             name = shard["file"]
@@ -351,8 +350,10 @@ class PreparedSamples(Sequence[Sample]):
             if not f.is_file():
                 raise DataError(f"shard {name} is missing; prepare the data again", file=str(self.root))
             if shard["rows"]:
-                parts.append(Dataset.from_file(str(f)))
-        self.table = concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else None)
+                parts.append(MemoryMappedTable.from_file(str(f)))
+        # (one Dataset over the memory-mapped shards: `Dataset.from_file` per shard would fingerprint each,
+        # tens of milliseconds a shard, which would make opening grow with the data set)
+        self.table = Dataset(ConcatenationTable.from_tables(parts)) if parts else None
         self.length = 0 if self.table is None else len(self.table)
         if self.length != self.manifest["samples"]:
             raise DataError(f"the shards hold {self.length} samples, the manifest says {self.manifest['samples']}; "

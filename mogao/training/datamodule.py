@@ -344,8 +344,9 @@ class MogaoDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's data position; with several ranks also every rank's ("ranks"), gathered here: a
-        whole-file checkpoint is written by the first rank alone, and each rank must resume from its own
-        position. (Lightning builds the checkpoint on every rank, so the gather is reached by all.)"""
+        whole-file checkpoint is written by the first rank alone, and each rank resumes from its own position -
+        or, on another number of ranks, from all of them re-split (`resplit_position`). (Lightning builds the
+        checkpoint on every rank, so the gather is reached by all.)"""
         state: dict[str, Any] = {"workers": copy.deepcopy(self._consumed)}
         rank, world = self._rank()
         if world > 1:
@@ -359,9 +360,11 @@ class MogaoDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank, world = self._rank()
-        ranks = state.get("ranks") or {}
+        ranks = state.get("ranks") or {"0": {"workers": state.get("workers", {})}}
         if len(ranks) == world and str(rank) in ranks:
-            state = ranks[str(rank)]  # (saved with another world size: the first rank's, refused with a reason)
+            state = ranks[str(rank)]
+        else:  # saved by another number of ranks: what they had left is dealt out to this run's ranks
+            state = resplit_position(ranks, rank, world, max(1, self.num_workers))
         self._consumed = {int(k): v for k, v in state.get("workers", {}).items()}
         self._loaded = state
         if self._train is not None:
@@ -449,6 +452,71 @@ class MogaoDataModule(pl.LightningDataModule):
             self.write_fault_report(path, error=exception)
         except OSError as e:  # the run is already failing: report, do not mask its error
             log.warning("could not write %s: %s", path, e)
+
+
+def _get(mapping: dict[Any, Any], key: int) -> Any:
+    return mapping.get(key, mapping.get(str(key)))
+
+
+def resplit_position(ranks: dict[str, Any], rank: int, world: int, workers: int) -> dict[str, Any]:
+    """The data position of `rank` of `world` resuming a run saved with `len(ranks)` ranks.
+
+    Every source's saved shards (one per old rank and worker) had a position in their reading order; what
+    each had still to read - its read-but-unpacked samples, the rest of its epoch, and its share of any later
+    epoch another shard had already reached - is concatenated in old-shard order and dealt out to the new
+    shards (`PackedDataset`'s re-split pass, which keeps each sample's epoch); the next epoch then starts with
+    the new sharding. So no sample is skipped or read twice. The mixture continues at the same batch index
+    (the source of batch b depends on b alone); the fault counts move to the first rank.
+    """
+    old = len(ranks)
+    states = {r: {int(k): v for k, v in (_get(ranks, r) or {}).get("workers", {}).items()} for r in range(old)}
+    shard_counts = {int(ds["shard"][1]) for st in states.values() for ws in st.values()
+                    for ds in ws.get("sources", {}).values() if "shard" in ds}
+    if not shard_counts:
+        return {"workers": {}}  # nothing was trained on yet
+    if shard_counts != {old * workers}:
+        raise ConfigError(f"cannot resume: the saved data position was taken with {sorted(shard_counts)[0] // old} "
+                          f"DataLoader worker(s) per rank, this run has {workers}; resume with the same "
+                          "data.num_workers (the number of ranks may change)")
+    names = sorted({n for st in states.values() for ws in st.values() for n in ws.get("sources", {})})
+    fresh = {"epoch": 0, "read": 0, "buffer": []}
+
+    def position(s: int, name: str) -> dict[str, Any]:
+        """Old shard s (= old rank * workers + worker role): its saved position in source `name`."""
+        st = states[s // workers].get(s % workers) or {}
+        return copy.deepcopy(st.get("sources", {}).get(name) or fresh)
+
+    result: dict[int, dict[str, Any]] = {}
+    for role in range(workers):
+        saved = [states[r].get(role) for r in range(old)]
+        sources = {}
+        for name in names:
+            every = [position(s, name) for s in range(old * workers)]
+            sources[name] = {"epoch": max(int(p["epoch"]) for p in every), "read": 0, "buffer": [],
+                             "shard": [rank * workers + role, world * workers],
+                             "carry": {"shards": old * workers, "positions": every}}
+            num = next((p["num_samples"] for p in every if "num_samples" in p), None)
+            if num is not None:
+                sources[name]["num_samples"] = num
+        # (batch b + workers after batch b: a role that never made a batch is at its first, b = role)
+        entry: dict[str, Any] = {"worker": role, "sources": sources,
+                                 "batch": next((int(st["batch"]) for st in saved if st is not None), role)}
+        if rank == 0:
+            entry["faults"] = {name: _merge_faults([(st or {}).get("faults", {}).get(name, {}) for st in saved])
+                               for name in names}
+        result[role] = entry
+    return {"workers": result}
+
+
+def _merge_faults(states: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"read": 0, "bad": 0, "skipped": 0, "bad_reasons": []}
+    for f in states:
+        for key in ("read", "bad", "skipped"):
+            out[key] += int(f.get(key, 0))
+        out["bad_reasons"] += [dict(r) for r in f.get("bad_reasons", [])
+                               if all(r["id"] != seen["id"] for seen in out["bad_reasons"])]
+    out["bad_reasons"] = out["bad_reasons"][:MAX_LISTED_FAULTS]
+    return out
 
 
 def _identity(x):
