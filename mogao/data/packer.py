@@ -237,7 +237,10 @@ class PackedDataset(IterableDataset):
     position after the last yielded batch (epoch, samples read, samples read but not yet packed);
     `load_state_dict()` makes the next iteration continue from there and yield exactly the remaining batches.
     The state is per process: with `num_workers > 0` use a loader that snapshots each worker's dataset state
-    (torchdata's `StatefulDataLoader` calls these two methods in every worker).
+    (torchdata's `StatefulDataLoader` calls these two methods in every worker). A state with a "carry" entry
+    (made by `mogao.training.datamodule.resplit_position` when a run resumes on another number of ranks)
+    starts with a re-split pass: this shard's share of what every shard of the saved run had still to read,
+    each sample lowered with its own epoch; the next epoch is sharded anew.
 
     A sample that fails to load or lower is skipped: logged as a warning (id, file:line, reason) and counted
     in `stats`. Lowering is deterministic, so a resumed iteration skips the same samples. When more than
