@@ -287,3 +287,22 @@ def test_a_second_resume_during_the_re_split_pass_still_reads_every_sample_once(
         dm.load_state_dict(_saved([one]))
     rest = [i for dm in three for epoch, ids in _take_with_epochs(dm, 6) if epoch == 0 for i in ids]
     assert len(seen) + len(rest) == len(set(seen) | set(rest)) == 20
+
+
+def test_an_imported_caption_folder_prepares_and_validation_samples_decode(tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (12, 8), colour).save(photos / f"{i}.png")
+        (photos / f"{i}.txt").write_text(f"a {colour} square")
+    out = tmp_path / "data" / "mine.jsonl"
+    out.parent.mkdir()
+    assert data_main(["import", "captions", str(photos), "--out", str(out)]) == 0
+    assert data_main(["prepare", str(out), "--out", str(tmp_path / "mine.data"), "--no-progress"]) == 0
+    dm = MogaoDataModule("tok", path=str(tmp_path / "mine.data"), val_path=str(tmp_path / "mine.data"))
+    assert dm.sources[0].name == "mine"
+    val = dm.val_samples("mine")  # (what exact-match validation hands to the generation loop: PIL images)
+    assert [s.segments[0].text for s in val] == ["a red square", "a blue square", "a green square"]
+    assert all(s.segments[1].image.size == (12, 8) for s in val)
