@@ -253,7 +253,8 @@ def prepare(source: str | Path, out: str | Path, *, shard_size: int = SHARD_SIZE
               "source_bytes": src.stat().st_size, "shard_size": shard_size}
     done = _check_out(src, dst, params)
     summary = PrepareSummary(dst)
-    if done is not None:
+    if done is not None:  # (a run stopped right after writing the manifest may have left its options file)
+        (dst / PARAMS).unlink(missing_ok=True)
         summary.samples, summary.images, summary.targets = done["samples"], done["images"], done["targets"]
         summary.bad, summary.shards, summary.resumed_shards = done["bad"], len(done["shards"]), len(done["shards"])
         summary.problems = list(done["problems"])
