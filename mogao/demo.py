@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     ap.add_argument("--eval-n", type=int, default=None, metavar="N",
                     help="items per eval suite in the report's score table (default: mogao.report.EVAL_N)")
+    ap.add_argument("--sample-steps", type=int, default=24, metavar="N",
+                    help="Euler steps per image the report draws (default 24)")
     ap.add_argument("overrides", nargs="*", help="extra --key=value overrides for every stage")
     args, rest = ap.parse_known_args(argv)
     from transformers.utils import logging as hf_logging
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> Path:
     print("[demo] writing the report (sampling images and answers from each stage's model) ...")
     eval_n = None if args.eval_n is None else {**dict.fromkeys(("shapes", "vqa", "interleaved"), args.eval_n),
                                                "digits": max(2, args.eval_n)}  # (an FID needs two images)
-    report = write_report(CURRICULUM, args.out, eval_n=eval_n)
+    report = write_report(CURRICULUM, args.out, eval_n=eval_n, steps=args.sample_steps)
     summary = json.loads((args.out / "report.json").read_text())
     summary["seconds_training"] = round(trained, 1)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)

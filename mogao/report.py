@@ -83,12 +83,13 @@ def _guidance(text: float):
     return Guidance(text_scale=text, image_scale=1.5)
 
 
-def stage_scores(model: Any, tok: Any, n: dict[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+def stage_scores(model: Any, tok: Any, n: dict[str, int] | None = None, seed: int = 0, steps: int = 16,
+                 ) -> dict[str, Any]:
     """`mogao eval` suites on one model (through the generation loop); {suite: result}."""
     from mogao.eval.suites import SUITES, run_suite
 
     n = {**EVAL_N, **(n or {})}
-    return {suite: run_suite(model, tok, suite, n=n[suite], seed=seed, steps=16) for suite in SUITES}
+    return {suite: run_suite(model, tok, suite, n=n[suite], seed=seed, steps=steps) for suite in SUITES}
 
 
 def score_row(results: dict[str, Any]) -> list[float | None]:
@@ -96,7 +97,7 @@ def score_row(results: dict[str, Any]) -> list[float | None]:
     return [results[suite]["scores"][cat][group] for _, suite, cat, group in SCORE_COLUMNS]
 
 
-def _story(model: Any, tok: Any, seed: int) -> dict[str, Any] | None:
+def _story(model: Any, tok: Any, seed: int, steps: int) -> dict[str, Any] | None:
     """One free-running story of three turns: each turn's text, then the image the model draws for it."""
     from mogao.eval.suites import story_items
     from mogao.inference import GenerationConfig, GenerationSession
@@ -104,7 +105,7 @@ def _story(model: Any, tok: Any, seed: int) -> dict[str, Any] | None:
     story = next((s for s in story_items(16, seed) if len(s["texts"]) >= 3), None)
     if story is None:
         return None
-    session = GenerationSession(model, tok, 1, GenerationConfig(max_images=1, steps=24, seed=seed),
+    session = GenerationSession(model, tok, 1, GenerationConfig(max_images=1, steps=steps, seed=seed),
                                 _guidance(2.0))
     turns = []
     for text in story["texts"][:3]:
@@ -113,7 +114,8 @@ def _story(model: Any, tok: Any, seed: int) -> dict[str, Any] | None:
     return {"turns": turns}
 
 
-def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | None = None) -> dict[str, Any]:
+def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | None = None,
+                    steps: int = 24) -> dict[str, Any]:
     from mogao.data.builtin import make_builtin
     from mogao.data.builtin.shapes import COLOURS
     from mogao.inference import GenerationConfig
@@ -121,7 +123,7 @@ def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | Non
     from mogao.inference.tasks import answer, edit_image, text_to_image
 
     model, tok = load_model_dir(model_dir)
-    draw = GenerationConfig(steps=24, seed=seed)
+    draw = GenerationConfig(steps=steps, seed=seed)
     prompts = T2I_PROMPTS + HELD_OUT_PROMPTS + TWO_OBJECT_PROMPTS
     images = text_to_image(model, tok, prompts, config=draw, guidance=_guidance(3.0))
     t2i = []
@@ -142,8 +144,8 @@ def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | Non
                         [s["segments"][1]["text"] for s in edits.samples], config=draw, guidance=_guidance(2.0))
     ed = [{"before": s["segments"][0]["image"], "instruction": s["segments"][1]["text"], "after": img,
            "reference": s["segments"][2]["image"]} for s, img in zip(edits.samples, edited)]
-    return {"t2i": t2i, "qa": qa, "edits": ed, "story": _story(model, tok, seed),
-            "scores": stage_scores(model, tok, eval_n, seed)}
+    return {"t2i": t2i, "qa": qa, "edits": ed, "story": _story(model, tok, seed, steps),
+            "scores": stage_scores(model, tok, eval_n, seed, steps=min(steps, 16))}
 
 
 def _plot_losses(stages: list[tuple[str, list[dict]]], path: Path) -> None:
@@ -205,10 +207,10 @@ def _score_table(stages: list[dict[str, Any]], n: dict[str, int]) -> list[str]:
 
 
 def write_report(curriculum: str | Path, out: str | Path, seed: int = 0, eval_n: dict[str, int] | None = None,
-                 ) -> Path:
+                 steps: int = 24) -> Path:
     """Write `<out>/report.html` (and `losses.png`, `report.json`) for a finished curriculum run. Every image
     and answer comes from the generation loop users get (`mogao.inference`); the score table from the `mogao
-    eval` suites with `eval_n` items each (default `EVAL_N`)."""
+    eval` suites with `eval_n` items each (default `EVAL_N`); `steps`: Euler steps per image."""
     out = Path(out)
     spec = load_curriculum(curriculum, out=out)
     stages = []
@@ -217,7 +219,7 @@ def write_report(curriculum: str | Path, out: str | Path, seed: int = 0, eval_n:
         rows = read_history(d / "metrics.jsonl")
         val = [r for r in rows if r.get("kind") == "val"]
         stages.append({"name": st.name, "dir": d, "rows": rows, "val": val[-1] if val else {},
-                       "examples": _stage_examples(d / "model", seed, eval_n) if (d / "model").is_dir() else None})
+                       "examples": _stage_examples(d / "model", seed, eval_n, steps) if (d / "model").is_dir() else None})
     _plot_losses([(s["name"], s["rows"]) for s in stages], out / "losses.png")
     parts = [f"<!doctype html><meta charset=utf-8><title>mogao run report</title><style>{_CSS}</style>",
              f"<h1>Curriculum run: {html.escape(str(out))}</h1>",

@@ -236,7 +236,7 @@ def test_demo_runs_the_curriculum_and_writes_the_report(parts, tmp_path):
     from mogao.demo import main as demo_main
 
     over = [o for o in small(parts, tmp_path, steps=2) if not o.startswith("--trainer.default_root_dir")]
-    report = demo_main(["--out", str(tmp_path), "--eval-n", "1", *over])
+    report = demo_main(["--out", str(tmp_path), "--eval-n", "1", "--sample-steps", "2", *over])
     text = report.read_text()
     assert text.count("<h2>After stage") == 3 and text.count("<img") >= 3 * (12 + 8 + 12)
     summary = json.loads((tmp_path / "report.json").read_text())
