@@ -75,3 +75,20 @@ def make_batch(tokenizer, samples: list[dict], vit_patch: int = 4, vae_patch: in
 @pytest.fixture(scope="session")
 def shapes_dicts():
     return interleaved_samples(4, seed=3, max_targets=3)
+
+
+def shrunk_recipe(directory, name: str = "t2i", n: int = 8, val_n: int = 2):
+    """A copy of the tiny recipe `name` in `directory` whose built-in sources have n / val_n samples (fast data
+    setup); returns its path."""
+    from pathlib import Path
+
+    import yaml
+
+    from mogao.cli import RECIPES_DIR
+
+    cfg = yaml.safe_load((RECIPES_DIR / "tiny" / f"{name}.yaml").read_text())
+    for s in cfg["data"]["sources"]:
+        s["n"], s["val_n"] = n, val_n
+    out = Path(directory) / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out

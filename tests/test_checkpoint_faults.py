@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from callbacks.history import read_history
-from mogao.cli import RECIPES_DIR, build_cli
+from mogao.cli import build_cli
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.training.checkpointing import (
     AtomicCheckpointIO,
@@ -59,14 +59,9 @@ def parts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """The tiny T2I recipe with 24 samples per source (fast data setup)."""
-    import yaml
+    from conftest import shrunk_recipe
 
-    cfg = yaml.safe_load((RECIPES_DIR / "tiny" / "t2i.yaml").read_text())
-    for s in cfg["data"]["sources"]:
-        s["n"], s["val_n"] = 24, 4
-    out = tmp_path_factory.mktemp("fault_recipe") / "t2i.yaml"
-    out.write_text(yaml.safe_dump(cfg))
-    return out
+    return shrunk_recipe(tmp_path_factory.mktemp("fault_recipe"), "t2i", n=24, val_n=4)
 
 
 def fit_args(parts, recipe: Path, root: Path, steps: int, keep: int = KEEP) -> list[str]:

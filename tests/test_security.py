@@ -241,16 +241,9 @@ def test_fsdp2_resume_never_runs_a_checkpoint_payload(payloads, tiny_parts, tmp_
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    import yaml
+    from conftest import shrunk_recipe
 
-    from mogao.cli import RECIPES_DIR
-
-    cfg = yaml.safe_load((RECIPES_DIR / "tiny" / "t2i.yaml").read_text())
-    for s in cfg["data"]["sources"]:
-        s["n"], s["val_n"] = 8, 2
-    out = tmp_path_factory.mktemp("sec_recipe") / "t2i.yaml"
-    out.write_text(yaml.safe_dump(cfg))
-    return out
+    return shrunk_recipe(tmp_path_factory.mktemp("sec_recipe"), "t2i", n=8, val_n=2)
 
 
 @pytest.fixture(scope="module")
