@@ -26,14 +26,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     from mogao.training.checkpointing import save_model_directory
 
     base, adapter, out = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
-    for given, what in ((base, "the base directory"), (adapter, "the adapter directory")):
-        if out.resolve() == given.resolve() or out.resolve() in given.resolve().parents:
-            raise ConfigError(f"--out '{out}' is or holds {what}; write the merged model somewhere else")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out '{out}' is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out '{out}' is not empty; give a new folder, or --overwrite to replace a model "
-                          "saved there")
+    from mogao.training.consolidate import check_output_dir
+
+    check_output_dir(out, overwrite, [base, adapter])
     model = MogaoModel.from_pretrained(base)
     tokenizer = None
     if (base / "tokenizer_config.json").is_file():

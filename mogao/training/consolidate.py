@@ -124,7 +124,7 @@ def load_trained_model(ckpt: Path, dtype: torch.dtype | None = None):
     return model.eval(), meta
 
 
-def _check_out(out: Path, overwrite: bool, keep: list[Path]) -> None:
+def check_output_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
     """`out` must be new or empty unless `overwrite`, and never a folder the inputs live in."""
     target = out.resolve()
     for p in keep:
@@ -152,13 +152,13 @@ def consolidate(source: str | Path, out: str | Path, tokenizer: str | None = Non
 
     d = Path(out).expanduser()
     ckpt = find_checkpoint(source)
-    _check_out(d, overwrite, [ckpt] + ([Path(tokenizer).expanduser()] if tokenizer else []))
+    check_output_dir(d, overwrite, [ckpt] + ([Path(tokenizer).expanduser()] if tokenizer else []))
     model, meta = load_trained_model(ckpt, dtype)
     tok_path = tokenizer or (meta.get("hyper_parameters") or {}).get("tokenizer")
     if tok_path is None:
         raise ConfigError(f"'{ckpt}' does not name its tokenizer: give --tokenizer DIR")
     tok_dir = resolve_checkpoint(str(tok_path), "tokenizer")
-    _check_out(d, overwrite, [ckpt, tok_dir])
+    check_output_dir(d, overwrite, [ckpt, tok_dir])
     tok = AutoTokenizer.from_pretrained(tok_dir)
     return save_model_directory(model, tok, d)
 
