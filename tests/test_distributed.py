@@ -12,6 +12,8 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,17 +47,57 @@ def _launch(spec: dict, nproc: int) -> list[subprocess.Popen]:
     return procs
 
 
-def _wait(procs: list[subprocess.Popen], out: str) -> None:
-    for rank, p in enumerate(procs):
+def _wait(procs: list[subprocess.Popen], out: str, relaunch: Callable[[], list[subprocess.Popen]] | None = None) -> None:
+    """Wait for every rank; fail with the log of the first rank that did not exit 0.
+
+    A rank killed by a signal inside native code (glibc's "double free or corruption" abort was seen once in
+    about a hundred CI runs of these 2-rank gloo jobs; the other rank then fails on a reset connection) is not
+    a result of the code under test: with `relaunch`, the whole group runs once more, and the crash is kept
+    visible as a warning with that rank's log.
+    """
+    codes = []
+    for p in procs:
         try:
-            code = p.wait(timeout=TIMEOUT)
+            codes.append(p.wait(timeout=TIMEOUT))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            code = "timeout"
+            codes.append("timeout")
+    crashed = [r for r, c in enumerate(codes) if isinstance(c, int) and c < 0]
+    if crashed and relaunch is not None:
+        log = Path(out + f".rank{crashed[0]}.log").read_text()[-2000:]
+        warnings.warn(f"{out}: rank {crashed[0]} was killed by signal {-codes[crashed[0]]}; running the group "
+                      f"again. Its log ends:\n{log}", stacklevel=2)
+        return _wait(relaunch(), out)
+    for rank, code in enumerate(codes):
         if code != 0:
             log = Path(out + f".rank{rank}.log").read_text()[-4000:]
             raise AssertionError(f"{out} rank {rank} exited with {code}:\n{log}")
+
+
+def test_a_rank_killed_by_a_signal_runs_the_group_again_once(tmp_path):
+    out = str(tmp_path / "run")
+
+    def group(code: str) -> list[subprocess.Popen]:
+        return [subprocess.Popen([sys.executable, "-c", code], stdout=open(out + f".rank{r}.log", "w"),
+                                 stderr=subprocess.STDOUT) for r in range(2)]
+
+    abort = "import os, signal; print('native crash'); os.kill(os.getpid(), signal.SIGABRT)"
+    again = []
+    with pytest.warns(UserWarning, match="rank 0 was killed by signal 6"):
+        _wait(group(abort), out, relaunch=lambda: again.append(1) or group("pass"))
+    assert again == [1]
+    with pytest.raises(AssertionError, match="exited with -6"), pytest.warns(UserWarning):
+        _wait(group(abort), out, relaunch=lambda: group(abort))  # only once
+    with pytest.raises(AssertionError, match="exited with 3"):
+        _wait(group("raise SystemExit(3)"), out, relaunch=lambda: group("pass"))  # a plain failure is not retried
+
+
+def _run_groups(groups: list[tuple[dict, int]]) -> None:
+    """Start every (spec, nproc) group at once, then wait for each (relaunched once after a native crash)."""
+    started = [(_launch(spec, n), spec, n) for spec, n in groups]
+    for procs, spec, n in started:
+        _wait(procs, spec["out"], relaunch=lambda spec=spec, n=n: _launch(spec, n))
 
 
 def _losses(out: Path, world: int) -> dict[int, float]:
@@ -72,23 +114,14 @@ def runs(tiny_parts, tmp_path_factory):
             "vit": tiny_parts["vit"], "vae": tiny_parts["vae"], "steps": STEPS, "save_at": SAVE_AT,
             "unfreeze_at": UNFREEZE_AT, "resume": None}
     out = {k: str(root / k) for k in ("single", "fsdp2", "resume2", "resume1", "lora_single", "lora_fsdp2")}
-    first = [(_launch({**base, "out": out["single"], "strategy": "single", "devices": 1}, 1), out["single"]),
-             (_launch({**base, "out": out["fsdp2"], "strategy": "fsdp2", "devices": 2,
-                       "broadcast_from_rank0": True}, 2), out["fsdp2"])]
-    for procs, o in first:
-        _wait(procs, o)
+    _run_groups([({**base, "out": out["single"], "strategy": "single", "devices": 1}, 1),
+                 ({**base, "out": out["fsdp2"], "strategy": "fsdp2", "devices": 2, "broadcast_from_rank0": True}, 2)])
     ckpt = str(root / "fsdp2" / f"step{SAVE_AT}.ckpt")
-    second = [(_launch({**base, "out": out["resume2"], "strategy": "fsdp2", "devices": 2, "resume": ckpt}, 2),
-               out["resume2"]),
-              (_launch({**base, "out": out["resume1"], "strategy": "fsdp2", "devices": 1, "resume": ckpt}, 1),
-               out["resume1"])]
-    for procs, o in second:
-        _wait(procs, o)
+    _run_groups([({**base, "out": out["resume2"], "strategy": "fsdp2", "devices": 2, "resume": ckpt}, 2),
+                 ({**base, "out": out["resume1"], "strategy": "fsdp2", "devices": 1, "resume": ckpt}, 1)])
     lora = {**base, "lora": True, "unfreeze_at": STEPS + 1}
-    third = [(_launch({**lora, "out": out["lora_single"], "strategy": "single", "devices": 1}, 1), out["lora_single"]),
-             (_launch({**lora, "out": out["lora_fsdp2"], "strategy": "fsdp2", "devices": 2}, 2), out["lora_fsdp2"])]
-    for procs, o in third:
-        _wait(procs, o)
+    _run_groups([({**lora, "out": out["lora_single"], "strategy": "single", "devices": 1}, 1),
+                 ({**lora, "out": out["lora_fsdp2"], "strategy": "fsdp2", "devices": 2}, 2)])
     return {k: Path(v) for k, v in out.items()}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import _free_port
 from test_distributed import _wait as wait_for_ranks
 
 from mogao.model.mogao import ModelConfig, MogaoModel
@@ -24,14 +25,6 @@ from mogao.model.mogao import ModelConfig, MogaoModel
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "meta_init_child.py"
 WORLD = 2
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +49,15 @@ def runs(tiny_parts, saved, tmp_path_factory) -> Path:
             "runs": ["normal", "meta", "saved_meta"]}
     path = out / "spec.json"
     path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD), "NODE_RANK": "0"}
-    procs = [subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT, env={**env, "LOCAL_RANK": str(r)},
-                              stdout=open(out / f"run.rank{r}.log", "w"), stderr=subprocess.STDOUT)
-             for r in range(WORLD)]
-    wait_for_ranks(procs, str(out / "run"))
+
+    def launch() -> list[subprocess.Popen]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD), "NODE_RANK": "0"}
+        return [subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT,
+                                 env={**env, "LOCAL_RANK": str(r)}, stdout=open(out / f"run.rank{r}.log", "w"),
+                                 stderr=subprocess.STDOUT) for r in range(WORLD)]
+
+    wait_for_ranks(launch(), str(out / "run"), relaunch=launch)
     return out
 
 
