@@ -202,3 +202,19 @@ def test_meta_device_build_then_load(vae_dir):
     vae.load_state_dict(real.state_dict())
     x = _images([(8, 8)])
     torch.testing.assert_close(vae.encode(x)[0], real.encode(x)[0], atol=0, rtol=0)
+
+
+def test_grid_position_embedding_codes_each_cell_and_peaks_at_the_same_cell():
+    from mogao.model.autoencoder import grid_position_embedding
+
+    rows, cols = torch.arange(8).repeat_interleave(8), torch.arange(8).repeat(8)
+    e = grid_position_embedding(rows, cols, 64)
+    assert e.shape == (64, 64)
+    torch.testing.assert_close(e, grid_position_embedding(rows, cols, 64))  # fixed: a second image, same codes
+    sim = e @ e.T
+    assert torch.equal(sim.argmax(dim=1), torch.arange(64))  # every cell's code is most similar to itself
+    assert torch.unique(e, dim=0).shape[0] == 64
+    odd = grid_position_embedding(rows, cols, 66)  # not a multiple of 4: padded with zero channels
+    assert odd.shape == (64, 66) and torch.equal(odd[:, :64], e) and not odd[:, 64:].any()
+    with pytest.raises(ValueError, match="dim >= 4"):
+        grid_position_embedding(rows, cols, 3)

@@ -185,6 +185,16 @@ def _branch_velocities(model, s, x, sigma):
 
 @pytest.mark.parametrize("task", ["t2i", "edit"])
 def test_cached_image_velocities_equal_full_recompute(model, tok, task):
+    _check_cached_velocities(model, tok, task)
+
+
+def test_cached_velocities_equal_full_recompute_with_x0_prediction(tiny_parts, tok):
+    """The x0 head (v̂ = (x − x̂₀)/σ) gives the same velocities on both paths, also below the σ clamp."""
+    model = _random_model(tiny_parts, prediction="x0", min_sigma_x0=0.5)
+    _check_cached_velocities(model, tok, "edit")
+
+
+def _check_cached_velocities(model, tok, task) -> None:
     cond = draw_shape("circle", "green")
     context = [{"text": PROMPT}] if task == "t2i" else [{"image": cond}, {"text": "Make it red."}]
     s = _session(model, tok)

@@ -150,3 +150,16 @@ def test_unknown_attention_backend_is_refused(tiny_parts):
 
     with pytest.raises(ConfigError, match="sdpa_dense"):
         MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], attention="nope"))
+
+
+def test_x0_prediction_trains_on_the_mse_of_the_clean_tokens(tiny_parts, shapes_dicts):
+    """With `prediction: x0` the head outputs x̂₀; the loss is the MSE of x̂₀ against x₀ (the flow loss with both
+    velocities scaled by σ), so at init (zero head: x̂₀ = 0) it is the mean square of the targets' tokens."""
+    batch = make_batch(tiny_parts["tokenizer"], shapes_dicts)
+    plain = _model(tiny_parts, prediction="x0", min_sigma_x0=1e-6)(batch).terms
+    x0 = torch.cat([t for t, target in zip(_model(tiny_parts).image_tokens(batch.vae_pixels), batch.image_is_target)
+                    if target])
+    got = (plain.image_sum / plain.image_weight).detach()
+    assert float(got) == pytest.approx(float(x0.square().mean()), rel=1e-4)
+    velocity = _model(tiny_parts)(batch).terms  # the same seeded draw, v-prediction: |ε − x₀|²
+    assert float((velocity.image_sum / velocity.image_weight).detach()) > 1.5 * float(x0.square().mean())

@@ -259,16 +259,16 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     vae_tok = iter(model.image_tokens(vae_px)) if vae_px else iter(())
     dtype = backbone.embed_tokens.weight.dtype
     xs, sig_rows, gen_index = [], [0.0], []
-    for _, p, _, _ in physical:
+    for _, p, _, pos in physical:
         if p.kind == Modality.TEXT:
             xs.append(backbone.embed_tokens(p.ids.to(dev)))
         elif p.kind == Modality.VIT:
             xs.append(next(vit_emb).to(dtype))
         elif p.kind == Modality.VAE_CLEAN:
-            xs.append(model.latent_proj.proj_in(next(vae_tok).to(dtype)))
+            xs.append(model.embed_latents(next(vae_tok).to(dtype), pos.to(dev)))
             gen_index.append(torch.zeros(p.length, dtype=torch.long))
         else:
-            xs.append(model.latent_proj.proj_in(p.tokens.to(dev, dtype)))
+            xs.append(model.embed_latents(p.tokens.to(dev, dtype), pos.to(dev)))
             sig_rows.append(float(p.sigma))
             gen_index.append(torch.full((p.length,), len(sig_rows) - 1, dtype=torch.long))
     x = torch.cat(xs, 0)
@@ -331,7 +331,8 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     off = 0
     for i, p, _, _ in gen:
         if p.kind == Modality.VAE_NOISY:
-            velocities[i].append(model.latent_proj.proj_out(h_gen[off:off + p.length]).float())
+            velocities[i].append(model.predict_velocity(h_gen[off:off + p.length], p.tokens.to(dev),
+                                                        float(p.sigma)).float())
         off += p.length
 
     if commit:

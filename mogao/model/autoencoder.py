@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
@@ -232,6 +233,26 @@ def unpatchify(tokens: torch.Tensor, grid_hw: tuple[int, int], p: int, channels:
             f"{channels} channels and patch {p} (expected {(gh * gw, channels * p * p)})"
         )
     return tokens.reshape(gh, gw, channels, p, p).permute(2, 0, 3, 1, 4).reshape(channels, gh * p, gw * p)
+
+
+def grid_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding (n, dim) of token cells (row, column): half the channels encode the row,
+    half the column, each as sin and cos over `dim // 4` frequencies from 1 rad per cell down to 1e-4.
+
+    Added to every VAE token (clean and noisy copies alike), it gives the same spatial cell the same code in
+    every copy of every image, so a noisy token finds its cell in a condition image by content, not only
+    through the few rotary frequencies IL-RoPE has for H and W. Computed, not stored: any grid size works.
+    """
+    quarter = dim // 4
+    if quarter == 0:
+        raise ValueError(f"grid_position_embedding needs dim >= 4, got {dim}")
+    freqs = 1e-4 ** (torch.arange(quarter, dtype=torch.float32, device=rows.device) / max(quarter - 1, 1))
+    parts = []
+    for axis in (rows, cols):
+        angles = axis.to(torch.float32)[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    out = torch.cat(parts, dim=1)
+    return F.pad(out, (0, dim - out.shape[1]))  # dim not a multiple of 4: zero channels at the end
 
 
 class LatentProjector(nn.Module):
