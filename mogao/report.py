@@ -148,6 +148,14 @@ def _stage_examples(model_dir: Path, seed: int = 0, eval_n: dict[str, int] | Non
             "scores": stage_scores(model, tok, eval_n, seed, steps=min(steps, 16))}
 
 
+def _smooth(x: np.ndarray, k: int) -> np.ndarray:
+    """Moving average over k points, the ends padded with their own values (no pull towards 0)."""
+    if k <= 1 or len(x) < 2:
+        return x
+    padded = np.pad(x, (k // 2, k - 1 - k // 2), mode="edge")
+    return np.convolve(padded, np.ones(k) / k, mode="valid")
+
+
 def _plot_losses(stages: list[tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
@@ -163,10 +171,8 @@ def _plot_losses(stages: list[tuple[str, list[dict]]], path: Path) -> None:
         steps = np.array([r["step"] for r in train]) + offset
         for ax, key in zip(axes, ("text_loss", "image_loss")):
             vals = np.array([float(r.get(key, np.nan)) for r in train])
-            keep = vals > 0
-            k = max(1, len(vals) // 40)
-            smooth = np.convolve(np.where(keep, vals, np.nan), np.ones(k) / k, mode="same") if k > 1 else vals
-            ax.plot(steps[keep], smooth[keep], color=f"C{i}", label=name)
+            keep = vals > 0  # steps whose batch had no such loss log 0 (or nothing): left out, not smoothed in
+            ax.plot(steps[keep], _smooth(vals[keep], max(1, int(keep.sum()) // 40)), color=f"C{i}", label=name)
             ax.axvline(offset, color="grey", lw=0.6, ls=":")
         offset = int(steps.max())
     axes[0].set_title("text cross-entropy (train)")
