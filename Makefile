@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo demo-long bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ test: setup
 
 demo: setup
 	$(PY) -m mogao.demo --out runs/demo
+
+demo-long: setup
+	$(PY) -m mogao.demo --curriculum recipes/tiny/curriculum-long.yaml --out runs/demo-long
 
 bench: setup
 	$(PY) benchmarks/ectf_scaling.py

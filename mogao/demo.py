@@ -2,6 +2,7 @@
 on CPU, ending with an HTML report of what each stage learnt.
 
     python -m mogao.demo [--out runs/demo] [--fresh]     (the README's `make demo`)
+    python -m mogao.demo --curriculum recipes/tiny/curriculum-long.yaml --out runs/demo-long   (`make demo-long`)
 
 Interrupt it at any time and run the same command again: finished stages are skipped and the running one
 resumes from its last checkpoint.
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> Path:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    ap.add_argument("--curriculum", type=Path, default=CURRICULUM,
+                    help="curriculum file (default: the tiny curriculum; recipes/tiny/curriculum-long.yaml trains "
+                         "the same stages three times longer)")
     ap.add_argument("--eval-n", type=int, default=None, metavar="N",
                     help="items per eval suite in the report's score table (default: mogao.report.EVAL_N)")
     ap.add_argument("--sample-steps", type=int, default=24, metavar="N",
@@ -38,12 +42,12 @@ def main(argv: list[str] | None = None) -> Path:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
-    run_curriculum(CURRICULUM, out=args.out, fresh=args.fresh, overrides=args.overrides + rest)
+    run_curriculum(args.curriculum, out=args.out, fresh=args.fresh, overrides=args.overrides + rest)
     trained = time.perf_counter() - t0
     print("[demo] writing the report (sampling images and answers from each stage's model) ...")
     eval_n = None if args.eval_n is None else {**dict.fromkeys(("shapes", "vqa", "interleaved"), args.eval_n),
                                                "digits": max(2, args.eval_n)}  # (an FID needs two images)
-    report = write_report(CURRICULUM, args.out, eval_n=eval_n, steps=args.sample_steps)
+    report = write_report(args.curriculum, args.out, eval_n=eval_n, steps=args.sample_steps)
     summary = json.loads((args.out / "report.json").read_text())
     summary["seconds_training"] = round(trained, 1)
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)

@@ -297,3 +297,19 @@ def test_curriculum_file_errors_name_the_problem(tmp_path):
     f.write_text(json.dumps({"stages": [], "colour": 1}))
     with pytest.raises(ConfigError, match="colour"):
         load_curriculum(f)
+
+
+def test_long_curriculum_runs_the_same_stages_three_times_longer(parts, recipes, tmp_path):
+    from mogao.curriculum import load_curriculum, stage_args
+
+    (recipes / "curriculum-long.yaml").write_text((RECIPES_DIR / "tiny" / "curriculum-long.yaml").read_text())
+    long = load_curriculum(recipes / "curriculum-long.yaml", out=tmp_path)
+    short = load_curriculum(recipes / "curriculum.yaml", out=tmp_path)
+    assert [s.name for s in long.stages] == [s.name for s in short.stages]
+    keep = [o for o in small(parts, tmp_path) if not o.startswith(("--trainer.max_steps", "--trainer.val_check"))]
+    for i, steps in enumerate((1800, 7500, 6000)):
+        fresh = ["--model.init_args.init_from=null"]  # (the earlier stages' models do not exist here)
+        cli = build_cli(stage_args(long, i, keep)[1:] + fresh, run=False)
+        base = build_cli(stage_args(short, i, keep)[1:] + fresh, run=False)
+        assert cli.trainer.max_steps == steps == 3 * base.trainer.max_steps
+        assert cli.config.model.init_args.lr_scheduler.init_args.total_steps == steps
