@@ -31,8 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(spec: dict, nproc: int) -> list[subprocess.Popen]:
-    """Start `nproc` processes of the child on `spec` (env as torchrun sets it for nproc > 1)."""
+def _launch(spec: dict, nproc: int, child: Path = CHILD) -> list[subprocess.Popen]:
+    """Start `nproc` processes of `child` on `spec` (env as torchrun sets it for nproc > 1): the spec is written
+    to `spec["out"] + ".json"`, rank r's output to `spec["out"] + ".rank<r>.log"`."""
     path = Path(spec["out"] + ".json")
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -42,7 +43,7 @@ def _launch(spec: dict, nproc: int) -> list[subprocess.Popen]:
         extra = {} if nproc == 1 else {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                        "WORLD_SIZE": str(nproc), "NODE_RANK": "0", "LOCAL_RANK": str(rank)}
         log = open(spec["out"] + f".rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT, env={**env, **extra},
+        procs.append(subprocess.Popen([sys.executable, str(child), str(path)], cwd=ROOT, env={**env, **extra},
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs
 

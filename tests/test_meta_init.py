@@ -10,14 +10,11 @@ The 2-rank runs (gloo, launched as torchrun would) happen once in a module-scope
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import _free_port
+from test_distributed import _launch
 from test_distributed import _wait as wait_for_ranks
 
 from mogao.model.mogao import ModelConfig, MogaoModel
@@ -47,17 +44,7 @@ def runs(tiny_parts, saved, tmp_path_factory) -> Path:
     spec = {"out": str(out), "tokenizer": str(tiny_parts["root"] / "tokenizer"), "llm": tiny_parts["llm"],
             "vit": tiny_parts["vit"], "vae": tiny_parts["vae"], "saved": str(saved),
             "runs": ["normal", "meta", "saved_meta"]}
-    path = out / "spec.json"
-    path.write_text(json.dumps(spec))
-
-    def launch() -> list[subprocess.Popen]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD), "NODE_RANK": "0"}
-        return [subprocess.Popen([sys.executable, str(CHILD), str(path)], cwd=ROOT,
-                                 env={**env, "LOCAL_RANK": str(r)}, stdout=open(out / f"run.rank{r}.log", "w"),
-                                 stderr=subprocess.STDOUT) for r in range(WORLD)]
-
-    wait_for_ranks(launch(), str(out / "run"), relaunch=launch)
+    wait_for_ranks(_launch(spec, WORLD, CHILD), str(out), relaunch=lambda: _launch(spec, WORLD, CHILD))
     return out
 
 
@@ -104,7 +91,7 @@ def test_each_rank_reads_only_its_rows(runs):
     assert set(reads[0]) == set(reads[1])
     from safetensors import safe_open
 
-    spec = json.loads((runs / "spec.json").read_text())
+    spec = json.loads(Path(f"{runs}.json").read_text())  # (where `_launch` wrote it)
     shapes = {}
     for part in ("llm", "vit"):
         with safe_open(str(Path(spec[part]) / "model.safetensors"), "pt") as f:

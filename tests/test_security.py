@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_distributed import _launch
 from test_distributed import _wait as wait_for_ranks
 
 from mogao.cli import main
@@ -195,28 +196,6 @@ def test_own_sharded_and_whole_checkpoints_still_consolidate(own_sharded, tiny_m
 # ---- 4: resume under MoTFSDP2Strategy (gloo), paths that bypass `--ckpt_path=last` ---------------------
 
 
-def _launch_child(spec: dict, nproc: int) -> list:
-    """`nproc` processes of tests/security_child.py on `spec`, with the environment torchrun would give them."""
-    import socket
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    path = Path(spec["out"] + ".json")
-    path.write_text(json.dumps(spec))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    procs = []
-    for rank in range(nproc):
-        extra = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc), "NODE_RANK": "0",
-                 "LOCAL_RANK": str(rank)}
-        log = open(spec["out"] + f".rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(root / "tests" / "security_child.py"), str(path)],
-                                      cwd=root, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
 def test_fsdp2_resume_never_runs_a_checkpoint_payload(payloads, tiny_parts, tmp_path):
     """`MoTFSDP2Strategy.load_checkpoint` - what every resume calls, however its path was chosen (`--ckpt_path`,
     `trainer.fit(ckpt_path=...)` from Python, SLURM's hpc checkpoints) - on 2 gloo processes: the payloads are
@@ -225,7 +204,8 @@ def test_fsdp2_resume_never_runs_a_checkpoint_payload(payloads, tiny_parts, tmp_
     out = tmp_path / "run"
     spec = {"tokenizer": str(tiny_parts["root"] / "tokenizer"), "llm": tiny_parts["llm"], "vit": tiny_parts["vit"],
             "vae": tiny_parts["vae"], "devices": 2, "out": str(out), "load": [str(c) for c, _ in cases.values()]}
-    wait_for_ranks(_launch_child(spec, 2), str(out), relaunch=lambda: _launch_child(spec, 2))
+    child = Path(__file__).resolve().parent / "security_child.py"
+    wait_for_ranks(_launch(spec, 2, child), str(out), relaunch=lambda: _launch(spec, 2, child))
     for rank in range(2):
         results = json.loads((out / f"results.rank{rank}.json").read_text())
         assert results.pop(str(out / "own.ckpt")) == "loaded"

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import shrunk_recipe
 from safetensors.torch import load_file
 
 from callbacks.history import read_history
@@ -32,22 +33,11 @@ def small(parts, root: Path, steps: int = 4) -> list[str]:
     ]
 
 
-def _shrink_sources(config: Path, out: Path) -> Path:
-    """Copy of a tiny recipe with 24 samples per source and 4 validation samples (fast data setup)."""
-    import yaml
-
-    cfg = yaml.safe_load(config.read_text())
-    for s in cfg["data"]["sources"]:
-        s["n"], s["val_n"] = 24, 4
-    out.write_text(yaml.safe_dump(cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipes")
     for name in TINY:
-        _shrink_sources(RECIPES_DIR / "tiny" / f"{name}.yaml", d / f"{name}.yaml")
+        shrunk_recipe(d, name, n=24, val_n=4)
     (d / "curriculum.yaml").write_text((RECIPES_DIR / "tiny" / "curriculum.yaml").read_text())
     return d
 

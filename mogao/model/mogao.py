@@ -323,8 +323,8 @@ class MogaoModel(nn.Module):
         index = torch.zeros(n_gen, dtype=torch.long, device=dev)
         if sigmas is not None:
             rows = torch.cat((rows, sigmas.float()))
-            grids = batch.image_grid[batch.image_is_target]
-            per = torch.arange(1, grids.shape[0] + 1, device=dev).repeat_interleave(grids[:, 0] * grids[:, 1])
+            counts = _target_token_counts(batch)
+            per = torch.arange(1, counts.shape[0] + 1, device=dev).repeat_interleave(counts)
             index[batch.noisy_index - lay.n_und] = per
         return GenerationModulation(self.time_embed(rows).to(dtype), index)
 
@@ -359,8 +359,7 @@ class MogaoModel(nn.Module):
         text_weight = sel.sum().to(text_sum.dtype)
         velocity = None
         if v_target is not None or (noisy is not None and sigmas is not None):
-            grids = batch.image_grid[batch.image_is_target]
-            sigma_tok = sigmas.repeat_interleave(grids[:, 0] * grids[:, 1])[:, None]
+            sigma_tok = sigmas.repeat_interleave(_target_token_counts(batch))[:, None]
             velocity = self.predict_velocity(h_gen.index_select(0, batch.noisy_index - n_und), x_sigma, sigma_tok)
         if v_target is not None:
             pred, want = velocity.float(), v_target.float()
@@ -374,6 +373,12 @@ class MogaoModel(nn.Module):
         terms = LossTerms(text_sum, text_weight, image_sum, image_weight)
         logits = self.backbone.lm_head(h_und).float() if return_logits else None
         return ModelOutput(terms=terms, velocity=velocity, text_logits=logits)
+
+
+def _target_token_counts(batch: PackedBatch) -> torch.Tensor:
+    """Tokens of each generation target's noisy copy, in target order (the order of `batch.noisy_index`)."""
+    grids = batch.image_grid[batch.image_is_target]
+    return grids[:, 0] * grids[:, 1]
 
 
 def _load_checked(model: nn.Module, path: Path) -> None:
