@@ -12,7 +12,6 @@ unit variance - the scale the flow objective's noise assumes.
 from __future__ import annotations
 
 import math
-
 import os
 from collections import defaultdict
 from collections.abc import Callable
