@@ -11,7 +11,6 @@ unit variance - the scale the flow objective's noise assumes.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -238,21 +237,16 @@ def unpatchify(tokens: torch.Tensor, grid_hw: tuple[int, int], p: int, channels:
 
 def grid_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (n, dim) of token cells (row, column): half the channels encode the row,
-    half the column, each as sin and cos over K = `dim // 4` frequencies evenly spaced from π/K to π rad per cell.
+    half the column, each as sin and cos over `dim // 4` frequencies from 1 rad per cell down to 1e-4.
 
     Added to every VAE token (clean and noisy copies alike), it gives the same spatial cell the same code in
     every copy of every image, so a noisy token finds its cell in a condition image by content, not only
-    through the few rotary frequencies IL-RoPE has for H and W. Evenly spaced frequencies up to π make the
-    code's inner product a Dirichlet kernel along each axis: K at the same row (column), 0 or −1 at any other
-    within 2K, so one attention head can single out one cell and copy it.
-    (Geometric frequencies from 1 rad per cell down, as in text position codes, left neighbouring cells' codes
-    almost equal: the tiny curriculum's edits came out as blurs of the condition.) Computed, not stored: any
-    grid size works; cells 2K apart share a code.
+    through the few rotary frequencies IL-RoPE has for H and W. Computed, not stored: any grid size works.
     """
     quarter = dim // 4
     if quarter == 0:
         raise ValueError(f"grid_position_embedding needs dim >= 4, got {dim}")
-    freqs = math.pi * torch.arange(1, quarter + 1, dtype=torch.float32, device=rows.device) / quarter
+    freqs = 1e-4 ** (torch.arange(quarter, dtype=torch.float32, device=rows.device) / max(quarter - 1, 1))
     parts = []
     for axis in (rows, cols):
         angles = axis.to(torch.float32)[:, None] * freqs[None, :]

@@ -1,0 +1,50 @@
+"""benchmarks/edit_x0.py: the sheet of x̂₀ per noise level for validation edits. At σ = 0 the noisy image is the
+reference itself and x̂₀ = x_σ − σ·v̂ must return it exactly, whatever the model; the sheet has one row per
+edit and one column per σ between the source and the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mogao.data.builtin import make_builtin
+from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.tiny import TinySpec, ensure_tiny_parts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_x0.py"
+
+
+def test_sheet_shows_the_reference_at_sigma_zero(tmp_path):
+    d = {k: tmp_path / k for k in ("tokenizer", "llm", "vit")}
+    ensure_tiny_parts(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=4),
+                      **d)
+    from transformers import AutoTokenizer
+
+    cfg = ModelConfig(llm=str(d["llm"]), vit=str(d["vit"]), autoencoder="pixel", latent_patch=4, prediction="x0",
+                      vocab_size=len(AutoTokenizer.from_pretrained(d["tokenizer"])))
+    MogaoModel.from_parts(cfg).save_pretrained(tmp_path / "model")
+    spec = importlib.util.spec_from_file_location("edit_x0", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main([str(tmp_path / "model"), "--tokenizer", str(d["tokenizer"]), "--out", str(tmp_path / "x0.png"),
+                    "--sigmas", "0", "1", "--n", "2"])
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    cell, head, scale = 32 * 3 + 4, 14, 3
+    assert sheet.shape == (head + 2 * cell, 4 * cell, 3)
+    refs = make_builtin("edit", split="validation", n=2, seed=0, image_size=32, max_objects=2)
+    for k, sample in enumerate(refs.samples):
+        def tile(j: int) -> np.ndarray:
+            return sheet[head + k * cell: head + k * cell + 96, j * cell: j * cell + 96]
+
+        want = np.asarray(sample["segments"][2]["image"].convert("RGB").resize((96, 96), Image.NEAREST))
+        source = np.asarray(sample["segments"][0]["image"].convert("RGB").resize((96, 96), Image.NEAREST))
+        assert np.array_equal(tile(0), source)
+        assert np.array_equal(tile(3), want)
+        assert np.abs(tile(1).astype(int) - want).max() <= 1  # x̂₀ at σ = 0: the reference (rounding apart)
+        assert not np.array_equal(tile(2), want)  # at σ = 1 an untrained model cannot know it
