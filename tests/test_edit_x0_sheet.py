@@ -35,11 +35,11 @@ def test_sheet_shows_the_reference_at_sigma_zero(tmp_path):
     out = mod.main([str(tmp_path / "model"), "--tokenizer", str(d["tokenizer"]), "--out", str(tmp_path / "x0.png"),
                     "--sigmas", "0", "1", "--n", "2"])
     sheet = np.asarray(Image.open(out).convert("RGB"))
-    cell, head, scale = 32 * 3 + 4, 14, 3
+    cell, head = 32 * 3 + 4, 14  # 32-pixel images shown 3x, 4 pixels apart, under a 14-pixel title row
     assert sheet.shape == (head + 2 * cell, 4 * cell, 3)
     refs = make_builtin("edit", split="validation", n=2, seed=0, image_size=32, max_objects=2)
     for k, sample in enumerate(refs.samples):
-        def tile(j: int) -> np.ndarray:
+        def tile(j: int, k: int = k) -> np.ndarray:
             return sheet[head + k * cell: head + k * cell + 96, j * cell: j * cell + 96]
 
         want = np.asarray(sample["segments"][2]["image"].convert("RGB").resize((96, 96), Image.NEAREST))
