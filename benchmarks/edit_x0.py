@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts
     from mogao.data.builtin import make_builtin
-    from mogao.model.autoencoder import unpatchify
+    from mogao.diffusion.flow import add_noise
+    from mogao.inference import tensor_to_pil
     from mogao.model.mogao import MogaoModel, NoisyState
 
     model = MogaoModel.from_pretrained(args.model).eval()
@@ -52,15 +53,13 @@ def main(argv: list[str] | None = None) -> Path:
     columns = []
     for sigma in args.sigmas:
         noise = torch.randn(clean.shape, generator=gen)
-        x_sigma = (1 - sigma) * clean + sigma * noise
+        x_sigma = add_noise(clean, noise, sigma)
         with torch.no_grad():
             v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
         columns.append(x_sigma - sigma * v)  # x̂₀ = x_σ − σ·v̂ (what the sampler's last step would land on)
 
     def image(tokens: torch.Tensor) -> Image.Image:
-        latent = unpatchify(tokens.float(), grid, model.cfg.latent_patch, model.autoencoder.latent_channels)
-        arr = (model.autoencoder.decode([latent])[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        return Image.fromarray(arr)
+        return tensor_to_pil(model.decode_tokens(tokens, grid))
 
     scale, pad, head = 3, 4, 14
     cell = size * scale + pad

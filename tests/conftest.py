@@ -50,6 +50,14 @@ def parts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def learn_parts(tmp_path_factory) -> dict:
+    """The learnability tests' tiny parts (`learnability.build_parts`): built once per test process."""
+    from learnability import build_parts
+
+    return build_parts(tmp_path_factory.mktemp("learn_parts"))
+
+
+@pytest.fixture(scope="session")
 def tiny_parts(tmp_path_factory):
     """Directories of a tiny tokenizer, Qwen2 LLM, SigLIP ViT (patch 4) and AutoencoderKL (downsample 2)."""
     root = tmp_path_factory.mktemp("tiny_parts")

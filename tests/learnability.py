@@ -74,9 +74,5 @@ def memorise(parts: dict, samples: list[dict], steps: int, lr: float = LR, seed:
     return model.eval()
 
 
-def _pixels(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
-
-
 def pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0

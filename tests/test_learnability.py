@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from learnability import IMAGE_SIZE, NO_GUIDANCE, SAMPLING, STEPS, build_parts, memorise, pixels
+from learnability import IMAGE_SIZE, NO_GUIDANCE, SAMPLING, STEPS, memorise, pixels
 
 from mogao.data.builtin import make_builtin
 from mogao.data.builtin.shapes import Scene
@@ -19,11 +19,6 @@ from mogao.inference.tasks import answer, edit_image, text_to_image
 from mogao.model.tiny import TinySpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict:
-    return build_parts(tmp_path_factory.mktemp("learn_parts"))
 
 
 def _pick_ops(meta: list[dict], per_op: dict[str, int]) -> list[int]:
@@ -39,7 +34,7 @@ def _pick_ops(meta: list[dict], per_op: dict[str, int]) -> list[int]:
     return picked
 
 
-def test_keep_copies_the_condition_image(parts):
+def test_keep_copies_the_condition_image(learn_parts):
     """"Keep it.": the target is the condition image itself - the noisy copy must find each cell of the
     condition's clean VAE copy (same IL-RoPE row and column, earlier T)."""
     src = make_builtin("t2i", n=4, seed=0, image_size=IMAGE_SIZE, max_objects=1)
@@ -47,29 +42,29 @@ def test_keep_copies_the_condition_image(parts):
     samples = [{"id": f"keep-{i}", "segments": [{"image": img}, {"text": "Keep it.", "loss": False},
                                                 {"image": img, "generate": True}]} for i, img in enumerate(images)]
     t0 = time.time()
-    model = memorise(parts, samples, steps=STEPS["keep"])
-    out = edit_image(model, parts["tok"], images, ["Keep it."] * len(images), config=SAMPLING, guidance=NO_GUIDANCE)
+    model = memorise(learn_parts, samples, steps=STEPS["keep"])
+    out = edit_image(model, learn_parts["tok"], images, ["Keep it."] * len(images), config=SAMPLING, guidance=NO_GUIDANCE)
     mse = [float(((pixels(a) - pixels(b)) ** 2).mean()) for a, b in zip(images, out)]
     print(f"keep: pixel mse {[round(m, 4) for m in mse]} in {time.time() - t0:.0f} s")
     assert max(mse) < 0.01, mse
 
 
-def test_edits(parts):
+def test_edits(learn_parts):
     """8 edits, each of the six kinds at least once, judged by the edit judge: >= 7/8 correct."""
     src = make_builtin("edit", n=60, seed=0, image_size=IMAGE_SIZE, max_objects=2)
     idx = _pick_ops(src.meta, {"recolour": 2, "reshape": 2, "resize": 1, "move": 1, "remove": 1, "add": 1})
     samples, meta = [src.samples[i] for i in idx], [src.meta[i] for i in idx]
     t0 = time.time()
-    model = memorise(parts, samples, steps=STEPS["edit"])
+    model = memorise(learn_parts, samples, steps=STEPS["edit"])
     sources = [s["segments"][0]["image"] for s in samples]
-    out = edit_image(model, parts["tok"], sources, [m["instruction"] for m in meta], config=SAMPLING,
+    out = edit_image(model, learn_parts["tok"], sources, [m["instruction"] for m in meta], config=SAMPLING,
                      guidance=NO_GUIDANCE)
     verdicts = [judge_edit(parse_image(a), parse_image(b), m["op"]) for a, b, m in zip(sources, out, meta)]
     print(f"edits: {[(m['op']['op'], v.correct) for m, v in zip(meta, verdicts)]} in {time.time() - t0:.0f} s")
     assert sum(v.correct for v in verdicts) >= 7, verdicts
 
 
-def test_text_to_image(parts):
+def test_text_to_image(learn_parts):
     """8 one-object and 4 two-object prompts, each image judged exactly (every object right in colour, shape,
     size and place, nothing else drawn): >= 11/12."""
     one = make_builtin("t2i", n=8, seed=0, image_size=IMAGE_SIZE, max_objects=1)
@@ -78,22 +73,22 @@ def test_text_to_image(parts):
     samples = one.samples + [many.samples[i] for i in two]
     meta = one.meta + [many.meta[i] for i in two]
     t0 = time.time()
-    model = memorise(parts, samples, steps=STEPS["t2i"])
-    out = text_to_image(model, parts["tok"], [m["caption"] for m in meta], config=SAMPLING, guidance=NO_GUIDANCE)
+    model = memorise(learn_parts, samples, steps=STEPS["t2i"])
+    out = text_to_image(model, learn_parts["tok"], [m["caption"] for m in meta], config=SAMPLING, guidance=NO_GUIDANCE)
     ok = [parse_image(img).matches(Scene.from_dict(m["scenes"][0])) for img, m in zip(out, meta)]
     print(f"t2i: {ok} in {time.time() - t0:.0f} s")
     assert sum(ok) >= 11, ok
 
 
-def test_vqa_and_captions(parts):
+def test_vqa_and_captions(learn_parts):
     """8 VQA answers and 8 captions, greedy through `answer`: all exact."""
     vqa = make_builtin("vqa", n=8, seed=0, image_size=IMAGE_SIZE, max_objects=2)
     cap = make_builtin("caption", n=8, seed=0, image_size=IMAGE_SIZE, max_objects=2)
     t0 = time.time()
-    model = memorise(parts, vqa.samples + cap.samples, steps=STEPS["text"])
+    model = memorise(learn_parts, vqa.samples + cap.samples, steps=STEPS["text"])
     images = [s["segments"][0]["image"] for s in vqa.samples + cap.samples]
     questions = [m["question"] for m in vqa.meta] + [s["segments"][1]["text"] for s in cap.samples]
-    got = answer(model, parts["tok"], questions, images=images)
+    got = answer(model, learn_parts["tok"], questions, images=images)
     want = [m["answer"] for m in vqa.meta] + [m["caption"] for m in cap.meta]
     ok = [exact_match(g, w) for g, w in zip(got, want)]
     print(f"vqa/captions: {ok} in {time.time() - t0:.0f} s")

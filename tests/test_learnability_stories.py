@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from learnability import IMAGE_SIZE, NO_GUIDANCE, SAMPLING, STEPS, build_parts, memorise
+from learnability import IMAGE_SIZE, NO_GUIDANCE, SAMPLING, STEPS, memorise
 from PIL import Image
 
 from mogao.data.builtin import make_builtin
@@ -21,21 +21,16 @@ from mogao.inference import GenerationSession
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict:
-    return build_parts(tmp_path_factory.mktemp("learn_parts"))
-
-
-def test_two_turn_stories_free_running(parts):
+def test_two_turn_stories_free_running(learn_parts):
     """8 two-turn stories ("Draw ..." -> image -> "Now ..." -> image), generated free-running in one session:
     the model itself begins each image, the second turn edits the model's own first image. Correct = the first
     image shows its caption's scene exactly and the edit judge accepts the second turn: >= 7/8."""
     src = make_builtin("story", n=8, seed=0, image_size=IMAGE_SIZE, max_objects=2)
     samples = [{"id": s["id"], "segments": s["segments"][:4]} for s in src.samples]
     t0 = time.time()
-    model = memorise(parts, samples, steps=STEPS["story"])
+    model = memorise(learn_parts, samples, steps=STEPS["story"])
     texts = [[s["segments"][0]["text"], s["segments"][2]["text"]] for s in samples]
-    session = GenerationSession(model, parts["tok"], len(samples), replace(SAMPLING, max_images=1), NO_GUIDANCE)
+    session = GenerationSession(model, learn_parts["tok"], len(samples), replace(SAMPLING, max_images=1), NO_GUIDANCE)
     drawn: list[list[Image.Image]] = [[] for _ in samples]
     for turn in range(2):
         session.add_user_turn([[{"text": t[turn]}] for t in texts])
