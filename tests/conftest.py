@@ -73,9 +73,9 @@ def tiny_parts(tmp_path_factory):
 
 
 def make_batch(tokenizer, samples: list[dict], vit_patch: int = 4, vae_patch: int = 4, budget: int = 4096,
-               max_image_tokens: int = 16, p_drop: float = 0.0):
+               max_image_tokens: int = 16, p_drop: float = 0.0, drop_unread_vae: bool = False):
     cfg = DataConfig(token_budget=budget, max_image_tokens=max_image_tokens, vit_patch=vit_patch,
-                     vae_patch=vae_patch, p_drop_text=p_drop, p_drop_images=p_drop)
+                     vae_patch=vae_patch, p_drop_text=p_drop, p_drop_images=p_drop, drop_unread_vae=drop_unread_vae)
     plans = [lower_sample(s, tokenizer, cfg) for s in samples_from_dicts(samples)]
     return collate_plans(plans, budget)
 

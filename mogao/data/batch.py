@@ -14,8 +14,8 @@ class PackedBatch:
     """One packed batch. Token tensors are in the physical order of `layout` (see `mogao.attention.layout`).
 
     N = number of tokens, I = number of images in the pack (image-major order: sample by sample, then the
-    order of the images inside each sample). Every image has a ViT copy and a clean VAE copy of gh*gw tokens
-    each; generation targets also have a noisy VAE copy of gh*gw tokens.
+    order of the images inside each sample). Every image has a ViT copy of gh*gw tokens; generation targets also
+    have a noisy VAE copy, and images whose clean VAE copy some token reads a clean VAE copy, of gh*gw tokens each.
 
     input_ids:      (N,)  text token ids at TEXT positions, 0 elsewhere
     labels:         (N,)  next-token CE target of each token (-100 where none): the label of a text token is the
@@ -25,10 +25,11 @@ class PackedBatch:
     vae_pixels:     I tensors (3, gh*vae_patch, gw*vae_patch), float in [0, 1]
     image_grid:     (I, 2) token grid (gh, gw) of each image
     image_is_target:(I,) bool, True for generation targets (they have a noisy copy)
+    image_has_clean:(I,) bool, True for images with a clean VAE copy (`DataConfig.drop_unread_vae`)
     image_seed:     (I,) int64 seed of the image's timestep and noise draw (independent of the pack it lands in)
     image_loss_weight: (I,) float weight of the image's flow loss (0 for condition images)
     vit_index:      (sum gh*gw,) physical positions of ViT tokens; image-major, row-major inside an image
-    vae_clean_index:(sum gh*gw,) physical positions of clean VAE tokens; same order
+    vae_clean_index:(sum gh*gw over image_has_clean,) physical positions of clean VAE tokens; same order
     noisy_index:    (sum over targets gh*gw,) physical positions of noisy VAE tokens; same order
     sample_ids:     the samples' ids (file:line or the JSONL `id`), for logs and fault reports
     budget:         the token budget the pack was filled to
@@ -44,6 +45,7 @@ class PackedBatch:
     vae_pixels: list[torch.Tensor]
     image_grid: torch.Tensor
     image_is_target: torch.Tensor
+    image_has_clean: torch.Tensor
     image_seed: torch.Tensor
     image_loss_weight: torch.Tensor
     vit_index: torch.Tensor

@@ -54,7 +54,7 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
     position_ids[:, phys] = torch.cat([p.position_ids for p in plans], dim=1)
 
     index: dict[Modality, list[torch.Tensor]] = {Modality.VIT: [], Modality.VAE_CLEAN: [], Modality.VAE_NOISY: []}
-    vit_pixels, vae_pixels, grids, is_target, seeds, weights = [], [], [], [], [], []
+    vit_pixels, vae_pixels, grids, is_target, has_clean, seeds, weights = [], [], [], [], [], [], []
     offset = 0
     for p in plans:
         for img, starts in zip(p.images, p.copy_start):
@@ -65,6 +65,7 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
             vae_pixels.append(img.tensors.vae)
             grids.append((gh, gw))
             is_target.append(img.is_target)
+            has_clean.append(Modality.VAE_CLEAN in starts)
             seeds.append(img.seed)
             weights.append(img.loss_weight)
         offset += p.num_tokens
@@ -77,6 +78,7 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
         vit_pixels=vit_pixels, vae_pixels=vae_pixels,
         image_grid=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
         image_is_target=torch.tensor(is_target, dtype=torch.bool),
+        image_has_clean=torch.tensor(has_clean, dtype=torch.bool),
         image_seed=torch.tensor(seeds, dtype=torch.long),
         image_loss_weight=torch.tensor(weights, dtype=torch.float32),
         vit_index=cat(index[Modality.VIT]), vae_clean_index=cat(index[Modality.VAE_CLEAN]),

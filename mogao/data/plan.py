@@ -3,10 +3,11 @@
 Logical order of a sample's tokens:
 
     text segment          its tokens (no special tokens added by the tokenizer)
-    image segment         <|vision_start|>, [noisy VAE copy if generate], ViT copy, clean VAE copy, <|vision_end|>
+    image segment         <|vision_start|>, [noisy VAE copy if generate], ViT copy, [clean VAE copy], <|vision_end|>
     end of sample         <|endoftext|>
 
-Each image copy is gh*gw tokens, row-major. Cross-entropy labels: a text token's label is the next logical token
+Each image copy is gh*gw tokens, row-major. With `DataConfig.drop_unread_vae` (training, when text does
+not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample. Cross-entropy labels: a text token's label is the next logical token
 when that token is loss-bearing text, else -100. Loss-bearing text: tokens of `loss: true` text segments,
 `<|vision_start|>` of a generation target (so the model learns *when* to draw), never `<|vision_end|>`, and
 `<|endoftext|>` when the sample ends in loss-bearing text or a generated image.
@@ -66,6 +67,12 @@ class DataConfig:
     """Probability of dropping all text of a sample that has a generation target (classifier-free guidance)."""
     p_drop_images: float = 0.1
     """Probability of dropping all condition images of a sample that has a generation target."""
+    drop_unread_vae: bool = False
+    """Leave out each clean VAE copy that no token reads: that of an image with no generation target after it in
+    the sample. Only valid when text does not see VAE tokens; training sets it from the model (True unless
+    `text_sees_vae`), like the patch sizes. It changes no loss and no gradient (nothing with a loss attends to
+    such a copy) and saves its tokens, so more samples fit a pack: an image that is only read costs one copy
+    instead of two, the last generated image of a sample two instead of three."""
     seed: int = 0
     """Seed of shuffling, condition dropout and the per-image noise seeds."""
     lookahead: int = 8
@@ -177,11 +184,26 @@ def _grid(img: Image.Image, config: DataConfig, sample: Sample, i: int) -> tuple
         raise sample.error(str(e), field=f"segments[{i}].image") from e
 
 
-def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None) -> int:
+def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None,
+                  clean: bool = True) -> int:
     if isinstance(seg, TextSegment):
         return len(ids or ())
     assert grid is not None
-    return 2 + (3 if seg.generate else 2) * grid[0] * grid[1]
+    return 2 + (int(seg.generate) + 1 + int(clean)) * grid[0] * grid[1]
+
+
+def _clean_copies(segs: list, indices: list[int], drop_unread: bool) -> set[int]:
+    """Of the image segments at `indices`, those that get a clean VAE copy: all, or with `drop_unread` those
+    with a generation target after them (whose noisy copy sees the clean VAE past)."""
+    read: set[int] = set()
+    target_after = not drop_unread
+    for i in reversed(indices):
+        seg = segs[i]
+        if isinstance(seg, ImageSegment):
+            if target_after:
+                read.add(i)
+            target_after = target_after or seg.generate
+    return read
 
 
 def lower_sample(
@@ -194,7 +216,6 @@ def lower_sample(
     text_ids: dict[int, list[int]] = {}
     rgb: dict[int, Image.Image] = {}
     grids: dict[int, tuple[int, int]] = {}
-    costs = []
     for i, seg in enumerate(segs):
         if isinstance(seg, TextSegment):
             ids = list(tokenizer(seg.text, add_special_tokens=False)["input_ids"])
@@ -205,7 +226,8 @@ def lower_sample(
         else:
             rgb[i] = _load(seg, sample, i)
             grids[i] = _grid(rgb[i], config, sample, i)
-        costs.append(_segment_cost(seg, text_ids.get(i), grids.get(i)))
+    read = _clean_copies(segs, list(range(len(segs))), config.drop_unread_vae)
+    costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read) for i, seg in enumerate(segs)]
 
     total = sum(costs) + 1  # + <|endoftext|>
     keep = len(segs)
@@ -240,6 +262,7 @@ def lower_sample(
             dropped.append("images")
 
     image_order = {i: n for n, i in enumerate(i for i, s in enumerate(segs) if isinstance(s, ImageSegment))}
+    read = _clean_copies(segs, kept, config.drop_unread_vae)  # (dropout and truncation only remove readers)
     spans: list[PlanSpan] = []
     images: list[PlanImage] = []
     for i in kept:
@@ -257,7 +280,8 @@ def lower_sample(
         images.append(PlanImage(tensors, seg.generate, seg.flow_weight,
                                 stable_seed("image", config.seed, sample.id, src, epoch), src))
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_start_id,), loss=(seg.generate,)))
-        copies = ([Modality.VAE_NOISY] if seg.generate else []) + [Modality.VIT, Modality.VAE_CLEAN]
+        copies = ([Modality.VAE_NOISY] if seg.generate else []) + [Modality.VIT]
+        copies += [Modality.VAE_CLEAN] if i in read else []
         spans.extend(PlanSpan(kind, grid[0] * grid[1], image=k) for kind in copies)
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_end_id,), loss=(False,)))
     last = segs[kept[-1]]

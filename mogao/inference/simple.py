@@ -120,6 +120,7 @@ def build_generation_batch(
         vae_patch=vae_patch,
         p_drop_text=0.0,
         p_drop_images=0.0,
+        drop_unread_vae=not model.cfg.text_sees_vae,
     )
     placeholder = {"image": Image.new("RGB", (w, h), (255, 255, 255)), "generate": True}
     samples = _samples(contexts, [placeholder])
@@ -305,6 +306,7 @@ def generate_text(
         vae_patch=model.vae_patch,
         p_drop_text=0.0,
         p_drop_images=0.0,
+        drop_unread_vae=not model.cfg.text_sees_vae,
     )
     prompts = [
         _without_last_token(lower_sample(s, tokenizer, cfg, special=special)) for s in _samples(contexts, [])

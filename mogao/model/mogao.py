@@ -285,11 +285,15 @@ class MogaoModel(nn.Module):
         """
         vit_tokens = self.connector(torch.cat(self.vit(batch.vit_pixels), dim=0)).to(x.dtype)
         x = x.index_copy(0, batch.vit_index, vit_tokens)
-        x0 = [t.to(x.dtype) for t in self.image_tokens(batch.vae_pixels)]  # per image (gh*gw, C*p*p)
-        pos = batch.position_ids
-        x = x.index_copy(0, batch.vae_clean_index,
-                         self.embed_latents(torch.cat(x0, dim=0), pos[:, batch.vae_clean_index]))
+        has_clean = batch.image_has_clean.tolist()
         target_ids = batch.image_is_target.nonzero().flatten().tolist()
+        encode = (batch.image_has_clean | batch.image_is_target).nonzero().flatten().tolist()  # the others: ViT only
+        tokens = self.image_tokens([batch.vae_pixels[i] for i in encode]) if encode else []
+        x0 = {i: t.to(x.dtype) for i, t in zip(encode, tokens)}  # per image (gh*gw, C*p*p)
+        pos = batch.position_ids
+        if batch.vae_clean_index.numel():
+            clean = torch.cat([x0[i] for i in encode if has_clean[i]], dim=0)
+            x = x.index_copy(0, batch.vae_clean_index, self.embed_latents(clean, pos[:, batch.vae_clean_index]))
         if not target_ids:
             return x, None, None, None, None
         if noisy is not None:

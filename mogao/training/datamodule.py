@@ -279,7 +279,8 @@ class MogaoDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         model = getattr(module, "model", None)
         if model is not None:
-            cfg = replace(cfg, vit_patch=model.vit_patch, vae_patch=model.vae_patch)
+            cfg = replace(cfg, vit_patch=model.vit_patch, vae_patch=model.vae_patch,
+                          drop_unread_vae=not model.cfg.text_sees_vae)
         return cfg
 
     def _rank(self) -> tuple[int, int]:
