@@ -45,7 +45,8 @@ def base(one_thread, tmp_path_factory):
     parts = root / "parts"  # built from the recipe's `tiny` spec on first use
     build_cli(["fit", "--config", str(RECIPES_DIR / "tiny" / "t2i.yaml"), *QUIET,
                f"--model.init_args.tokenizer={parts / 'tokenizer'}", f"--model.init_args.model.llm={parts / 'llm'}",
-               f"--model.init_args.model.vit={parts / 'vit'}", f"--trainer.max_steps={BASE_STEPS}",
+               f"--model.init_args.model.vit={parts / 'vit'}", "--model.init_args.tiny.vit_pretrain_steps=0",
+               f"--trainer.max_steps={BASE_STEPS}",
                f"--model.init_args.lr_scheduler.init_args.total_steps={BASE_STEPS}",
                f"--trainer.default_root_dir={root / 'run'}",
                "--data.sources=[{name: t2i, builtin: t2i, n: 1000, val_n: 8, options: {max_objects: 1}}]"])

@@ -113,6 +113,11 @@ class TinySpec:
     per token-grid cell, too flat for a generated token to find the same cell of a condition image, and
     copying a condition image (editing) learns several times slower. A base of 100 turns them 0.56-0.75 rad
     per cell while text positions stay distinct over about 500 tokens, far more than the built-in samples."""
+    vit_pretrain_steps: int = 0
+    """Steps of supervised pretraining of the tiny SigLIP on the built-in world's train split before first use
+    (`pretrain_tiny_vit`; 0: a random ViT). Real recipes load pretrained SigLIP weights; a random, frozen ViT is
+    no stand-in for them: its tokens hold the pixels but not what is where, and a 128-wide LLM then takes
+    thousands of steps to learn to read shapes, counts or digits through attention."""
     seed: int = 0
     """Seed of the random weights."""
 
@@ -156,5 +161,110 @@ def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path,
                                                    layers=spec.layers, heads=spec.heads, kv_heads=spec.kv_heads,
                                                    family=spec.family, seed=spec.seed,
                                                    rope_theta=getattr(spec, "rope_theta", None)))
-    _build_atomically(vit, lambda d: save_tiny_vit(d, hidden_size=spec.vit_hidden_size,
-                                                   patch_size=spec.vit_patch_size))
+    def build_vit(d: Path) -> None:
+        save_tiny_vit(d, hidden_size=spec.vit_hidden_size, patch_size=spec.vit_patch_size)
+        if spec.vit_pretrain_steps > 0:
+            pretrain_tiny_vit(d, steps=spec.vit_pretrain_steps, seed=spec.seed)
+
+    _build_atomically(vit, build_vit)
+
+
+#: scene positions the pretraining labels: the four cells and the centre
+_PRETRAIN_POSITIONS = ("top left", "top right", "bottom left", "bottom right", None)
+
+
+def _scene_labels(meta: dict) -> list[int]:
+    """Per position: 0 if empty, else 1 + (colour, shape, size) as one class index."""
+    from mogao.data.builtin.shapes import COLOURS, SHAPES, SIZES
+
+    colours = list(COLOURS)
+    labels = [0] * len(_PRETRAIN_POSITIONS)
+    for o in meta["scenes"][0]["objects"]:
+        cls = (colours.index(o["colour"]) * len(SHAPES) + SHAPES.index(o["shape"])) * len(SIZES) + SIZES.index(o["size"])
+        labels[_PRETRAIN_POSITIONS.index(o["cell"])] = 1 + cls
+    return labels
+
+
+def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, batch_size: int = 128,
+                      lr: float = 2e-3, scenes: int = 4000) -> dict[str, float]:
+    """Supervised pretraining of the SigLIP saved in `directory`, in place: the stand-in for pretrained SigLIP
+    weights in tiny recipes. Returns the last step's losses.
+
+    Data: the built-in world's *train* split only (no held-out colour-shape pair, no validation digit), at the
+    ViT's image size: scenes of 1-4 objects (three quarters of each batch), labelled per cell and centre with
+    empty or (colour, shape, size), and real digits shifted by up to 2 pixels, labelled 0-9. Linear heads read
+    SigLIP's attention-pooled output (scene and digit) and the mean token of each cell's quadrant and of the
+    centre (that position's label), so what they need is pushed into the tokens; the heads are then dropped
+    (the pooling head stays in the checkpoint, unused by `VisionEncoder`).
+    """
+    import logging
+    import math
+    import time
+
+    import numpy as np
+    from torch import nn
+    from transformers import SiglipVisionModel
+
+    from mogao.data.builtin import make_builtin
+    from mogao.data.builtin.digits import load_digit_images, render_digit, split_indices
+    from mogao.data.builtin.shapes import COLOURS, SHAPES, SIZES
+
+    log = logging.getLogger(__name__)
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vit = SiglipVisionModel.from_pretrained(directory)
+    size, hidden = vit.config.image_size, vit.config.hidden_size
+
+    def to_tensor(img) -> torch.Tensor:
+        return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    data = make_builtin("caption", split="train", n=scenes, seed=seed + 1, image_size=size, max_objects=4)
+    scene_x = torch.stack([to_tensor(s["segments"][0]["image"]) for s in data.samples])
+    scene_y = torch.tensor([_scene_labels(m) for m in data.meta])
+    train = split_indices("train")
+    digit_x = torch.stack([to_tensor(render_digit(int(i), size)) for i in train])
+    digit_y = torch.from_numpy(load_digit_images()[1][train])
+    n_pos, n_cls = len(_PRETRAIN_POSITIONS), 1 + len(COLOURS) * len(SHAPES) * len(SIZES)
+    heads = nn.ModuleDict({"scene": nn.Linear(hidden, n_pos * n_cls), "digit": nn.Linear(hidden, 10),
+                           "local": nn.Linear(hidden, n_cls)})
+    params = [*vit.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    n_scene = batch_size * 3 // 4
+    n_digit = batch_size - n_scene
+    shift = 2
+    t0 = time.perf_counter()
+    log.info("pretraining the tiny ViT in %s: %d steps on built-in scenes and digits", directory, steps)
+    losses = {}
+    vit.train()
+    for step in range(steps):
+        for g in opt.param_groups:  # warm-up, then cosine to 10 %
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        i = torch.randint(0, len(scene_x), (n_scene,), generator=gen)
+        j = torch.randint(0, len(digit_x), (n_digit,), generator=gen)
+        padded = nn.functional.pad(digit_x[j], (shift,) * 4, value=1.0)  # white margin, then a random crop
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, n_digit), generator=gen).tolist()
+        digits = torch.stack([padded[k, :, a:a + size, b:b + size] for k, (a, b) in enumerate(zip(dy, dx))])
+        pixels = torch.cat([scene_x[i], digits]) * 2.0 - 1.0  # SigLIP's normalisation: [0, 1] -> [-1, 1]
+        out = vit(pixel_values=pixels)
+        pooled = out.pooler_output
+        scene_loss = nn.functional.cross_entropy(heads["scene"](pooled[:n_scene]).reshape(-1, n_cls),
+                                                 scene_y[i].reshape(-1))
+        # ... and from the mean token of each cell's quadrant and of the centre, so tokens say what is there
+        g = size // vit.config.patch_size
+        tok = out.last_hidden_state[:n_scene].reshape(n_scene, g, g, hidden)
+        h, q = g // 2, g // 4
+        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:g - q, q:g - q]]
+        local = torch.stack([r.mean((1, 2)) for r in regions], 1)  # (B, positions, hidden)
+        scene_loss = scene_loss + nn.functional.cross_entropy(heads["local"](local).reshape(-1, n_cls),
+                                                              scene_y[i].reshape(-1))
+        digit_loss = nn.functional.cross_entropy(heads["digit"](pooled[n_scene:]), digit_y[j])
+        opt.zero_grad(set_to_none=True)
+        (scene_loss + digit_loss).backward()
+        opt.step()
+        losses = {"scene": scene_loss.item(), "digit": digit_loss.item()}
+    vit.eval()
+    vit.save_pretrained(directory)
+    log.info("tiny ViT pretrained in %.0f s; last losses: scene %.3f, digit %.3f", time.perf_counter() - t0,
+             losses.get("scene", float("nan")), losses.get("digit", float("nan")))
+    return losses
