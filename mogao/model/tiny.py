@@ -173,15 +173,16 @@ def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path,
 _PRETRAIN_POSITIONS = ("top left", "top right", "bottom left", "bottom right", None)
 
 
-def _scene_labels(meta: dict) -> list[int]:
-    """Per position: 0 if empty, else 1 + (colour, shape, size) as one class index."""
+def _scene_labels(meta: dict) -> list[list[int]]:
+    """Per position: [occupied, colour, shape, size], the last three -100 (no label) where it is empty. Colour,
+    shape and size are labelled apart, so a held-out colour-shape pair is as representable as any other."""
     from mogao.data.builtin.shapes import COLOURS, SHAPES, SIZES
 
     colours = list(COLOURS)
-    labels = [0] * len(_PRETRAIN_POSITIONS)
+    labels = [[0, -100, -100, -100] for _ in _PRETRAIN_POSITIONS]
     for o in meta["scenes"][0]["objects"]:
-        cls = (colours.index(o["colour"]) * len(SHAPES) + SHAPES.index(o["shape"])) * len(SIZES) + SIZES.index(o["size"])
-        labels[_PRETRAIN_POSITIONS.index(o["cell"])] = 1 + cls
+        labels[_PRETRAIN_POSITIONS.index(o["cell"])] = [1, colours.index(o["colour"]), SHAPES.index(o["shape"]),
+                                                        SIZES.index(o["size"])]
     return labels
 
 
@@ -192,7 +193,7 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
 
     Data: the built-in world's *train* split only (no held-out colour-shape pair, no validation digit), at the
     ViT's image size: scenes of 1-4 objects (three quarters of each batch), labelled per cell and centre with
-    empty or (colour, shape, size), and real digits shifted by up to 2 pixels, labelled 0-9. Linear heads read
+    occupied or not and the object's colour, shape and size (each its own label), and real digits shifted by up to 2 pixels, labelled 0-9. Linear heads read
     SigLIP's attention-pooled output (scene and digit) and the mean token of each cell's quadrant and of the
     centre (that position's label), so what they need is pushed into the tokens; the heads are then dropped
     (the pooling head stays in the checkpoint, unused by `VisionEncoder`).
@@ -225,9 +226,17 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     train = split_indices("train")
     digit_x = torch.stack([to_tensor(render_digit(int(i), size)) for i in train])
     digit_y = torch.from_numpy(load_digit_images()[1][train])
-    n_pos, n_cls = len(_PRETRAIN_POSITIONS), 1 + len(COLOURS) * len(SHAPES) * len(SIZES)
-    heads = nn.ModuleDict({"scene": nn.Linear(hidden, n_pos * n_cls), "digit": nn.Linear(hidden, 10),
-                           "local": nn.Linear(hidden, n_cls)})
+    n_pos = len(_PRETRAIN_POSITIONS)
+    sizes = (2, len(COLOURS), len(SHAPES), len(SIZES))  # occupied, colour, shape, size
+    heads = nn.ModuleDict({"scene": nn.Linear(hidden, n_pos * sum(sizes)), "local": nn.Linear(hidden, sum(sizes)),
+                           "digit": nn.Linear(hidden, 10)})
+
+    def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits (B, positions, sum(sizes)), labels (B, positions, 4): the sum of the four attributes' CE."""
+        parts = logits.split(sizes, dim=-1)
+        return sum(nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), labels[..., k].reshape(-1))
+                   for k, x in enumerate(parts))
+
     params = [*vit.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     n_scene = batch_size * 3 // 4
@@ -248,16 +257,14 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         pixels = torch.cat([scene_x[i], digits]) * 2.0 - 1.0  # SigLIP's normalisation: [0, 1] -> [-1, 1]
         out = vit(pixel_values=pixels)
         pooled = out.pooler_output
-        scene_loss = nn.functional.cross_entropy(heads["scene"](pooled[:n_scene]).reshape(-1, n_cls),
-                                                 scene_y[i].reshape(-1))
+        scene_loss = attribute_loss(heads["scene"](pooled[:n_scene]).reshape(n_scene, n_pos, -1), scene_y[i])
         # ... and from the mean token of each cell's quadrant and of the centre, so tokens say what is there
-        g = size // vit.config.patch_size
-        tok = out.last_hidden_state[:n_scene].reshape(n_scene, g, g, hidden)
-        h, q = g // 2, g // 4
-        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:g - q, q:g - q]]
+        n = size // vit.config.patch_size  # tokens a side
+        tok = out.last_hidden_state[:n_scene].reshape(n_scene, n, n, hidden)
+        h, q = n // 2, n // 4
+        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:n - q, q:n - q]]
         local = torch.stack([r.mean((1, 2)) for r in regions], 1)  # (B, positions, hidden)
-        scene_loss = scene_loss + nn.functional.cross_entropy(heads["local"](local).reshape(-1, n_cls),
-                                                              scene_y[i].reshape(-1))
+        scene_loss = scene_loss + attribute_loss(heads["local"](local), scene_y[i])
         digit_loss = nn.functional.cross_entropy(heads["digit"](pooled[n_scene:]), digit_y[j])
         opt.zero_grad(set_to_none=True)
         (scene_loss + digit_loss).backward()
