@@ -34,7 +34,7 @@ LORA_STEPS = 150
 QUIET = ["--trainer.val_check_interval=100000", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
          "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
          "--trainer.enable_model_summary=false", f"--data.data.max_image_tokens={IMAGE_TOKENS}",
-         "--data.data.token_budget=512"]
+         "--data.data.token_budget=384"]  # 8 samples a pack (a T2I sample: 47 tokens)
 
 
 @pytest.fixture(scope="module")

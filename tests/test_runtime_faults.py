@@ -66,7 +66,7 @@ def args(parts, run: Path, source: Path, steps: int = 3, *extra: str) -> list[st
         f"--model.init_args.model.vit={parts['vit']}", "--model.init_args.model.autoencoder=pixel",
         "--model.init_args.model.latent_patch=8",
         f"--data.sources=[{{name: pics, path: '{source}'}}]",
-        "--data.data.token_budget=48", "--data.data.max_image_tokens=4", "--data.data.lookahead=2",
+        "--data.data.token_budget=36", "--data.data.max_image_tokens=4", "--data.data.lookahead=2",  # 2 a pack
         "--data.data.p_drop_text=0.0", "--data.data.p_drop_images=0.0",
         f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
