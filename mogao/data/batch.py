@@ -64,6 +64,12 @@ class PackedBatch:
         return int(self.image_grid.shape[0])
 
     @property
+    def encoded_images(self) -> torch.Tensor:
+        """(I,) bool: the images whose VAE latents the forward needs (a clean copy or a noisy one); the others
+        are read through their ViT copy only."""
+        return self.image_has_clean | self.image_is_target
+
+    @property
     def padding_fraction(self) -> float:
         """Share of the token budget left unused by this pack."""
         return 0.0 if self.budget <= 0 else 1.0 - self.num_tokens / self.budget

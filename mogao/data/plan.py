@@ -7,10 +7,11 @@ Logical order of a sample's tokens:
     end of sample         <|endoftext|>
 
 Each image copy is gh*gw tokens, row-major. With `DataConfig.drop_unread_vae` (training, when text does
-not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample. Cross-entropy labels: a text token's label is the next logical token
-when that token is loss-bearing text, else -100. Loss-bearing text: tokens of `loss: true` text segments,
-`<|vision_start|>` of a generation target (so the model learns *when* to draw), never `<|vision_end|>`, and
-`<|endoftext|>` when the sample ends in loss-bearing text or a generated image.
+not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample.
+Cross-entropy labels: a text token's label is the next logical token when that token is loss-bearing text,
+else -100. Loss-bearing text: tokens of `loss: true` text segments, `<|vision_start|>` of a generation target
+(so the model learns *when* to draw), never `<|vision_end|>`, and `<|endoftext|>` when the sample ends in
+loss-bearing text or a generated image.
 
 IL-RoPE positions (T, H, W): a text token is (t, t, t), t advancing by one per token; all copies of one image
 share T = the next t, with (H, W) the token's (row, column) in the grid; the text after it continues at T + 1.
@@ -185,14 +186,14 @@ def _grid(img: Image.Image, config: DataConfig, sample: Sample, i: int) -> tuple
 
 
 def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None,
-                  clean: bool = True) -> int:
+                  clean: bool) -> int:
     if isinstance(seg, TextSegment):
         return len(ids or ())
     assert grid is not None
     return 2 + (int(seg.generate) + 1 + int(clean)) * grid[0] * grid[1]
 
 
-def _clean_copies(segs: list, indices: list[int], drop_unread: bool) -> set[int]:
+def _clean_copies(segs: list[TextSegment | ImageSegment], indices: list[int], drop_unread: bool) -> set[int]:
     """Of the image segments at `indices`, those that get a clean VAE copy: all, or with `drop_unread` those
     with a generation target after them (whose noisy copy sees the clean VAE past)."""
     read: set[int] = set()

@@ -287,7 +287,7 @@ class MogaoModel(nn.Module):
         x = x.index_copy(0, batch.vit_index, vit_tokens)
         has_clean = batch.image_has_clean.tolist()
         target_ids = batch.image_is_target.nonzero().flatten().tolist()
-        encode = (batch.image_has_clean | batch.image_is_target).nonzero().flatten().tolist()  # the others: ViT only
+        encode = batch.encoded_images.nonzero().flatten().tolist()
         tokens = self.image_tokens([batch.vae_pixels[i] for i in encode]) if encode else []
         x0 = {i: t.to(x.dtype) for i, t in zip(encode, tokens)}  # per image (gh*gw, C*p*p)
         pos = batch.position_ids

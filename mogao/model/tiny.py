@@ -193,10 +193,11 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
 
     Data: the built-in world's *train* split only (no held-out colour-shape pair, no validation digit), at the
     ViT's image size: scenes of 1-4 objects (three quarters of each batch), labelled per cell and centre with
-    occupied or not and the object's colour, shape and size (each its own label), and real digits shifted by up to 2 pixels, labelled 0-9. Linear heads read
-    SigLIP's attention-pooled output (scene and digit) and the mean token of each cell's quadrant and of the
-    centre (that position's label), so what they need is pushed into the tokens; the heads are then dropped
-    (the pooling head stays in the checkpoint, unused by `VisionEncoder`).
+    occupied or not and the object's colour, shape and size (each its own label), and real digits shifted by
+    up to 2 pixels, labelled 0-9. Linear heads read SigLIP's attention-pooled output (scene and digit) and the
+    mean token of each cell's quadrant and of the centre (that position's label), so what they need is pushed
+    into the tokens; the heads are then dropped (the pooling head stays in the checkpoint, unused by
+    `VisionEncoder`).
     """
     import logging
     import math
@@ -242,6 +243,8 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     n_scene = batch_size * 3 // 4
     n_digit = batch_size - n_scene
     shift = 2
+    n = size // vit.config.patch_size  # tokens a side; the quadrants of the four cells and the centre square:
+    h, q = n // 2, n // 4
     t0 = time.perf_counter()
     log.info("pretraining the tiny ViT in %s: %d steps on built-in scenes and digits", directory, steps)
     losses = {}
@@ -259,9 +262,7 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         pooled = out.pooler_output
         scene_loss = attribute_loss(heads["scene"](pooled[:n_scene]).reshape(n_scene, n_pos, -1), scene_y[i])
         # ... and from the mean token of each cell's quadrant and of the centre, so tokens say what is there
-        n = size // vit.config.patch_size  # tokens a side
         tok = out.last_hidden_state[:n_scene].reshape(n_scene, n, n, hidden)
-        h, q = n // 2, n // 4
         regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:n - q, q:n - q]]
         local = torch.stack([r.mean((1, 2)) for r in regions], 1)  # (B, positions, hidden)
         scene_loss = scene_loss + attribute_loss(heads["local"](local), scene_y[i])

@@ -284,7 +284,7 @@ def training_flops(model: nn.Module, batch) -> FlopCount:
 
     vision_trains = _any_trainable(model.vit, model.connector)
     vit_fwd = _images_flops(model.vit, batch.vit_pixels, encoder=False) if batch.num_images else 0
-    encoded = (batch.image_has_clean | batch.image_is_target).tolist() if batch.num_images else []
+    encoded = batch.encoded_images.tolist() if batch.num_images else []
     ae_fwd = _images_flops(model.autoencoder, [p for p, e in zip(batch.vae_pixels, encoded) if e], encoder=True)
 
     n_gen = n_clean + n_noisy
