@@ -21,8 +21,9 @@ def test_pretraining_learns_scenes_and_digits_and_is_deterministic(tmp_path):
         last = pretrain_tiny_vit(d2, steps=300, scenes=256, batch_size=64)
         runs.append((first, last, _weights(d2)))
     (first, last, weights), (_, last_b, weights_b) = runs
-    # both losses fall well below their start (digits: 10 classes, ln 10 = 2.3; scenes: two heads of 5 positions
-    # x 49 classes, 2 ln 49 = 7.8); measured: digit 2.4 -> 0.7, scene 7.6 -> 2.9
+    # both losses fall well below their start (digits: 10 classes, ln 10 = 2.3; scenes: two heads, each the sum
+    # over 5 positions of four attributes' CE, 33 colour classes among them); measured: digit 2.8 -> 0.9,
+    # scene 13.1 -> 4.7
     assert last["digit"] < 0.5 * first["digit"] and last["scene"] < 0.5 * first["scene"]
     assert last == last_b and all(torch.equal(weights[k], weights_b[k]) for k in weights)
     random = _weights(save_tiny_vit(tmp_path / "random", hidden_size=32, patch_size=8))
@@ -43,3 +44,28 @@ def test_ensure_tiny_parts_pretrains_only_when_asked(tmp_path, monkeypatch):
     ensure_tiny_parts(TinySpec(**{**vars(spec), "vit_pretrain_steps": 7}), tokenizer=tmp_path / "tok",
                       llm=tmp_path / "llm", vit=tmp_path / "vit7")
     assert calls == [(7, 0)]  # an existing directory is left as it is
+
+
+def test_colour_classes_name_each_swapped_rgb_once_and_keep_the_palette_first():
+    from mogao.data.builtin.shapes import COLOURS
+    from mogao.model.tiny import _CHANNEL_ORDERS, colour_classes
+
+    rgb, cls = colour_classes()
+    palette = list(COLOURS.values())
+    assert rgb[:len(palette)] == palette and cls[0].tolist() == list(range(len(palette)))
+    assert len(set(rgb)) == len(rgb)
+    for o, order in enumerate(_CHANNEL_ORDERS):
+        for c, colour in enumerate(palette):
+            assert rgb[cls[o, c]] == tuple(colour[k] for k in order)
+    # a swap that leaves a colour's RGB as it was (red's equal green and blue) keeps its palette class, so no
+    # swapped scene ever carries a palette label that its pixels contradict
+    red = list(COLOURS).index("red")
+    assert cls[_CHANNEL_ORDERS.index((0, 2, 1)), red] == red
+
+
+def test_pretraining_reports_validation_accuracies(tmp_path):
+    d = save_tiny_vit(tmp_path / "v", hidden_size=32, patch_size=8)
+    out = pretrain_tiny_vit(d, steps=2, scenes=64, batch_size=16)
+    for key in ("val_occupied", "val_colour", "val_shape", "val_size", "val_colour_held_out",
+                "val_shape_held_out", "val_digit"):
+        assert 0.0 <= out[key] <= 1.0
