@@ -236,3 +236,26 @@ def test_cli_untrained_needs_a_tokenizer_then_evaluates(parts, tmp_path, monkeyp
     assert results["checkpoint"] == "untrained:tiny/t2i"
     _check_structure(results["suites"]["vqa"], "vqa", 3)
     assert (tmp_path / "runs/tiny/parts/llm").is_dir()  # built from the recipe's tiny spec
+
+
+def test_eval_samples_on_the_models_training_shift_unless_told(monkeypatch):
+    """`mogao eval` draws with the σ schedule users get from `mogao generate` (the model's training shift) by
+    default; `--shift` overrides it."""
+    from types import SimpleNamespace
+
+    from mogao.eval import generation
+    from mogao.eval.cli import build_parser
+
+    seen = []
+
+    def fake_generate(model, tokenizer, turns, *, draw, config, guidance):
+        seen.append(config.shift)
+        return [SimpleNamespace(images=[None]) for _ in turns]
+
+    monkeypatch.setattr("mogao.inference.tasks.generate", fake_generate)
+    gen = generation.ModelGenerator(model=None, tokenizer=None)
+    gen.images([[generation.prompt("A red circle.")]], seed=0, cfg=3.0)
+    generation.ModelGenerator(model=None, tokenizer=None, shift=1.0).images([[generation.prompt("x")]], seed=0, cfg=3.0)
+    assert seen == [None, 1.0]
+    assert build_parser().parse_args(["--ckpt", "m"]).shift is None
+    assert build_parser().parse_args(["--ckpt", "m", "--shift", "2"]).shift == 2.0

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + ", ".join(f"{k} {v}" for k, v in DEFAULT_N.items()) + ")")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise (default 0)")
     ap.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="σ schedule shift of the sampler (default: the model's training shift, as mogao generate)")
     ap.add_argument("--cfg", type=float, help="guidance scale (default per suite: 3 for t2i, 2 for edits)")
     ap.add_argument("--image-size", type=int, default=32, help="generated image side in pixels (default 32)")
     ap.add_argument("--batch-size", type=int, default=16, help="contexts per generation call (default 16)")
@@ -115,6 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             res = run_suite(model, tok, name, args.n, args.seed, steps=args.steps, cfg=args.cfg,
                             image_size=args.image_size, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                            shift=args.shift,
                             progress=lambda done, total, task=task: bar.update(task, completed=done, total=total))
             res["wall_s"] = round(time.perf_counter() - start, 2)
             out["suites"][name] = res

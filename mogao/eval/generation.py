@@ -28,8 +28,9 @@ def prompt(text: str) -> dict[str, Any]:
 
 
 def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, seed: int = 0, steps: int = 20,
-                    cfg: float = 3.0, image_size: int = 32) -> list[Image.Image]:
-    """One image per context; image i starts from the noise of `seed + i`.
+                    cfg: float = 3.0, image_size: int = 32, shift: float | None = None) -> list[Image.Image]:
+    """One image per context; image i starts from the noise of `seed + i`. shift: of the σ schedule (None: the
+    model's training shift, as `mogao generate` and `mogao chat` sample).
 
     One guidance scale for text and images alike: with γ_img = γ = cfg the multi-modal CFG formula is plain
     CFG against the branch with neither text nor condition images.
@@ -38,7 +39,7 @@ def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, 
     from mogao.inference.session import GenerationConfig
     from mogao.inference.tasks import generate
 
-    config = GenerationConfig(max_images=1, image_size=image_size, steps=steps, shift=1.0, seed=seed)
+    config = GenerationConfig(max_images=1, image_size=image_size, steps=steps, shift=shift, seed=seed)
     out = generate(model, tokenizer, [_turn(c) for c in contexts], draw=True, config=config,
                    guidance=Guidance(text_scale=cfg, image_scale=cfg))
     return [r.images[0] for r in out]
@@ -98,18 +99,19 @@ class Generator(Protocol):
 
 @dataclass
 class ModelGenerator:
-    """A `Generator` backed by a model: `steps` Euler steps, images of `image_size` pixels, answers of at most
-    `max_new_tokens` tokens."""
+    """A `Generator` backed by a model: `steps` Euler steps over the σ schedule of `shift` (None: the model's
+    training shift), images of `image_size` pixels, answers of at most `max_new_tokens` tokens."""
 
     model: Any
     tokenizer: Any
     steps: int = 20
     image_size: int = 32
     max_new_tokens: int = 8
+    shift: float | None = None
 
     def images(self, contexts: Sequence[Context], *, seed: int, cfg: float) -> list[Image.Image]:
         return generate_images(self.model, self.tokenizer, contexts, seed=seed, steps=self.steps, cfg=cfg,
-                               image_size=self.image_size)
+                               image_size=self.image_size, shift=self.shift)
 
     def texts(self, contexts: Sequence[Context]) -> list[str]:
         return generate_texts(self.model, self.tokenizer, contexts, max_new_tokens=self.max_new_tokens)

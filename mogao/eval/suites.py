@@ -296,12 +296,14 @@ def run_suite(
     progress: Progress | None = None,
     generator: Generator | None = None,
     cache_dir: str | None = None,
+    shift: float | None = None,
 ) -> dict[str, Any]:
     """Run one suite (`SUITES`) and return its result (see the module docstring).
 
     n: items of the suite (shapes: prompts per prompt set; digits: images; vqa: questions; interleaved:
         stories); default `DEFAULT_N[suite]`.
-    steps / cfg / image_size: image generation (cfg default `DEFAULT_CFG[suite]`); max_new_tokens: answers.
+    steps / cfg / image_size / shift: image generation (cfg default `DEFAULT_CFG[suite]`; shift of the σ
+        schedule, None: the model's training shift); max_new_tokens: answers.
     batch_size: contexts per generation call. progress: called with (done, total) after each batch.
     generator: generate with this instead of `model` and `tokenizer` (which may then be None).
     cache_dir: where the digits judge's network is cached (default `digits_judge.default_cache_dir()`).
@@ -319,7 +321,8 @@ def run_suite(
     if generator is None:
         if model is None or tokenizer is None:
             raise ConfigError("run_suite needs a model and its tokenizer, or a generator")
-        generator = ModelGenerator(model, tokenizer, steps=steps, image_size=image_size, max_new_tokens=max_new_tokens)
+        generator = ModelGenerator(model, tokenizer, steps=steps, image_size=image_size, max_new_tokens=max_new_tokens,
+                                   shift=shift)
     if suite == "shapes":
         result = _shapes(generator, n, seed, cfg, batch_size, progress)
     elif suite == "digits":
@@ -331,6 +334,6 @@ def run_suite(
     if suite == "vqa":
         settings: dict[str, Any] = {"image_size": image_size, "max_new_tokens": max_new_tokens}
     else:
-        settings = {"steps": steps, "cfg": cfg, "image_size": image_size}
+        settings = {"steps": steps, "cfg": cfg, "image_size": image_size, "shift": shift}
     settings["batch_size"] = batch_size
     return {"suite": suite, "n": n, "seed": seed, "settings": settings, **result}
