@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--budget", type=int, default=1536, help="tokens per pack")
     ap.add_argument("--val-n", type=int, default=48, help="validation edits judged after each phase")
+    ap.add_argument("--ops", default="", help="train only on edits of these kinds, e.g. recolour,reshape "
+                    "(default: all six); the validation edits stay all kinds")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -75,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     data = DataConfig(token_budget=1 << 20, max_image_tokens=64, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0,
                       drop_unread_vae=not model.cfg.text_sees_vae)
-    pools = {"copy": copy_samples(2000, 0), "edit": make_builtin("edit", n=4000, seed=0, image_size=32,
-                                                                 max_objects=2).samples}
+    edits = make_builtin("edit", n=4000, seed=0, image_size=32, max_objects=2)
+    ops = set(filter(None, args.ops.split(",")))
+    pools = {"copy": copy_samples(2000, 0),
+             "edit": [s for s, m in zip(edits.samples, edits.meta) if not ops or m["op"]["op"] in ops]}
+    if not pools["edit"]:
+        ap.error(f"no edit of kinds {sorted(ops)}; kinds: recolour, reshape, resize, move, remove, add")
     plans = {k: [lower_sample(s, tok, data) for s in samples_from_dicts(v)] for k, v in pools.items()}
     val = make_builtin("edit", split="validation", n=args.val_n, seed=3, image_size=32, max_objects=2)
     before = [s["segments"][0]["image"] for s in val.samples]
