@@ -38,13 +38,15 @@ def copy_samples(n: int, seed: int) -> list[dict]:
             for i, s in enumerate(src.samples)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", default="runs/demo/2-t2i/model", help="saved model to start from")
     ap.add_argument("--phases", default="copy:300,edit:300", help="kind:steps,... (kinds: copy, edit, copy+edit)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--budget", type=int, default=1536, help="tokens per pack")
     ap.add_argument("--val-n", type=int, default=48, help="validation edits judged after each phase")
+    ap.add_argument("--train-n", type=int, default=2000,
+                    help="training copies (and twice as many training edits) to draw from (default 2000)")
     ap.add_argument("--ops", default="", help="train only on edits of these kinds, e.g. recolour,reshape "
                     "(default: all six); the validation edits stay all kinds")
     ap.add_argument("--threads", type=int, default=2)
@@ -77,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     data = DataConfig(token_budget=1 << 20, max_image_tokens=64, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0,
                       drop_unread_vae=not model.cfg.text_sees_vae)
-    edits = make_builtin("edit", n=4000, seed=0, image_size=32, max_objects=2)
+    edits = make_builtin("edit", n=2 * args.train_n, seed=0, image_size=32, max_objects=2)
     ops = set(filter(None, args.ops.split(",")))
-    pools = {"copy": copy_samples(2000, 0),
+    pools = {"copy": copy_samples(args.train_n, 0),
              "edit": [s for s, m in zip(edits.samples, edits.meta) if not ops or m["op"]["op"] in ops]}
     if not pools["edit"]:
         ap.error(f"no edit of kinds {sorted(ops)}; kinds: recolour, reshape, resize, move, remove, add")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total))))
     rng = random.Random(0)
-    print(f"{args.init}, before training: {judge()}", flush=True)
+    lines = [f"{args.init}, before training: {judge()}"]
+    print(lines[-1], flush=True)
     model.train()
     step, t0 = 0, time.perf_counter()
     for kinds, n in phases:
@@ -133,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
             opt.step()
             sched.step()
             step += 1
-        print(f"after {'+'.join(kinds)} x {n} (step {step}, {time.perf_counter() - t0:.0f} s, last flow loss "
-              f"{float(out.image_loss):.4f}): {judge()}", flush=True)
+        lines.append(f"after {'+'.join(kinds)} x {n} (step {step}, {time.perf_counter() - t0:.0f} s, last flow loss "
+                     f"{float(out.image_loss):.4f}): {judge()}")
+        print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":
