@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         copied = edit_image(model, tok, to_copy, ["Keep it."] * len(to_copy), config=config, guidance=guidance)
         model.train()
         verdicts = [judge_edit(parse_image(a), parse_image(b), m["op"]) for a, b, m in zip(before, after, val.meta)]
-        edits = " / ".join(f"{np.mean([getattr(v, k) for v in verdicts]):.3f}" for k in ("changed", "kept", "correct"))
+        shares = " / ".join(f"{np.mean([getattr(v, k) for v in verdicts]):.3f}" for k in ("changed", "kept", "correct"))
         exact = np.mean([parse_image(c).matches(Scene.from_dict(m["scenes"][0]))
                          for c, m in zip(copied, scenes.meta)])
         mse = np.mean([np.mean((np.asarray(c, np.float32) - np.asarray(i.convert("RGB"), np.float32)) ** 2) / 255**2
                        for c, i in zip(copied, to_copy)])
-        return (f"validation edits changed / kept / correct = {edits}; 32 validation scenes copied exactly "
+        return (f"validation edits changed / kept / correct = {shares}; 32 validation scenes copied exactly "
                 f"{exact:.3f} (pixel MSE {mse:.4f})")
 
     total = sum(n for _, n in phases)

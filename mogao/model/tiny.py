@@ -3,6 +3,7 @@ through exactly the code path real checkpoints use (no hub downloads anywhere)."
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -170,7 +171,8 @@ def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path,
 
 
 #: the orders of the RGB channels (the first: unchanged)
-_CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+_CHANNEL_ORDERS = tuple(itertools.permutations(range(3)))
+
 
 def colour_classes() -> tuple[list[tuple[int, int, int]], torch.Tensor]:
     """The colour classes of the tiny ViT's pretraining: every distinct RGB value a palette colour takes under
@@ -235,7 +237,7 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     from mogao.data.builtin.digits import load_digit_images, render_digit, split_indices
     from mogao.data.builtin.shapes import COLOURS, SHAPES, SIZES, is_held_out
 
-    COLOURS_LIST = list(COLOURS)
+    colour_names = list(COLOURS)
     log = logging.getLogger(__name__)
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -269,8 +271,15 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     n_scene = batch_size * 3 // 4
     n_digit = batch_size - n_scene
     shift = 2
-    n = size // vit.config.patch_size  # tokens a side; the quadrants of the four cells and the centre square:
-    h, q = n // 2, n // 4
+    n = size // vit.config.patch_size  # tokens a side
+
+    def cell_means(states: torch.Tensor) -> torch.Tensor:
+        """(B, n*n, hidden) tokens -> (B, positions, hidden): the mean token of each cell's quadrant and of the
+        centre square, in `_PRETRAIN_POSITIONS` order."""
+        tok, h, q = states.reshape(len(states), n, n, hidden), n // 2, n // 4
+        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:n - q, q:n - q]]
+        return torch.stack([r.mean((1, 2)) for r in regions], 1)
+
     t0 = time.perf_counter()
     log.info("pretraining the tiny ViT in %s: %d steps on built-in scenes and digits", directory, steps)
     losses = {}
@@ -285,8 +294,8 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         digits = torch.stack([padded[k, :, a:a + size, b:b + size] for k, (a, b) in enumerate(zip(dy, dx))])
         scenes_now, labels_now = scene_x[i], scene_y[i]
         if colour_swaps > 0:
-            # the colours' channels swapped in some scenes, their colour labels dropped: shapes then come in
-            # colours of every kind, and shape has to be read apart from colour
+            # the colours' channels swapped in some scenes, each object's colour labelled as the RGB value it
+            # then has: shapes come in colours of every kind, and shape has to be read apart from colour
             perm = torch.randint(1, len(_CHANNEL_ORDERS), (n_scene,), generator=gen)
             perm[torch.rand(n_scene, generator=gen) >= colour_swaps] = 0
             order = torch.tensor(_CHANNEL_ORDERS)[perm]  # (B, 3)
@@ -299,10 +308,8 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         pooled = out.pooler_output
         scene_loss = attribute_loss(heads["scene"](pooled[:n_scene]).reshape(n_scene, n_pos, -1), labels_now)
         # ... and from the mean token of each cell's quadrant and of the centre, so tokens say what is there
-        tok = out.last_hidden_state[:n_scene].reshape(n_scene, n, n, hidden)
-        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:n - q, q:n - q]]
-        local = torch.stack([r.mean((1, 2)) for r in regions], 1)  # (B, positions, hidden)
-        scene_loss = scene_loss + attribute_loss(heads["local"](local), labels_now)
+        scene_loss = scene_loss + attribute_loss(heads["local"](cell_means(out.last_hidden_state[:n_scene])),
+                                                 labels_now)
         digit_loss = nn.functional.cross_entropy(heads["digit"](pooled[n_scene:]), digit_y[j])
         opt.zero_grad(set_to_none=True)
         (scene_loss + digit_loss).backward()
@@ -317,14 +324,12 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     val_idx = split_indices("validation")
     with torch.no_grad():
         out = vit(pixel_values=torch.stack([to_tensor(s["segments"][0]["image"]) for s in val.samples]) * 2 - 1)
-        tok = out.last_hidden_state.reshape(len(val_y), n, n, hidden)
-        regions = [tok[:, :h, :h], tok[:, :h, h:], tok[:, h:, :h], tok[:, h:, h:], tok[:, q:n - q, q:n - q]]
-        logits = list(heads["local"](torch.stack([r.mean((1, 2)) for r in regions], 1)).split(sizes, -1))
+        logits = list(heads["local"](cell_means(out.last_hidden_state)).split(sizes, -1))
         logits[1] = logits[1][..., :len(COLOURS)]  # which palette colour (the swapped ones name none)
         pred = [x.argmax(-1) for x in logits]
         digit_pixels = torch.stack([to_tensor(render_digit(int(i), size)) for i in val_idx]) * 2 - 1
         digit_pred = heads["digit"](vit(pixel_values=digit_pixels).pooler_output).argmax(-1)
-    held = torch.tensor([[is_held_out(COLOURS_LIST[c], SHAPES[s]) if c >= 0 else False for _, c, s, _ in pos]
+    held = torch.tensor([[is_held_out(colour_names[c], SHAPES[s]) if c >= 0 else False for _, c, s, _ in pos]
                          for pos in val_y.tolist()])
     for k, name in enumerate(("occupied", "colour", "shape", "size")):
         known = val_y[..., k] >= 0
