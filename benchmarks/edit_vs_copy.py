@@ -11,6 +11,10 @@ edit task), or a mixture such as `copy+edit` (half of each pack's samples from e
 
     python benchmarks/edit_vs_copy.py --phases copy:300,edit:300
     python benchmarks/edit_vs_copy.py --init runs/demo/2-t2i/model --phases edit:600
+    python benchmarks/edit_vs_copy.py --init runs/demo/3-interleaved/model --phases edit:0   # judge only
+
+`--max-objects 1` draws training and validation edits of one centred object (recolour, reshape, resize).
+Images are 32 pixels a side, one token per latent patch (8x8 tokens at patch 4, 4x4 at patch 8).
 
 One AdamW run over all phases (warm-up 10 steps, cosine to 10 %), packs of `--budget` tokens, no condition
 dropout. The model on disk is not changed.
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                     help="training copies (and twice as many training edits) to draw from (default 2000)")
     ap.add_argument("--ops", default="", help="train only on edits of these kinds, e.g. recolour,reshape "
                     "(default: all six); the validation edits stay all kinds")
+    ap.add_argument("--max-objects", type=int, default=2, help="most objects in a training or validation edit scene")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
@@ -76,17 +81,19 @@ def main(argv: list[str] | None = None) -> list[str]:
         phases.append((kind.split("+"), int(steps)))
     tok = AutoTokenizer.from_pretrained(args.init)
     model = MogaoModel.from_pretrained(args.init)
-    data = DataConfig(token_budget=1 << 20, max_image_tokens=64, vit_patch=model.vit_patch,
+    grid = 32 // model.vae_patch  # 32-pixel images: one token a patch
+    data = DataConfig(token_budget=1 << 20, max_image_tokens=grid * grid, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0,
                       drop_unread_vae=not model.cfg.text_sees_vae)
-    edits = make_builtin("edit", n=2 * args.train_n, seed=0, image_size=32, max_objects=2)
+    edits = make_builtin("edit", n=2 * args.train_n, seed=0, image_size=32, max_objects=args.max_objects)
     ops = set(filter(None, args.ops.split(",")))
     pools = {"copy": copy_samples(args.train_n, 0),
              "edit": [s for s, m in zip(edits.samples, edits.meta) if not ops or m["op"]["op"] in ops]}
     if not pools["edit"]:
         ap.error(f"no edit of kinds {sorted(ops)}; kinds: recolour, reshape, resize, move, remove, add")
     plans = {k: [lower_sample(s, tok, data) for s in samples_from_dicts(v)] for k, v in pools.items()}
-    val = make_builtin("edit", split="validation", n=args.val_n, seed=3, image_size=32, max_objects=2)
+    val = make_builtin("edit", split="validation", n=args.val_n, seed=3, image_size=32,
+                       max_objects=args.max_objects)
     before = [s["segments"][0]["image"] for s in val.samples]
     instructions = [seg["text"] for s in val.samples for seg in s["segments"] if "text" in seg]
 
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     def judge() -> str:
         model.eval()
-        config, guidance = GenerationConfig(steps=20, seed=0), Guidance(text_scale=2.0, image_scale=2.0)
+        config, guidance = GenerationConfig(steps=20, seed=0, image_size=32), Guidance(text_scale=2.0, image_scale=2.0)
         after = edit_image(model, tok, before, instructions, config=config, guidance=guidance)
         copied = edit_image(model, tok, to_copy, ["Keep it."] * len(to_copy), config=config, guidance=guidance)
         model.train()
@@ -112,12 +119,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total))))
+        opt, lambda s: min(1.0, (s + 1) / 10) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / max(total, 1)))))
     rng = random.Random(0)
     lines = [f"{args.init}, before training: {judge()}"]
     print(lines[-1], flush=True)
     model.train()
-    step, t0 = 0, time.perf_counter()
+    step, t0, last = 0, time.perf_counter(), float("nan")
     for kinds, n in phases:
         for _ in range(n):
             pick, used = [], 0
@@ -136,8 +143,9 @@ def main(argv: list[str] | None = None) -> list[str]:
             opt.step()
             sched.step()
             step += 1
+            last = float(out.image_loss)
         lines.append(f"after {'+'.join(kinds)} x {n} (step {step}, {time.perf_counter() - t0:.0f} s, last flow loss "
-                     f"{float(out.image_loss):.4f}): {judge()}")
+                     f"{last:.4f}): {judge()}")
         print(lines[-1], flush=True)
     return lines
 

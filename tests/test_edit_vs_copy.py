@@ -52,3 +52,23 @@ def test_phases_train_and_report(tmp_path):
     pattern = r"changed / kept / correct = ([\d.]+) / ([\d.]+) / ([\d.]+); 32 validation scenes copied exactly ([\d.]+)"
     for line in lines:
         assert all(0.0 <= float(x) <= 1.0 for x in re.search(pattern, line).groups())
+
+
+def test_one_object_edits_at_patch_8_and_a_judge_only_phase(tmp_path):
+    """--max-objects 1 and a model of another latent patch (the token grid follows the model); a phase of 0
+    steps judges without training."""
+    mod = _script()
+    d = {k: tmp_path / k for k in ("tokenizer", "llm", "vit")}
+    ensure_tiny_parts(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8),
+                      **d)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d["tokenizer"])
+    cfg = ModelConfig(llm=str(d["llm"]), vit=str(d["vit"]), autoencoder="pixel", latent_patch=8, prediction="x0",
+                      vocab_size=len(tok))
+    MogaoModel.from_parts(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    lines = mod.main(["--init", str(tmp_path / "model"), "--phases", "edit:0,edit:1", "--val-n", "2",
+                      "--train-n", "8", "--max-objects", "1", "--threads", "1"])
+    assert lines[1].startswith("after edit x 0 (step 0") and "last flow loss nan" in lines[1]
+    assert lines[2].startswith("after edit x 1 (step 1") and "last flow loss nan" not in lines[2]
