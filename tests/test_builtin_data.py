@@ -293,6 +293,14 @@ def test_story_turns_are_generation_targets(max_objects):
     assert lengths == {2, 3, 4, 5}
 
 
+def test_max_images_caps_story_length():
+    for cap in (2, 3):
+        short = make_builtin("story", n=40, seed=6, max_objects=2, max_images=cap)
+        assert {len(_images(raw)) for raw in short.samples} == set(range(2, cap + 1))
+        for raw, meta in zip(short.samples, short.meta):
+            assert len(meta["instructions"]) == len(meta["scenes"]) == len(_images(raw))
+
+
 # ------------------------------------------------------------------------------------------------ digits
 
 
@@ -368,6 +376,9 @@ def test_tokenizer_from_the_corpus_covers_every_task():
     ({"image_size": 4}, "image_size"),
     ({"seed": "x"}, "seed"),
     ({"backgrounds": ("black",)}, "backgrounds"),
+    ({"max_images": 1}, "max_images"),
+    ({"max_images": 6}, "max_images"),
+    ({"max_images": "2"}, "max_images"),
     ({"colours": 3}, "colours"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):

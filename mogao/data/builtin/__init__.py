@@ -26,6 +26,7 @@ from mogao.data.builtin.shapes import (
     CELLS,
     COLOURS,
     HELD_OUT_PAIRS,
+    MAX_STORY_IMAGES,
     SHAPE_TASKS,
     SHAPES,
     SIZES,
@@ -46,7 +47,7 @@ TASKS: tuple[str, ...] = SHAPE_TASKS + DIGIT_TASKS
 SPLITS: tuple[str, ...] = ("train", "validation")
 MAX_OBJECTS = len(CELLS)
 MIN_IMAGE_SIZE = 8
-_SHAPE_OPTIONS = ("backgrounds",)
+_SHAPE_OPTIONS = ("backgrounds", "max_images")
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _is_int(value: Any) -> bool:
 
 def _check_args(task: Any, split: Any, n: Any, seed: Any, image_size: Any, max_objects: Any,
                 options: dict[str, Any]) -> tuple[str, ...]:
-    """Validate the arguments of `make_builtin`; returns the backgrounds to draw from."""
+    """Validate the arguments of `make_builtin`; returns the backgrounds to draw from and the most images a
+    story has."""
     if task not in TASKS:
         raise ConfigError(f"task={task!r} is unknown; valid tasks: {', '.join(TASKS)}")
     if split not in SPLITS:
@@ -96,7 +98,10 @@ def _check_args(task: Any, split: Any, n: Any, seed: Any, image_size: Any, max_o
     if not isinstance(backgrounds, Sequence) or not backgrounds or any(b not in BACKGROUNDS for b in backgrounds):
         raise ConfigError(f"backgrounds={backgrounds!r} is invalid; give a non-empty list of: "
                           f"{', '.join(BACKGROUNDS)}")
-    return tuple(backgrounds)
+    max_images = options.get("max_images", MAX_STORY_IMAGES)
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or not 2 <= max_images <= MAX_STORY_IMAGES:
+        raise ConfigError(f"max_images={max_images!r} is invalid; give an integer from 2 to {MAX_STORY_IMAGES}")
+    return tuple(backgrounds), max_images
 
 
 def make_builtin(task: str, *, split: str = "train", n: int = 100, seed: int = 0, image_size: int = 32,
@@ -110,20 +115,22 @@ def make_builtin(task: str, *, split: str = "train", n: int = 100, seed: int = 0
     max_objects: shapes tasks: at most this many objects per scene, 1-4 (1: one centred object; edits and
                  stories then only recolour, reshape and resize)
     options:     shapes tasks: `backgrounds`, the background names to draw from (default ("white",); see
-                 `BACKGROUNDS`)
+                 `BACKGROUNDS`); `max_images`, the most images a story has, 2-5 (default 5; each story draws
+                 from 2 to that many; the other tasks ignore it)
 
     The digits tasks check but ignore the shapes-only arguments, so one set of arguments serves a mixture.
 
     Raises `ConfigError` naming the bad argument.
     """
-    backgrounds = _check_args(task, split, n, seed, image_size, max_objects, options)
+    backgrounds, max_images = _check_args(task, split, n, seed, image_size, max_objects, options)
     samples, meta = [], []
     for i in range(n):
         rng = random.Random(stable_seed("mogao.builtin", task, split, seed, i))
         if task in DIGIT_TASKS:
             segments, info = draw_digits_sample(task, split, rng, image_size)
         else:
-            episode = draw_episode(task, split, rng, max_objects=max_objects, backgrounds=backgrounds)
+            episode = draw_episode(task, split, rng, max_objects=max_objects, backgrounds=backgrounds,
+                                   max_images=max_images)
             segments, info = render_episode(episode, image_size)
         sid = f"{task}-{split}-{seed}-{i}"
         samples.append({"id": sid, "segments": segments})

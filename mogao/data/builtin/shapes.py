@@ -21,7 +21,8 @@ Tasks (each sample is a schema-valid sample dict with PIL images inline; prompts
 - `caption`: image -> "Describe the image." -> caption
 - `vqa`:     image -> question -> short answer (colour of a shape, shape of a colour, count, yes/no, position)
 - `edit`:    image -> instruction -> edited image (generation target)
-- `story`:   "Draw ..." -> image -> "Now ..." -> image ... (2-5 images, every one a generation target)
+- `story`:   "Draw ..." -> image -> "Now ..." -> image ... (2-5 images, or 2 to `max_images`, every one a
+             generation target)
 
 Held-out compositions: the (colour, shape) pairs in `HELD_OUT_PAIRS` never appear in the `train` split of any
 task - neither in a scene nor named in a text. The `validation` split draws from all 24 pairs and forces about
@@ -60,6 +61,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "light yellow": (255, 250, 210),
 }
 CENTRE = "centre"
+MAX_STORY_IMAGES = 5
 
 #: (colour, shape) pairs that never occur in a training sample. Every shape and four different colours are held
 #: out once, so each held-out pair combines a colour and a shape that are both seen in training (with other
@@ -301,6 +303,7 @@ class _Draw:
     pairs: tuple[tuple[str, str], ...]
     max_objects: int
     backgrounds: tuple[str, ...]
+    max_images: int = 5  # stories: 2 to this many images (at most MAX_STORY_IMAGES)
 
     def pick(self, seq: Sequence[Any]) -> Any:
         return seq[self.rng.randrange(len(seq))]
@@ -477,7 +480,7 @@ def _episode_story(d: _Draw) -> Episode:
     scene = d.scene(1)
     if d.max_objects > 1 and scene.centred:
         scene = Scene((scene.objects[0].replace(cell=d.pick(CELLS)),), scene.background)
-    n_images = d.rng.randint(2, 5)
+    n_images = d.rng.randint(2, d.max_images)
     texts, ops, scenes = [sentence("draw " + caption(scene))], [], [scene]
     for _ in range(n_images - 1):
         scene, op, body = _random_edit(d, scene, pronoun=True)
@@ -505,10 +508,12 @@ _MAX_TRIES = 200
 
 def draw_episode(
     task: str, split: str, rng: random.Random, *, max_objects: int = 4, backgrounds: Sequence[str] = ("white",),
+    max_images: int = MAX_STORY_IMAGES,
 ) -> Episode:
-    """One episode of `task` drawn from `rng` (no pixels yet; see `render_episode`)."""
+    """One episode of `task` drawn from `rng` (no pixels yet; see `render_episode`); a story has 2 to
+    `max_images` images."""
     train = split == "train"
-    d = _Draw(rng, TRAIN_PAIRS if train else ALL_PAIRS, max_objects, tuple(backgrounds))
+    d = _Draw(rng, TRAIN_PAIRS if train else ALL_PAIRS, max_objects, tuple(backgrounds), max_images)
     build = _EPISODES[task]
     want_held_out = not train and rng.random() < VALIDATION_HELD_OUT_FRACTION
     for _ in range(_MAX_TRIES):
