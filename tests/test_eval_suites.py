@@ -259,3 +259,22 @@ def test_eval_samples_on_the_models_training_shift_unless_told(monkeypatch):
     assert seen == [None, 1.0]
     assert build_parser().parse_args(["--ckpt", "m"]).shift is None
     assert build_parser().parse_args(["--ckpt", "m", "--shift", "2"]).shift == 2.0
+
+
+def test_vqa_images_get_the_token_grid_of_the_suite_image_size(saved_model, monkeypatch):
+    """A question's image is lowered on the grid of the suite's image size, as the condition images of edits
+    are (not the model's default generation grid): a model trained on 4x4 grids is asked on 4x4 grids."""
+    import mogao.inference.session as session
+
+    seen, real = [], session.image_tensors
+
+    def recording(img, max_tokens, vit_patch, vae_patch):
+        seen.append(max_tokens)
+        return real(img, max_tokens, vit_patch, vae_patch)
+
+    monkeypatch.setattr(session, "image_tensors", recording)
+    model, tok = load_checkpoint(str(saved_model))
+    for size, tokens in ((16, 16), (32, 64)):  # the saved model's latent patch: 4 pixels
+        seen.clear()
+        run_suite(model, tok, "vqa", n=2, seed=0, image_size=size)
+        assert seen and set(seen) == {tokens}

@@ -141,6 +141,22 @@ def test_stage_run_writes_model_config_history_and_validation(parts, recipes, tm
     assert [r["step"] for r in val] == [2, 4] and "val/t2i/image_loss" in val[0]
 
 
+def test_exact_match_reads_images_on_the_data_token_grid(parts, recipes, tmp_path, monkeypatch):
+    """Exact-match validation answers about images lowered as the data lowers them (max_image_tokens 16 here),
+    not on the reference decoder's default grid."""
+    import mogao.inference.simple as simple
+
+    seen, real = [], simple.generate_text
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("max_image_tokens"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(simple, "generate_text", recording)
+    build_cli(["fit", "--config", str(recipes / "understanding.yaml"), *small(parts, tmp_path, steps=2)])
+    assert seen and set(seen) == {16}
+
+
 def test_resume_from_last_checkpoint_gives_the_same_losses_and_data(parts, recipes, tmp_path):
     cfg = str(recipes / "interleaved.yaml")
     seen_a = SeenSamples()

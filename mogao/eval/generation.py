@@ -45,12 +45,14 @@ def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, 
     return [r.images[0] for r in out]
 
 
-def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8) -> list[str]:
-    """Greedy text continuation of each context (an answer ends where the model would begin an image)."""
+def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8,
+                   image_size: int = 32) -> list[str]:
+    """Greedy text continuation of each context (an answer ends where the model would begin an image). Images in
+    a context get the token grid of an `image_size` image, as the conditions of `generate_images` do."""
     from mogao.inference.session import GenerationConfig
     from mogao.inference.tasks import generate
 
-    config = GenerationConfig(max_images=0, max_new_tokens=max_new_tokens)
+    config = GenerationConfig(max_images=0, max_new_tokens=max_new_tokens, image_size=image_size)
     return [r.text.strip() for r in generate(model, tokenizer, [_turn(c) for c in contexts], config=config)]
 
 
@@ -114,4 +116,5 @@ class ModelGenerator:
                                image_size=self.image_size, shift=self.shift)
 
     def texts(self, contexts: Sequence[Context]) -> list[str]:
-        return generate_texts(self.model, self.tokenizer, contexts, max_new_tokens=self.max_new_tokens)
+        return generate_texts(self.model, self.tokenizer, contexts, max_new_tokens=self.max_new_tokens,
+                              image_size=self.image_size)

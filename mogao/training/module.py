@@ -476,8 +476,10 @@ class MogaoModule(pl.LightningModule):
                 share = qa[rank::world]
                 counted = len(share)
                 share = share + [qa[0]] * (-(-len(qa) // world) - counted)
+                # images on the token grid the validation data has (the data's max_image_tokens), not the
+                # reference decoder's default of 256 tokens a copy
                 answers = generate_text(self.model, self.tokenizer, [c for c, _ in share], max_new_tokens=steps,
-                                        lockstep=world > 1)
+                                        max_image_tokens=dm.data.max_image_tokens, lockstep=world > 1)
                 hits = sum(_norm(g) == _norm(a) for g, (_, a) in list(zip(answers, share))[:counted])
                 correct.update(torch.tensor(float(hits)))
                 total.update(torch.tensor(float(counted)))
