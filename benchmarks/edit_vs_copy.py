@@ -31,12 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+IMAGE_SIZE = 32  # pixels a side of every image drawn, trained on and generated
+
 
 def copy_samples(n: int, seed: int) -> list[dict]:
     """`n` "Keep it." samples: a train-split scene as the condition and, unchanged, as the target."""
     from mogao.data.builtin import make_builtin
 
-    src = make_builtin("caption", split="train", n=n, seed=seed, image_size=32, max_objects=2)
+    src = make_builtin("caption", split="train", n=n, seed=seed, image_size=IMAGE_SIZE, max_objects=2)
     return [{"id": f"copy{i}", "segments": [{"image": s["segments"][0]["image"]}, {"text": "Keep it.", "loss": False},
                                           {"image": s["segments"][0]["image"], "generate": True}]}
             for i, s in enumerate(src.samples)]
@@ -81,28 +83,28 @@ def main(argv: list[str] | None = None) -> list[str]:
         phases.append((kind.split("+"), int(steps)))
     tok = AutoTokenizer.from_pretrained(args.init)
     model = MogaoModel.from_pretrained(args.init)
-    grid = 32 // model.vae_patch  # 32-pixel images: one token a patch
+    grid = IMAGE_SIZE // model.vae_patch  # one token a patch
     data = DataConfig(token_budget=1 << 20, max_image_tokens=grid * grid, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0,
                       drop_unread_vae=not model.cfg.text_sees_vae)
-    edits = make_builtin("edit", n=2 * args.train_n, seed=0, image_size=32, max_objects=args.max_objects)
+    edits = make_builtin("edit", n=2 * args.train_n, seed=0, image_size=IMAGE_SIZE, max_objects=args.max_objects)
     ops = set(filter(None, args.ops.split(",")))
     pools = {"copy": copy_samples(args.train_n, 0),
              "edit": [s for s, m in zip(edits.samples, edits.meta) if not ops or m["op"]["op"] in ops]}
     if not pools["edit"]:
         ap.error(f"no edit of kinds {sorted(ops)}; kinds: recolour, reshape, resize, move, remove, add")
     plans = {k: [lower_sample(s, tok, data) for s in samples_from_dicts(v)] for k, v in pools.items()}
-    val = make_builtin("edit", split="validation", n=args.val_n, seed=3, image_size=32,
+    val = make_builtin("edit", split="validation", n=args.val_n, seed=3, image_size=IMAGE_SIZE,
                        max_objects=args.max_objects)
     before = [s["segments"][0]["image"] for s in val.samples]
     instructions = [seg["text"] for s in val.samples for seg in s["segments"] if "text" in seg]
 
-    scenes = make_builtin("caption", split="validation", n=32, seed=5, image_size=32, max_objects=2)
+    scenes = make_builtin("caption", split="validation", n=32, seed=5, image_size=IMAGE_SIZE, max_objects=2)
     to_copy = [s["segments"][0]["image"] for s in scenes.samples]
 
     def judge() -> str:
         model.eval()
-        config, guidance = GenerationConfig(steps=20, seed=0, image_size=32), Guidance(text_scale=2.0, image_scale=2.0)
+        config, guidance = GenerationConfig(steps=20, seed=0, image_size=IMAGE_SIZE), Guidance(text_scale=2.0, image_scale=2.0)
         after = edit_image(model, tok, before, instructions, config=config, guidance=guidance)
         copied = edit_image(model, tok, to_copy, ["Keep it."] * len(to_copy), config=config, guidance=guidance)
         model.train()

@@ -74,7 +74,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_args(task: Any, split: Any, n: Any, seed: Any, image_size: Any, max_objects: Any,
-                options: dict[str, Any]) -> tuple[str, ...]:
+                options: dict[str, Any]) -> tuple[tuple[str, ...], int]:
     """Validate the arguments of `make_builtin`; returns the backgrounds to draw from and the most images a
     story has."""
     if task not in TASKS:
@@ -99,7 +99,7 @@ def _check_args(task: Any, split: Any, n: Any, seed: Any, image_size: Any, max_o
         raise ConfigError(f"backgrounds={backgrounds!r} is invalid; give a non-empty list of: "
                           f"{', '.join(BACKGROUNDS)}")
     max_images = options.get("max_images", MAX_STORY_IMAGES)
-    if isinstance(max_images, bool) or not isinstance(max_images, int) or not 2 <= max_images <= MAX_STORY_IMAGES:
+    if not _is_int(max_images) or not 2 <= max_images <= MAX_STORY_IMAGES:
         raise ConfigError(f"max_images={max_images!r} is invalid; give an integer from 2 to {MAX_STORY_IMAGES}")
     return tuple(backgrounds), max_images
 

@@ -303,7 +303,7 @@ class _Draw:
     pairs: tuple[tuple[str, str], ...]
     max_objects: int
     backgrounds: tuple[str, ...]
-    max_images: int = 5  # stories: 2 to this many images (at most MAX_STORY_IMAGES)
+    max_images: int = MAX_STORY_IMAGES  # stories: 2 to this many images
 
     def pick(self, seq: Sequence[Any]) -> Any:
         return seq[self.rng.randrange(len(seq))]
