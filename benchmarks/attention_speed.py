@@ -33,8 +33,8 @@ def packed_spans(tokens: int, max_targets: int = 8, image_tokens: int = 256, vit
                  text_tokens: int = 32) -> list[list]:
     """Samples with 1..max_targets targets (cycling through TARGET_CYCLE, fewer when the rest of the budget is
     short), packed to exactly `tokens` tokens; the remainder is one text-only sample."""
-    from mogao.attention import Span
-    from mogao.modality import Modality
+    from mogao.sequence import Span
+    from mogao.sequence.modality import Modality
 
     def sample(targets: int) -> list:
         spans = [Span(Modality.TEXT, text_tokens)]
@@ -115,9 +115,10 @@ def measure(tokens: int, device: torch.device, dtype: torch.dtype = torch.bfloat
     """One row per backend on one pack of `tokens` tokens, yielded as measured; last, a row `{"errors": {...}}`
     with the error columns of each ECTF backend that ran forward and backward. `backends`: a subset of
     BACKENDS (the same pack and inputs whatever the subset)."""
-    from mogao.attention import TokenLayout, get_attention_backend
+    from mogao.attention import get_attention_backend
     from mogao.attention.fa2_ops import _available, select_kernels
     from mogao.attention.flash_varlen import FlashVarlenAttention
+    from mogao.sequence import TokenLayout
 
     layout = TokenLayout.from_spans(packed_spans(tokens, max_targets, image_tokens, vit_tokens, text_tokens))
     layout = layout.to(device)

@@ -27,9 +27,9 @@ from mogao.inference import GenerationConfig, GenerationSession, Guidance, build
 from mogao.inference.cache import Piece, cached_forward, text_piece
 from mogao.inference.guidance import FULL, IMAGE_ONLY, NONE
 from mogao.inference.simple import _with_text, _without_last_token
-from mogao.modality import Modality
 from mogao.model.mogao import ModelConfig, MogaoModel, NoisyState
 from mogao.model.tiny import save_tiny_llm, save_tiny_vit
+from mogao.sequence.modality import Modality
 
 IMAGE = 64  # pixels: a 16 x 16 grid = 256 tokens with the pixel autoencoder and latent patch 4
 GRID = (16, 16)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from mogao.attention.layout import Span, TokenLayout
 from mogao.attention.mask import ectf_mask
-from mogao.modality import Modality
+from mogao.sequence.layout import Span, TokenLayout
+from mogao.sequence.modality import Modality
 
 T, VIT, CLEAN, NOISY = Modality.TEXT, Modality.VIT, Modality.VAE_CLEAN, Modality.VAE_NOISY
 MAX_TOKENS = 120

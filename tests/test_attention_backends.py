@@ -23,9 +23,9 @@ from mogao.attention.backends import attention_backend_names
 from mogao.attention.fa2_emulator import entry_mask, normalize_window
 from mogao.attention.flash_varlen import MODES, FlashVarlenAttention, ectf_pieces, pack_pieces
 from mogao.attention.flex import padded_length
-from mogao.attention.layout import TokenLayout
 from mogao.attention.mask import ectf_mask
 from mogao.errors import ConfigError
+from mogao.sequence.layout import TokenLayout
 
 TOL = 1e-10
 HEADS = st.sampled_from([(4, 2), (2, 2), (4, 1)])
@@ -205,7 +205,7 @@ def test_flash_varlen_rejects_a_non_physical_layout() -> None:
     layout = layout_of(fixed_cases()["mixed_pack"])
     perm = torch.randperm(layout.num_tokens, generator=torch.Generator().manual_seed(0))
     shuffled = TokenLayout(layout.sample[perm], layout.order[perm], layout.modality[perm], layout.block[perm],
-                           layout.n_und, layout.n_gen_clean, layout.n_noisy, layout.logical_index,
+                           layout.n_und, layout.n_gen_clean, layout.n_noisy, layout.physical_of_logical,
                            layout.sample_lengths)
     with pytest.raises(ValueError, match="physical layout"):
         FlashVarlenAttention().prepare(shuffled, False)

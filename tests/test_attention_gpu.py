@@ -15,8 +15,8 @@ from mogao.attention import fa2_emulator as emu
 from mogao.attention import get_attention_backend
 from mogao.attention.fa2_ops import _available, select_kernels
 from mogao.attention.flash_varlen import FlashVarlenAttention
-from mogao.attention.layout import Span, TokenLayout
 from mogao.attention.mask import ectf_mask
+from mogao.sequence.layout import Span, TokenLayout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from attention_cases import CLEAN, NOISY, VIT, T, image, layout_of
 
-from mogao.attention.layout import Span, TokenLayout
 from mogao.attention.mask import ectf_mask
+from mogao.sequence.layout import Span, TokenLayout
 
 
 def _logical(layout: TokenLayout, text_sees_vae: bool) -> torch.Tensor:
     """The mask in logical order (samples concatenated), which is how the rules are stated."""
-    idx = layout.logical_index
+    idx = layout.physical_of_logical
     return ectf_mask(layout, text_sees_vae)[idx][:, idx]
 
 
@@ -32,7 +32,7 @@ def mask(request: pytest.FixtureRequest) -> tuple[torch.Tensor, bool]:
 
 def test_layout_positions_match_the_comment() -> None:
     layout = layout_of([SAMPLE])
-    mods = layout.modality[layout.logical_index].tolist()
+    mods = layout.modality[layout.physical_of_logical].tolist()
     assert [mods[i] for i in TEXT] == [T] * 5
     assert {mods[i] for i in (*NOISY0, *NOISY1)} == {NOISY}
     assert {mods[i] for i in (*VIT0, *VIT1)} == {VIT}

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mogao.attention import get_attention_backend
-from mogao.attention.layout import Span, TokenLayout
-from mogao.modality import Modality
 from mogao.model.backbone import MoTBackbone
 from mogao.model.rope import InterleavedRope, frequency_axes
 from mogao.model.tiny import save_tiny_llm
+from mogao.sequence.layout import Span, TokenLayout
+from mogao.sequence.modality import Modality
 
 
 def _packed_text(lengths: list[int], vocab: int, seed: int = 0):
@@ -19,7 +19,7 @@ def _packed_text(lengths: list[int], vocab: int, seed: int = 0):
     ids = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
     layout = TokenLayout.from_spans([[Span(Modality.TEXT, n)] for n in lengths])
     phys_ids = torch.empty(layout.num_tokens, dtype=torch.long)
-    phys_ids[layout.logical_index] = torch.cat(ids)
+    phys_ids[layout.physical_of_logical] = torch.cat(ids)
     t = layout.order  # text-only: IL-RoPE position (t, t, t) with t the position in the sample
     return ids, layout, phys_ids, torch.stack([t, t, t])
 
@@ -38,7 +38,7 @@ def test_text_only_logits_match_hf(tmp_path, family):
         )
         logits = backbone.lm_head(h_und)
         assert h_gen.shape[0] == 0
-        logical = logits[layout.logical_index]
+        logical = logits[layout.physical_of_logical]
         start = 0
         for sample_ids in ids:
             ref = hf(input_ids=sample_ids[None]).logits[0]

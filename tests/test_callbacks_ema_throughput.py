@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 
 from callbacks.ema import EMA
 from callbacks.throughput import Throughput, compute_dtype
-from mogao.attention.layout import Span, TokenLayout
 from mogao.attention.mask import ectf_mask
-from mogao.modality import Modality
 from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.sequence.layout import Span, TokenLayout
+from mogao.sequence.modality import Modality
 from mogao.training.flops import image_forward_flops, keys_per_query, peak_flops, training_flops
 from mogao.training.objectives import combine_losses
 

@@ -11,9 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from mogao.attention.layout import TokenLayout
 from mogao.data import (
-    PackedBatch,
     PackedDataset,
     SequencePlan,
     collate_plans,
@@ -21,7 +19,8 @@ from mogao.data import (
     pack_plans,
     samples_from_dicts,
 )
-from mogao.modality import Modality
+from mogao.sequence import PackedBatch, TokenLayout
+from mogao.sequence.modality import Modality
 
 
 def _random_dicts(n: int, seed: int = 0) -> list[dict]:
@@ -66,7 +65,7 @@ def check_batch(batch: PackedBatch, plans: list[SequencePlan]) -> None:
     assert (layout.n_und, layout.n_gen_clean, layout.n_noisy) == tuple(
         (section == s).sum().item() for s in range(3)
     )
-    assert torch.equal(layout.logical_index.sort().values, torch.arange(n))  # a permutation: each token once
+    assert torch.equal(layout.physical_of_logical.sort().values, torch.arange(n))  # a permutation: each token once
     expected = TokenLayout.from_spans([p.layout_spans() for p in plans])
     assert torch.equal(expected.modality, layout.modality) and torch.equal(expected.order, layout.order)
     # each sample's logical arrays read back from the physical ones

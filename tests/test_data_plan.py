@@ -8,7 +8,7 @@ from conftest_data import make_image, small_config, tiny_tokenizer, write_jsonl
 
 from mogao.data import IGNORE_INDEX, SpecialTokens, load_samples, lower_sample, samples_from_dicts
 from mogao.errors import ConfigError, DataError
-from mogao.modality import Modality
+from mogao.sequence.modality import Modality
 
 TXT, VIT, CLEAN, NOISY = Modality.TEXT, Modality.VIT, Modality.VAE_CLEAN, Modality.VAE_NOISY
 

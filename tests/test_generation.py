@@ -72,7 +72,7 @@ def _full_forward_logits(model, tok, segments, generated: list[int]) -> torch.Te
     last = int(last_token_rows(batch)[0])
     k = len(generated)
     # the last k+1 logical tokens are text: their physical rows are the last k+1 of the sample's text rows
-    rows = batch.layout.logical_index[plan.num_tokens - 1 - k: plan.num_tokens]
+    rows = batch.layout.physical_of_logical[plan.num_tokens - 1 - k: plan.num_tokens]
     assert int(rows[-1]) == last
     return logits[rows]
 
@@ -132,13 +132,13 @@ def _reference_after_image(model, tok, ids0, img, turn, ids1) -> torch.Tensor:
     with torch.no_grad():
         logits = model(batch, return_logits=True).text_logits
     k = len(ids1)
-    rows = batch.layout.logical_index[plan.num_tokens - 1 - k: plan.num_tokens]
+    rows = batch.layout.physical_of_logical[plan.num_tokens - 1 - k: plan.num_tokens]
     return logits[rows]
 
 
 def _concat_plans(a, b):
     """Plan a followed by plan b (b's positions shifted to continue after a)."""
-    from mogao.modality import Modality
+    from mogao.sequence.modality import Modality
 
     t0 = int(a.position_ids[0].max()) + 1
     pos = b.position_ids.clone()
@@ -176,7 +176,7 @@ def _velocity_ref(model, batch, x: torch.Tensor, sigma: float, n_targets: int) -
 def _branch_velocities(model, s, x, sigma):
     rows = [s.row(0, b) for b in (FULL, IMAGE_ONLY, NONE)]
     from mogao.inference.cache import Piece
-    from mogao.modality import Modality
+    from mogao.sequence.modality import Modality
 
     out = cached_forward(model, s.cache, rows, [[Piece(Modality.VAE_NOISY, tokens=x, sigma=sigma, grid=GRID)]] * 3,
                          commit=False)
@@ -246,7 +246,7 @@ def test_batched_three_way_cfg_equals_separate_forwards(model, tok):
     got = s.velocity([0], [x], 0.6, GRID)[0]
     sep = {}
     from mogao.inference.cache import Piece
-    from mogao.modality import Modality
+    from mogao.sequence.modality import Modality
 
     for b in (FULL, IMAGE_ONLY, NONE):  # one forward per branch
         out = cached_forward(model, s.cache, [s.row(0, b)], [[Piece(Modality.VAE_NOISY, tokens=x, sigma=0.6,

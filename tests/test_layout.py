@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mogao.attention.layout import Span, TokenLayout
-from mogao.modality import Modality as M
+from mogao.sequence.layout import Span, TokenLayout
+from mogao.sequence.modality import Modality as M
 
 
 def test_three_sections_sorted_by_sample_then_order():
@@ -23,10 +23,10 @@ def test_three_sections_sorted_by_sample_then_order():
     for lo, hi in ((0, lay.n_und), (lay.n_und, lay.n_und + lay.n_gen_clean), (lay.n_und + lay.n_gen_clean, 14)):
         key = lay.sample[lo:hi] * 100 + lay.order[lo:hi]
         assert torch.equal(key, key.sort().values)
-    # logical_index maps the concatenated logical sequence onto physical positions, a permutation
-    assert torch.equal(lay.logical_index.sort().values, torch.arange(14))
+    # physical_of_logical maps the concatenated logical sequence onto physical positions, a permutation
+    assert torch.equal(lay.physical_of_logical.sort().values, torch.arange(14))
     logical_modality = torch.tensor([0, 0, 3, 3, 1, 1, 2, 2, 0, 1, 2, 0, 0, 0])
-    assert torch.equal(lay.modality[lay.logical_index], logical_modality)
+    assert torch.equal(lay.modality[lay.physical_of_logical], logical_modality)
     # one block id per image copy, -1 for text
     assert lay.block[lay.modality == M.TEXT].eq(-1).all()
     assert len(set(lay.block[lay.block >= 0].tolist())) == 5

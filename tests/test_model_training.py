@@ -102,8 +102,8 @@ def test_save_load_round_trip_keeps_outputs(tiny_parts, shapes_dicts, tmp_path):
     # text-only parity with the source HF model survives the round trip
     hf = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"]).eval()
     ids = torch.tensor([[5, 17, 33, 2, 9, 41]])
-    from mogao.attention.layout import Span, TokenLayout
-    from mogao.modality import Modality
+    from mogao.sequence.layout import Span, TokenLayout
+    from mogao.sequence.modality import Modality
 
     layout = TokenLayout.from_spans([[Span(Modality.TEXT, 6)]])
     pos = torch.arange(6).expand(3, 6)

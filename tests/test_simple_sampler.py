@@ -20,8 +20,8 @@ from mogao.inference import (
     sample_image_tokens,
     sample_images,
 )
-from mogao.modality import Modality
 from mogao.model.mogao import ModelConfig, ModelOutput, MogaoModel, NoisyState
+from mogao.sequence.modality import Modality
 from mogao.training.objectives import combine_losses
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,8 +9,8 @@ from conftest import make_batch
 
 from mogao.data import DataConfig, lower_sample, samples_from_dicts
 from mogao.data.builtin.shapes import Obj, Scene, render
-from mogao.modality import Modality
 from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.sequence.modality import Modality
 from mogao.training.objectives import combine_losses
 
 GRID = 16  # tokens a copy: 16x16-pixel images at patch 4

@@ -1,13 +1,10 @@
-"""Attention over packed batches: the token layout, the ECTF reference mask and the backends that compute it."""
+"""Attention over packed batches: the ECTF reference mask and the backends that compute it."""
 
 from mogao.attention.backends import EctfAttention, attention_backend_names, get_attention_backend
-from mogao.attention.layout import Span, TokenLayout
 from mogao.attention.mask import ectf_allowed, ectf_mask
 
 __all__ = [
     "EctfAttention",
-    "Span",
-    "TokenLayout",
     "attention_backend_names",
     "ectf_allowed",
     "ectf_mask",

@@ -14,8 +14,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from mogao.attention.layout import TokenLayout
 from mogao.errors import ConfigError
+from mogao.sequence.layout import TokenLayout
 
 
 @runtime_checkable

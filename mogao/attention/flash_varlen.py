@@ -38,8 +38,8 @@ from torch import Tensor
 
 from mogao.attention.backends import check_qkv
 from mogao.attention.fa2_ops import Fa2Kernels, check_kernel_inputs, select_kernels
-from mogao.attention.layout import TokenLayout
-from mogao.modality import Modality
+from mogao.sequence.layout import TokenLayout
+from mogao.sequence.modality import Modality
 
 # mode -> (causal, window_left, window_right) as passed to the kernels
 MODES: dict[str, tuple[bool, int, int]] = {"causal": (True, -1, -1), "upper": (False, 0, -1), "full": (False, -1, -1)}

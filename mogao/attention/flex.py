@@ -22,10 +22,10 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from mogao.attention.backends import check_qkv
-from mogao.attention.layout import TokenLayout
 from mogao.attention.mask import ectf_allowed
 from mogao.errors import ConfigError
-from mogao.modality import Modality
+from mogao.sequence.layout import TokenLayout
+from mogao.sequence.modality import Modality
 
 BLOCK_SIZE = 128  # FlexAttention's default tile; buckets are multiples of it
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from mogao.attention.layout import TokenLayout
-from mogao.modality import Modality
+from mogao.sequence.layout import TokenLayout
+from mogao.sequence.modality import Modality
 
 
 def ectf_allowed(

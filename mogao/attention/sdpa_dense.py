@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from mogao.attention.backends import check_qkv
-from mogao.attention.layout import TokenLayout
 from mogao.attention.mask import ectf_allowed
+from mogao.sequence.layout import TokenLayout
 
 
 @dataclass

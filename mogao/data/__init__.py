@@ -1,6 +1,5 @@
 """Data: the sample format, images, tokenizer, lowering to sequence plans and packing into `PackedBatch`."""
 
-from mogao.data.batch import PackedBatch
 from mogao.data.images import ImageTensors, choose_grid, open_image, prepare_image, resize_to_grid, to_rgb
 from mogao.data.packer import GreedyPacker, PackedDataset, PackingStats, collate_plans, pack_plans
 from mogao.data.plan import (
@@ -25,7 +24,7 @@ from mogao.data.samples import (
 from mogao.data.tokenizer import SpecialTokens, ensure_special_tokens, train_tokenizer
 
 __all__ = [
-    "IGNORE_INDEX", "DataConfig", "GreedyPacker", "ImageSegment", "ImageTensors", "PackedBatch", "PackedDataset",
+    "IGNORE_INDEX", "DataConfig", "GreedyPacker", "ImageSegment", "ImageTensors", "PackedDataset",
     "PackingStats", "PlanImage", "PlanSpan", "Sample", "SequencePlan", "SpecialTokens", "TextSegment",
     "check_samples", "choose_grid", "collate_plans", "ensure_special_tokens", "iter_samples", "load_samples",
     "lower_sample", "open_image", "pack_plans", "prepare_image", "resize_to_grid", "sample_from_dict",

@@ -25,13 +25,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from mogao.attention.layout import TokenLayout
-from mogao.data.batch import PackedBatch
 from mogao.data.plan import DataConfig, SequencePlan, lower_sample, stable_seed
 from mogao.data.samples import Sample
 from mogao.data.tokenizer import SpecialTokens
 from mogao.errors import ConfigError, DataError
-from mogao.modality import Modality
+from mogao.sequence.batch import PackedBatch
+from mogao.sequence.layout import TokenLayout
+from mogao.sequence.modality import Modality
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
     if total > budget:
         raise ValueError(f"{total} tokens do not fit the token budget {budget}")
     layout = TokenLayout.from_spans([p.layout_spans() for p in plans])
-    phys = layout.logical_index  # logical-concatenated position -> physical position
+    phys = layout.physical_of_logical  # logical-concatenated position -> physical position
     n = layout.num_tokens
     input_ids = torch.empty(n, dtype=torch.long)
     labels = torch.empty(n, dtype=torch.long)

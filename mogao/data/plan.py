@@ -13,8 +13,7 @@ else -100. Loss-bearing text: tokens of `loss: true` text segments, `<|vision_st
 (so the model learns *when* to draw), never `<|vision_end|>`, and `<|endoftext|>` when the sample ends in
 loss-bearing text or a generated image.
 
-IL-RoPE positions (T, H, W): a text token is (t, t, t), t advancing by one per token; all copies of one image
-share T = the next t, with (H, W) the token's (row, column) in the grid; the text after it continues at T + 1.
+IL-RoPE positions follow the one rule of `mogao.sequence.positions`.
 
 Condition dropout (for classifier-free guidance) and the per-image noise seeds are drawn from hashes of
 (seed, sample id, epoch[, image index]), so they are reproducible and do not depend on packing or workers.
@@ -32,12 +31,11 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mogao.attention.layout import Span
 from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.data.tokenizer import SpecialTokens
 from mogao.errors import ConfigError, DataError
-from mogao.modality import Modality
+from mogao.sequence import Modality, Span, il_rope_positions
 
 log = logging.getLogger(__name__)
 
@@ -308,31 +306,17 @@ def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index
     ids: list[int] = []
     loss: list[bool] = []
     mods: list[int] = []
-    pos_t: list[int] = []
-    pos_h: list[int] = []
-    pos_w: list[int] = []
     copy_start: list[dict[Modality, int]] = [{} for _ in images]
-    t = 0
-    for n, s in enumerate(spans):
+    for s in spans:
         if s.kind == Modality.TEXT:
             ids += s.token_ids
             loss += s.loss
-            mods += [int(Modality.TEXT)] * s.length
-            pos_t += range(t, t + s.length)
-            pos_h += range(t, t + s.length)
-            pos_w += range(t, t + s.length)
-            t += s.length
-            continue
-        gh, gw = images[s.image].grid
-        copy_start[s.image][s.kind] = len(ids)
-        ids += [0] * s.length
-        loss += [False] * s.length
+        else:
+            copy_start[s.image][s.kind] = len(ids)
+            ids += [0] * s.length
+            loss += [False] * s.length
         mods += [int(s.kind)] * s.length
-        pos_t += [t] * s.length
-        pos_h += [r for r in range(gh) for _ in range(gw)]
-        pos_w += list(range(gw)) * gh
-        if n + 1 == len(spans) or spans[n + 1].image != s.image:  # last copy of this image
-            t += 1
+    position_ids, _ = il_rope_positions([Span(s.kind, s.length, s.image) for s in spans], [im.grid for im in images])
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     is_text = torch.tensor(mods) == Modality.TEXT
@@ -340,7 +324,7 @@ def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index
     labels[:-1] = torch.where(target, input_ids[1:], labels[:-1])
     return SequencePlan(
         sample_id=sample_id, spans=spans, images=images, input_ids=input_ids, labels=labels,
-        position_ids=torch.tensor([pos_t, pos_h, pos_w], dtype=torch.long),
+        position_ids=position_ids,
         modality=torch.tensor(mods, dtype=torch.long), copy_start=copy_start, index=index, dropped=dropped,
         truncated=truncated,
     )

@@ -8,9 +8,8 @@ training uses (text/ViT queries do not see VAE keys when `text_sees_vae` is fals
 clean cached context and itself). With `commit=True` the new tokens' keys and values are appended to their
 rows; a noisy image block is evaluated with `commit=False` at every sampling step and never enters the cache.
 
-IL-RoPE positions follow the lowering (`mogao.data.plan`): a text token is (t, t, t); all copies of one image
-share T = t with (H, W) the cell of the token grid; the token after the image continues at t + 1. Each row
-keeps its next t, so the positions equal those of the packed training sequence of the same content.
+IL-RoPE positions come from the rule the lowering uses (`mogao.sequence.positions`); each row keeps its next
+T, so the positions equal those of the packed training sequence of the same content.
 
 The forward reuses `MoTBackbone.forward` unchanged: the cache plugs in as its attention backend (one call per
 layer, in layer order), so the expert routing and the layers are exactly those of training.
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mogao.attention.mask import ectf_allowed
-from mogao.modality import Modality
 from mogao.model.backbone import GenerationModulation
 from mogao.model.mogao import MogaoModel
+from mogao.sequence import Modality, Span, il_rope_positions
 
 _UND = (Modality.TEXT, Modality.VIT)
 
@@ -206,19 +205,13 @@ class _CachedAttention:
 
 def _positions(pieces: list[Piece], t0: int) -> tuple[list[Tensor], int]:
     """IL-RoPE positions (3, n) of each piece of one row starting at T = t0, and the row's next T."""
-    out, t = [], t0
+    spans, grids = [], []
     for i, p in enumerate(pieces):
-        if p.kind == Modality.TEXT:
-            out.append(torch.arange(t, t + p.length).expand(3, p.length))
-            t += p.length
-            continue
-        gh, gw = p.grid
-        rr = torch.arange(gh).repeat_interleave(gw)
-        cc = torch.arange(gw).repeat(gh)
-        out.append(torch.stack((torch.full((gh * gw,), t), rr, cc)))
-        if i + 1 == len(pieces) or pieces[i + 1].kind == Modality.TEXT:  # last copy of this image
-            t += 1
-    return out, t
+        if p.kind != Modality.TEXT and (i == 0 or pieces[i - 1].kind == Modality.TEXT):
+            grids.append(p.grid)  # a new image: consecutive image pieces are copies of one image
+        spans.append(Span(p.kind, p.length, -1 if p.kind == Modality.TEXT else len(grids) - 1))
+    pos, t = il_rope_positions(spans, grids, t0)
+    return list(pos.split([p.length for p in pieces], 1)), t
 
 
 @torch.no_grad()

@@ -38,9 +38,9 @@ from mogao.inference.cache import KVCache, Piece, cached_forward, text_piece
 from mogao.inference.guidance import BRANCHES, FULL, IMAGE_ONLY, Guidance
 from mogao.inference.inputs import check_prompt, image_tensors, load_image
 from mogao.inference.simple import eval_mode, image_size_wh, tensor_to_pil
-from mogao.modality import Modality
 from mogao.model.autoencoder import PixelAutoencoder
 from mogao.model.mogao import MogaoModel
+from mogao.sequence.modality import Modality
 
 
 @dataclass

@@ -28,15 +28,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from mogao.data.batch import PackedBatch
 from mogao.data.packer import collate_plans
 from mogao.data.plan import IGNORE_INDEX, DataConfig, PlanSpan, SequencePlan, lower_sample
 from mogao.data.samples import samples_from_dicts
 from mogao.data.tokenizer import SpecialTokens
 from mogao.diffusion.flow import euler_sample, sampling_sigmas
 from mogao.errors import ConfigError
-from mogao.modality import Modality
 from mogao.model.mogao import MogaoModel, NoisyState
+from mogao.sequence.batch import PackedBatch
+from mogao.sequence.modality import Modality
 
 Context = list[dict[str, Any]]
 """Segments (as in the sample format; a PIL image may stand in for an image path) preceding the output."""
@@ -274,7 +274,7 @@ def _with_text(plan: SequencePlan, ids: list[int]) -> SequencePlan:
 def last_token_rows(batch: PackedBatch) -> torch.Tensor:
     """(S,) physical row of each sample's last logical token (a `text_logits` row when that token is text)."""
     ends = torch.tensor(batch.layout.sample_lengths, dtype=torch.long).cumsum(0) - 1
-    return batch.layout.logical_index[ends.to(batch.layout.logical_index.device)]
+    return batch.layout.physical_of_logical[ends.to(batch.layout.physical_of_logical.device)]
 
 
 @torch.no_grad()

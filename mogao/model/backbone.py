@@ -3,7 +3,7 @@
 Every layer keeps ONE global self-attention over the packed sequence, but its projections, norms and MLP are
 duplicated per expert: the understanding expert (the LLM's own weights: text and ViT tokens) and the
 generation expert (a copy made at init: clean and noisy VAE tokens). Routing is by a fixed per-token modality;
-the packed layout puts all understanding tokens first (see `mogao.attention.layout`), so each expert is one
+the packed layout puts all understanding tokens first (see `mogao.sequence.layout`), so each expert is one
 contiguous slice and every projection is one dense matmul per expert.
 """
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mogao.attention import get_attention_backend
-from mogao.data.batch import PackedBatch
 from mogao.diffusion.flow import (
     FlowMatchingLoss,
     TimestepSampling,
@@ -34,7 +33,8 @@ from mogao.model.autoencoder import (
 from mogao.model.backbone import GenerationModulation, MoTBackbone
 from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
 from mogao.model.vision import MLPConnector, VisionEncoder
-from mogao.training.objectives import LossTerms
+from mogao.sequence.batch import PackedBatch
+from mogao.sequence.loss import LossTerms
 
 CONFIG_NAME = "mogao_config.json"
 WEIGHTS_NAME = "model.safetensors"

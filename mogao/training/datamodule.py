@@ -29,11 +29,12 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mogao.data import DataConfig, PackedBatch, PackedDataset, load_samples, samples_from_dicts, stable_seed
+from mogao.data import DataConfig, PackedDataset, load_samples, samples_from_dicts, stable_seed
 from mogao.data.packer import MAX_LISTED_FAULTS
 from mogao.data.prepared import PreparedSamples, decoded, is_prepared, read_manifest
 from mogao.data.samples import Sample
 from mogao.errors import ConfigError, DataError
+from mogao.sequence import PackedBatch
 from mogao.training.rundir import run_dir
 
 log = logging.getLogger(__name__)

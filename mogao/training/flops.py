@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from mogao.attention.layout import TokenLayout
-from mogao.modality import Modality
+from mogao.sequence.layout import TokenLayout
+from mogao.sequence.modality import Modality
 
 __all__ = [
     "FlopCount",
@@ -119,7 +119,7 @@ def keys_per_query(layout: TokenLayout, text_sees_vae: bool = False) -> torch.Te
     n = layout.num_tokens
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=layout.sample.device)
-    li = layout.logical_index  # logical position -> physical position
+    li = layout.physical_of_logical  # logical position -> physical position
     mod, sample, block = layout.modality[li], layout.sample[li], layout.block[li]
     und = mod <= int(Modality.VIT)
     clean_before = _exclusive_cumsum_per_sample(mod != int(Modality.VAE_NOISY), sample)

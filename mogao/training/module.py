@@ -32,12 +32,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from mogao.data import PackedBatch
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.errors import ConfigError, NumericalError
 from mogao.lora.spec import LoraSpec
 from mogao.model.mogao import ModelConfig, MogaoModel, resolve_checkpoint
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.sequence import PackedBatch
 from mogao.training.objectives import combine_losses
 from mogao.training.parts import check_parts, part_parameters, set_trainable
 from mogao.training.rundir import run_dir

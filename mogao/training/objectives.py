@@ -14,15 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class LossTerms:
-    """Unnormalised loss sums of one rank's batch (0-d tensors)."""
-
-    text_sum: torch.Tensor
-    text_weight: torch.Tensor
-    image_sum: torch.Tensor
-    image_weight: torch.Tensor
+from mogao.sequence.loss import LossTerms
 
 
 @dataclass

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from mogao.attention.layout import TokenLayout
+from mogao.sequence.layout import TokenLayout
 
 
 @dataclass
 class PackedBatch:
-    """One packed batch. Token tensors are in the physical order of `layout` (see `mogao.attention.layout`).
+    """One packed batch. Token tensors are in the physical order of `layout` (see `mogao.sequence.layout`).
 
     N = number of tokens, I = number of images in the pack (image-major order: sample by sample, then the
     order of the images inside each sample). Every image has a ViT copy of gh*gw tokens; generation targets also

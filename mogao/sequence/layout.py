@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mogao.modality import Modality
+from mogao.sequence.modality import Modality
 
 _SECTION_OF = {Modality.TEXT: 0, Modality.VIT: 0, Modality.VAE_CLEAN: 1, Modality.VAE_NOISY: 2}
 # order of an image's copies inside a sample: the mask rules rely on the noisy copy coming first
@@ -51,8 +51,8 @@ class TokenLayout:
     block:    id of the bidirectional block the token belongs to (one per image copy, unique in
               the pack); -1 for text tokens
     n_und / n_gen_clean / n_noisy: section sizes (the physical layout described in the module doc)
-    logical_index: (N,) physical position of the i-th token when the samples' logical sequences
-              are concatenated in sample order - i.e. `physical[logical_index] = logical`.
+    physical_of_logical: (N,) physical position of the i-th token when the samples' logical sequences
+              are concatenated in sample order - i.e. `physical[physical_of_logical] = logical`.
     """
 
     sample: torch.Tensor
@@ -62,7 +62,7 @@ class TokenLayout:
     n_und: int
     n_gen_clean: int
     n_noisy: int
-    logical_index: torch.Tensor
+    physical_of_logical: torch.Tensor
     sample_lengths: list[int] = field(default_factory=list)
 
     @property
@@ -76,7 +76,7 @@ class TokenLayout:
     def to(self, device: torch.device | str) -> TokenLayout:
         return TokenLayout(
             self.sample.to(device), self.order.to(device), self.modality.to(device), self.block.to(device),
-            self.n_und, self.n_gen_clean, self.n_noisy, self.logical_index.to(device), list(self.sample_lengths),
+            self.n_und, self.n_gen_clean, self.n_noisy, self.physical_of_logical.to(device), list(self.sample_lengths),
         )
 
     @classmethod
@@ -121,11 +121,11 @@ class TokenLayout:
         # stable sort by (section, sample, order) gives the physical layout
         key = (section * (len(samples) + 1) + sample) * (max(lengths) + 1) + order
         perm = torch.argsort(key, stable=True)  # physical position -> logical position
-        logical_index = torch.empty(n, dtype=torch.long)
-        logical_index[perm] = torch.arange(n)
+        physical_of_logical = torch.empty(n, dtype=torch.long)
+        physical_of_logical[perm] = torch.arange(n)
         sections = section[perm]
         return cls(
             sample=sample[perm], order=order[perm], modality=modality[perm], block=block[perm],
             n_und=int((sections == 0).sum()), n_gen_clean=int((sections == 1).sum()), n_noisy=int((sections == 2).sum()),
-            logical_index=logical_index, sample_lengths=lengths,
+            physical_of_logical=physical_of_logical, sample_lengths=lengths,
         )
