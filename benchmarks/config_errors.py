@@ -26,8 +26,8 @@ CASES = {
 def main() -> None:
     mogao = str(Path(sys.executable).parent / "mogao")
     print(f"{'case':<20} {'fresh process s':>16} {'warm, in-process s':>19}")
-    from mogao.cli import build_cli
     from mogao.cli import main as cli_main
+    from mogao.recipes import build_cli
 
     build_cli(["--config", "recipes/tiny/t2i.yaml"], run=False, instantiate=False)  # warm the imports
     for name, args in CASES.items():

@@ -209,7 +209,7 @@ class EMA(Callback):
             if not trainer.is_global_zero:
                 return
             if hasattr(module, "save_pretrained"):  # one unit, as the trained model (a sharded model: gathered)
-                from mogao.training.checkpointing import save_model_directory
+                from mogao.model.io import save_model_directory
 
                 save_model_directory(module, None, directory, full)
             else:

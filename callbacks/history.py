@@ -13,21 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from mogao.training.rundir import run_dir
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a `metrics.jsonl` (an empty list when absent); a torn last line is ignored."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+from mogao.training.rundir import read_history, run_dir
 
 
 def _plain(v: Any) -> Any:

@@ -26,13 +26,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
-from typing import Any
 
 from mogao.errors import ConfigError
+from mogao.recipes import TRAINER_VERBS, build_cli, list_recipes, resolve_recipe, rewrite_config_args
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-TRAINER_VERBS = ("fit", "validate")
 # verbs served by their own module's `main(argv) -> int` (imported only when used): verb -> (module, help)
 MODULE_VERBS = {
     "generate": ("mogao.inference.cli:generate_main", "generate text and images from a prompt (HTML page + PNGs)"),
@@ -42,230 +39,6 @@ MODULE_VERBS = {
     "checkpoint": ("mogao.training.consolidate:main", "checkpoint tools: consolidate a sharded checkpoint"),
     "data": ("mogao.data.cli:main", "data set tools: check (validate, summarise, --fix), prepare, import"),
 }
-
-
-def resolve_recipe(name: str) -> Path:
-    """A recipe path as given, or `recipes/<name>[.yaml]`; ConfigError naming what was tried when none exists."""
-    p = Path(name).expanduser()
-    tried = [p]
-    if p.is_file():
-        return p
-    for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
-        tried.append(cand)
-        if cand.is_file():
-            return cand
-    raise ConfigError(f"recipe file not found: '{name}' (looked at {', '.join(str(t) for t in tried)}); "
-                      "`mogao list` shows the shipped recipes")
-
-
-def _rewrite_config_args(argv: list[str]) -> list[str]:
-    """Resolve every `--config X` / `-c X` / `--config=X` to an existing file before anything heavy is imported."""
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--config", "-c") and i + 1 < len(argv):
-            out += [a, str(resolve_recipe(argv[i + 1]))]
-            i += 2
-            continue
-        if a.startswith("--config="):
-            out.append("--config=" + str(resolve_recipe(a.split("=", 1)[1])))
-        else:
-            out.append(a)
-        i += 1
-    return out
-
-
-def _replace_list_overrides(argv: list[str]) -> list[str]:
-    """A `--data.sources=[...]` given on the command line replaces the recipe's list; jsonargparse would merge
-    it into the recipe's items one by one (keeping, say, a recipe source's `val_path`). Resetting the list
-    just before the override makes it a replacement (`--data.sources+=...` still appends)."""
-    out = []
-    for a in argv:
-        if a == "--data.sources" or a.startswith("--data.sources="):
-            out.append("--data.sources=[]")
-        out.append(a)
-    return out
-
-
-def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = True, instantiate: bool = True):
-    """Run (or, with run=False, only parse and instantiate) a LightningCLI over the mogao stages and data.
-
-    With instantiate=False (and run=False) the config is only parsed and checked; `cli.model_config` is then
-    the recipe's `ModelConfig` (e.g. for building the model on the meta device).
-    """
-    from lightning.pytorch.cli import LightningCLI
-
-    from callbacks.history import MetricsHistory
-    from mogao.training.datamodule import MogaoDataModule
-    from mogao.training.module import MogaoModule
-
-    class MogaoCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.init_args.tokenizer", "data.tokenizer")
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand] if self.subcommand else self.config
-            trainer = cfg["trainer"]
-            root = trainer.get("default_root_dir") or "runs/default"
-            trainer["default_root_dir"] = root
-            if trainer.get("logger") in (None, True):
-                # one directory per run: logs, config.yaml, checkpoints/, metrics.jsonl, model/
-                trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                     "init_args": {"save_dir": root, "name": "", "version": ""}}
-
-        def instantiate_trainer(self, **kwargs: Any):
-            # atomic checkpoint files, a checkpoint on pre-emption signals and on crashes (unless configured)
-            from callbacks.preemption import add_fault_tolerance
-            from mogao.training.checkpointing import with_atomic_checkpoint_io
-
-            plugins = self._get(self.config_init, "trainer", {}).get("plugins")
-            kwargs.setdefault("plugins", with_atomic_checkpoint_io(plugins))
-            trainer = super().instantiate_trainer(**kwargs)
-            add_fault_tolerance(trainer, fit=self.subcommand in (None, "fit"))
-            return trainer
-
-        def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
-            verb = self.config.get("subcommand")
-            ckpt_path = self.config[verb].get("ckpt_path") if verb else None
-            if ckpt_path and Path(ckpt_path).exists():  # LightningCLI reads its hyper-parameters next
-                from mogao.training.checkpointing import check_checkpoint
-
-                check_checkpoint(ckpt_path)  # a damaged file: a CheckpointError naming it and the problem
-
-        def _parse_ckpt_path(self) -> None:
-            # Lightning would merge the checkpoint's hyper-parameters over the config here, letting a file
-            # choose classes (`_class_path`) and paths (`save_dir`, `init_from`); the config always wins
-            verb = self.config.get("subcommand")
-            ckpt_path = self.config[verb].get("ckpt_path") if verb else None
-            if ckpt_path and Path(ckpt_path).is_file():
-                report_checkpoint_hparams(ckpt_path, self.config[verb].get("model"))
-
-        def before_fit(self) -> None:
-            self._resolve_ckpt_path("fit")
-
-        def before_validate(self) -> None:
-            self._resolve_ckpt_path("validate")
-
-        def _resolve_ckpt_path(self, verb: str) -> None:
-            from mogao.training.checkpointing import resolve_ckpt_path
-
-            cfg = self.config_init[verb]
-            cfg["ckpt_path"] = resolve_ckpt_path(self.trainer, cfg.get("ckpt_path"), fit=verb == "fit")
-
-        def instantiate_classes(self) -> None:
-            if instantiate:
-                try:
-                    super().instantiate_classes()
-                except ValueError as e:  # jsonargparse wraps errors raised while building the classes
-                    raise _unwrap(e) from e
-                return
-            from mogao.diffusion.flow import TimestepSampling
-            from mogao.model.mogao import ModelConfig
-
-            model = self.config["model"]["init_args"]["model"].as_dict()
-            model["timestep_sampling"] = TimestepSampling(**(model.get("timestep_sampling") or {}))
-            self.model_config = ModelConfig(**model)
-
-    if not instantiate and run:
-        raise ValueError("instantiate=False needs run=False")
-    import warnings
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # `resolve_ckpt_path` decides and says what is resumed; Lightning's generic notes about it are noise here
-    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
-    warnings.filterwarnings("ignore", message=r'\.(fit|validate)\(ckpt_path="last"\) is set, but there is no')
-    return MogaoCLI(
-        MogaoModule, MogaoDataModule, subclass_mode_model=True, args=_replace_list_overrides(args), run=run,
-        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,
-        trainer_defaults={"callbacks": [MetricsHistory(), *(callbacks or [])]},
-        parser_kwargs={"parser_mode": "omegaconf"} if not run else {v: {"parser_mode": "omegaconf"} for v in TRAINER_VERBS},
-    )
-
-
-def _plain(value: Any) -> Any:
-    """A config or hyper-parameter value as plain data, for comparing the two."""
-    from dataclasses import asdict, is_dataclass
-
-    from jsonargparse import Namespace
-
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    elif is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def checkpoint_hparam_differences(hparams: Any, model_config: Any) -> list[str]:
-    """The keys (as `model.class_path` / `model.init_args.KEY`) where a checkpoint's saved hyper-parameters
-    differ from the model config being run."""
-    if not isinstance(hparams, dict):
-        return []
-    config = _plain(model_config) or {}
-    init_args = config.get("init_args") or {}
-    keys = []
-    if "_class_path" in hparams and _plain(hparams["_class_path"]) != config.get("class_path"):
-        keys.append("model.class_path")
-    for key, value in hparams.items():
-        if str(key).startswith("_"):
-            continue
-        if _plain(value) != init_args.get(str(key)):
-            keys.append(f"model.init_args.{key}")
-    return keys
-
-
-def report_checkpoint_hparams(ckpt_path: str | Path, model_config: Any) -> list[str]:
-    """Say (on the first process) where the checkpoint's hyper-parameters differ from the config; returns those
-    keys. Nothing is taken from them: a checkpoint restores state, the config chooses classes and paths."""
-    import zipfile
-
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    from mogao.training.checkpointing import load_checkpoint_file
-
-    hparams = load_checkpoint_file(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path)).get("hyper_parameters")
-    keys = checkpoint_hparam_differences(hparams, model_config)
-    if keys and rank_zero_only.rank == 0:
-        shown = ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
-        print(f"[mogao] {ckpt_path} was saved with other hyper-parameters than the config in {shown}: the "
-              "config's values are used (a checkpoint restores state only)", flush=True)
-    return keys
-
-
-def _unwrap(e: ValueError) -> Exception:
-    """The project's own error inside a jsonargparse instantiation error, or a ConfigError with its reasons."""
-    from mogao.errors import MogaoError
-
-    seen = e
-    while seen is not None:
-        if isinstance(seen, MogaoError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    reasons = [ln.strip()[2:] for ln in str(e).splitlines()
-               if ln.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in ln]
-    return ConfigError("; ".join(reasons) or str(e))
-
-
-def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:
-    """(name, description) of every recipe: the description is the first comment line that is not the command."""
-    rows = []
-    for path in sorted(root.rglob("*.yaml")):
-        desc = ""
-        for line in path.read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            text = line.lstrip("# ").strip()
-            if text and not text.startswith("mogao "):
-                desc = text
-                break
-        rows.append((str(path.relative_to(root).with_suffix("")), desc))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +74,7 @@ def _signal_exit_status(e: SystemExit) -> int | None:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] and argv[0] in TRAINER_VERBS:
-        build_cli(_rewrite_config_args(argv))
+        build_cli(rewrite_config_args(argv))
         return 0
     if argv[:1] and argv[0] in MODULE_VERBS:
         from importlib import import_module

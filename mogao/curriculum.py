@@ -141,7 +141,7 @@ def run_curriculum(path: str | Path, out: str | Path | None = None, fresh: bool 
 
     `stage_callbacks` adds callback objects to named stages (used by tests and tools, e.g. to interrupt a run).
     """
-    from mogao.cli import build_cli
+    from mogao.recipes import build_cli
 
     spec = load_curriculum(path, out)
     if fresh:  # every process refuses a folder that is not a run directory, before any waits for another

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from mogao.cli import RECIPES_DIR
+from mogao.recipes import RECIPES_DIR
 
 CURRICULUM = RECIPES_DIR / "tiny" / "curriculum.yaml"
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from callbacks.history import read_history
 from mogao.curriculum import load_curriculum
+from mogao.training.rundir import read_history
 
 T2I_PROMPTS = [
     "A large red circle on a white background.",

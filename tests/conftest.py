@@ -92,7 +92,7 @@ def shrunk_recipe(directory, name: str = "t2i", n: int = 8, val_n: int = 2):
 
     import yaml
 
-    from mogao.cli import RECIPES_DIR
+    from mogao.recipes import RECIPES_DIR
 
     cfg = yaml.safe_load((RECIPES_DIR / "tiny" / f"{name}.yaml").read_text())
     for s in cfg["data"]["sources"]:

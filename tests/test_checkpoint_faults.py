@@ -22,9 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from callbacks.history import read_history
-from mogao.cli import build_cli
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.recipes import build_cli
 from mogao.training.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -35,6 +34,7 @@ from mogao.training.checkpointing import (
     is_temp_file,
     temp_path_for,
 )
+from mogao.training.rundir import read_history
 
 REPO = Path(__file__).resolve().parent.parent
 FAULT_CHILD = Path(__file__).resolve().parent / "fault_child.py"

@@ -23,7 +23,7 @@ def test_data_check_reports_problems_with_file_and_line(tmp_path, capsys):
 
 
 def test_list_prints_every_recipe_with_its_description(capsys):
-    from mogao.cli import RECIPES_DIR
+    from mogao.recipes import RECIPES_DIR
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -41,7 +41,7 @@ def test_unknown_verb_is_a_usage_error(capsys):
 
 
 def test_a_trainer_misconfiguration_is_a_clear_error(parts, tmp_path, capsys):
-    from mogao.cli import RECIPES_DIR
+    from mogao.recipes import RECIPES_DIR
 
     # the tiny recipe's RichProgressBar together with enable_progress_bar=false: Lightning refuses the pair
     code = main(["fit", "--config", str(RECIPES_DIR / "tiny" / "t2i.yaml"), "--trainer.enable_progress_bar=false",

@@ -14,12 +14,12 @@ from conftest_data import tiny_tokenizer
 from test_runtime_faults import _dm, _take, args, corrupt, write_source
 
 import mogao.data.prepared as prepared
-from mogao.cli import build_cli
 from mogao.data import DataConfig, PackedDataset, load_samples
 from mogao.data.cli import main as data_main
 from mogao.data.prepared import ImageBytes, PreparedSamples, prepare
 from mogao.data.samples import ImageSegment
 from mogao.errors import ConfigError, DataError
+from mogao.recipes import build_cli
 from mogao.training.datamodule import MogaoDataModule, Source
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mogao.cli import RECIPES_DIR, build_cli, main
+from mogao.cli import main
 from mogao.errors import ConfigError
 from mogao.lora import LoraSpec, apply_lora, load_adapter, merge_lora, save_adapter
 from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.recipes import RECIPES_DIR, build_cli
 
 REPO = RECIPES_DIR.parent
 LORA_RECIPES = sorted(p.stem for p in (RECIPES_DIR / "lora").glob("*.yaml"))

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mogao.cli import RECIPES_DIR, build_cli
 from mogao.data.builtin.shapes import COLOURS
 from mogao.eval.generation import t2i
 from mogao.lora import load_adapter
 from mogao.model.mogao import MogaoModel
+from mogao.recipes import RECIPES_DIR, build_cli
 from mogao.report import prompted_colour_share
 
 PALETTE = {**COLOURS, "teal": (0, 128, 128)}

@@ -281,8 +281,8 @@ def test_user_jsonl_on_every_recipe_family(recipe, parts, base_model, tmp_path):
 
 
 def test_missing_user_file_is_named(tmp_path, monkeypatch):
-    from mogao.cli import build_cli
     from mogao.errors import ConfigError
+    from mogao.recipes import build_cli
     from mogao.training.datamodule import MogaoDataModule
 
     monkeypatch.chdir(tmp_path)

@@ -17,11 +17,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import mogao.data.packer as packer
-from callbacks.history import read_history
-from mogao.cli import build_cli
 from mogao.data import DataConfig
 from mogao.errors import DataError, NumericalError
+from mogao.recipes import build_cli
 from mogao.training.datamodule import MogaoDataModule, Source
+from mogao.training.rundir import read_history
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ["circle", "square", "triangle"]

@@ -228,7 +228,7 @@ def recipe(tmp_path_factory):
 def one_step_run(parts, recipe, tmp_path_factory):
     from test_checkpoint_faults import fit_args
 
-    from mogao.cli import build_cli
+    from mogao.recipes import build_cli
 
     root = tmp_path_factory.mktemp("one_step")
     build_cli(fit_args(parts, recipe, root, steps=1))
@@ -239,7 +239,7 @@ def test_checkpoint_hyper_parameters_choose_neither_classes_nor_paths(one_step_r
                                                                       capsys):
     from test_checkpoint_faults import fit_args
 
-    from mogao.cli import build_cli
+    from mogao.recipes import build_cli
 
     ckpt = torch.load(one_step_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
@@ -351,9 +351,9 @@ def test_consolidating_weights_of_the_wrong_shape_is_refused(tiny_model, tiny_pa
 
 
 def test_fresh_refuses_a_folder_that_is_not_a_run_directory(tmp_path):
-    from mogao.cli import RECIPES_DIR
     from mogao.curriculum import load_curriculum, run_curriculum
     from mogao.demo import main as demo_main
+    from mogao.recipes import RECIPES_DIR
 
     project = tmp_path / "project"
     project.mkdir()
@@ -588,7 +588,7 @@ def test_a_failed_save_leaves_the_previous_folder_whole(tmp_path, tiny_model, ti
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-    from mogao.training.checkpointing import write_directory
+    from mogao.model.io import write_directory
 
     with pytest.raises(ConfigError, match="not a folder this project saved"):
         write_directory(tmp_path, lambda _: None)  # a folder with other files is never replaced

@@ -12,9 +12,10 @@ import torch
 from conftest import shrunk_recipe
 from safetensors.torch import load_file
 
-from callbacks.history import read_history
-from mogao.cli import RECIPES_DIR, build_cli, list_recipes, main
+from mogao.cli import main
 from mogao.curriculum import run_curriculum
+from mogao.recipes import RECIPES_DIR, build_cli, list_recipes
+from mogao.training.rundir import read_history
 
 TINY = ["understanding", "t2i", "interleaved"]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mogao.attention.backends import check_qkv
+from mogao.attention.base import check_qkv
 from mogao.attention.fa2_ops import Fa2Kernels, check_kernel_inputs, select_kernels
 from mogao.sequence.layout import TokenLayout
 from mogao.sequence.modality import Modality

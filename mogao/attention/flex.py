@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mogao.attention.backends import check_qkv
+from mogao.attention.base import check_qkv
 from mogao.attention.mask import ectf_allowed
 from mogao.errors import ConfigError
 from mogao.sequence.layout import TokenLayout

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mogao.attention.backends import check_qkv
+from mogao.attention.base import check_qkv
 from mogao.attention.mask import ectf_allowed
 from mogao.sequence.layout import TokenLayout
 

@@ -26,10 +26,10 @@ def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | N
     import torch
     import yaml
 
-    from mogao.cli import resolve_recipe
     from mogao.diffusion.flow import TimestepSampling
     from mogao.model.mogao import ModelConfig, MogaoModel
     from mogao.model.tiny import TinySpec, ensure_tiny_parts
+    from mogao.recipes import resolve_recipe
 
     path = resolve_recipe(recipe)
     try:

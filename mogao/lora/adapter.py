@@ -189,11 +189,11 @@ def adapter_state_dict(model: nn.Module, full: dict[str, torch.Tensor] | None = 
 
 def save_adapter(model: nn.Module, directory: str | Path, full: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_model.safetensors` and `adapter_config.json` (spec + base identity) to `directory` as one
-    unit (`mogao.training.checkpointing.write_directory`: new, empty, or a folder an adapter or model was saved
+    unit (`mogao.model.io.write_directory`: new, empty, or a folder an adapter or model was saved
     to before); `full`: as in `adapter_state_dict`."""
     from safetensors.torch import save_file
 
-    from mogao.training.checkpointing import write_directory
+    from mogao.model.io import write_directory
 
     state = lora_state(model)
     weights = adapter_state_dict(model, full)

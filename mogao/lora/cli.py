@@ -22,8 +22,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     files, when the base directory has them), written as one unit. `out` must be new or empty unless
     `overwrite` (which replaces a model saved there before, never another folder)."""
     from mogao.lora.adapter import _load_adapter, merge_lora
+    from mogao.model.io import save_model_directory
     from mogao.model.mogao import MogaoModel
-    from mogao.training.checkpointing import save_model_directory
 
     base, adapter, out = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
     from mogao.training.consolidate import check_output_dir

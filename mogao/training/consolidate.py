@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from mogao.errors import ConfigError
+from mogao.model.io import save_model_directory
 from mogao.training.checkpointing import (
     SHARDED_META,
     CheckpointError,
     check_checkpoint,
     checkpoint_candidates,
     load_checkpoint_file,
-    save_model_directory,
 )
 from mogao.training.strategies import ARCHITECTURE_KEY
 

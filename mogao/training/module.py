@@ -505,7 +505,7 @@ class MogaoModule(pl.LightningModule):
         if self.trainer.interrupted:
             return
         # collectives on every rank: the gathered weights, and `trainer.log_dir` (a broadcast) in output_dir
-        from mogao.training.checkpointing import save_model_directory
+        from mogao.model.io import save_model_directory
         from mogao.training.strategies import full_state_dict
 
         full = full_state_dict(self.model, keep=self.trainer.is_global_zero)

@@ -8,7 +8,9 @@ other collective on the rest and the ranks deadlock. `run_dir` asks it once, fro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -23,3 +25,17 @@ def run_dir(trainer: pl.Trainer) -> Path:
         cached = Path(trainer.log_dir or trainer.default_root_dir)
         trainer.__dict__[_ATTR] = cached
     return cached
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a `metrics.jsonl` (an empty list when absent); a torn last line is ignored."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

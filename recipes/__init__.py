@@ -1,0 +1,1 @@
+"""The shipped recipes, installed as package data of `mogao` (`mogao._recipes`); see `mogao.recipes`."""
