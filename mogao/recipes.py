@@ -31,6 +31,36 @@ def resolve_recipe(name: str) -> Path:
                       "`mogao list` shows the shipped recipes")
 
 
+def quiet_third_party() -> None:
+    """Keep start-up output to what a user needs: no third-party tips, no notes about optional kernels that a
+    run does not use, no warnings about library internals, no download bars for local files. Idempotent."""
+    import logging
+    import warnings
+
+    # bitsandbytes' CPU backend says so when an optional kernel package is missing (QLoRA runs on CUDA)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in log.filters):
+            log.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # the autoencoder is frozen and kept in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+class _NoTips:
+    """A logging filter dropping Lightning's product tips and its note that the run's own summary replaces its
+    default one (`callbacks.console.PartsSummary`)."""
+
+    _DROP = ("\N{ELECTRIC LIGHT BULB} Tip", "Trainer already configured with model summary callbacks")
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self._DROP)
+
+
 def rewrite_config_args(argv: list[str]) -> list[str]:
     """Resolve every `--config X` / `-c X` / `--config=X` to an existing file before anything heavy is imported."""
     out, i = [], 0
@@ -66,8 +96,10 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
     With instantiate=False (and run=False) the config is only parsed and checked; `cli.model_config` is then
     the recipe's `ModelConfig` (e.g. for building the model on the meta device).
     """
+    quiet_third_party()
     from lightning.pytorch.cli import LightningCLI
 
+    from callbacks.console import PartsSummary
     from callbacks.history import MetricsHistory
     from mogao.training.datamodule import MogaoDataModule
     from mogao.training.module import MogaoModule
@@ -151,7 +183,7 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
     return MogaoCLI(
         MogaoModule, MogaoDataModule, subclass_mode_model=True, args=_replace_list_overrides(args), run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, seed_everything_default=0,
-        trainer_defaults={"callbacks": [MetricsHistory(), *(callbacks or [])]},
+        trainer_defaults={"callbacks": [MetricsHistory(), PartsSummary(), *(callbacks or [])]},
         parser_kwargs={"parser_mode": "omegaconf"} if not run else {v: {"parser_mode": "omegaconf"} for v in TRAINER_VERBS},
     )
 
