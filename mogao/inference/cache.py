@@ -11,8 +11,10 @@ rows; a noisy image block is evaluated with `commit=False` at every sampling ste
 IL-RoPE positions come from the rule the lowering uses (`mogao.sequence.positions`); each row keeps its next
 T, so the positions equal those of the packed training sequence of the same content.
 
-The forward reuses `MoTBackbone.forward` unchanged: the cache plugs in as its attention backend (one call per
-layer, in layer order), so the expert routing and the layers are exactly those of training.
+A step is one call of the model's own forward on `SequenceInputs` (the new tokens in physical order): the input
+embeddings and the timestep modulation come from `MogaoModel.embed_inputs`, the path the training forward
+takes, and the cache plugs in as the backbone's attention backend (one call per layer, in layer order), so the
+embeddings, the expert routing and the layers are exactly those of training.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mogao.attention.mask import ectf_allowed
-from mogao.model.backbone import GenerationModulation
-from mogao.model.mogao import MogaoModel
+from mogao.model.mogao import MogaoModel, SequenceInputs
 from mogao.sequence import Modality, Span, il_rope_positions
 
 _UND = (Modality.TEXT, Modality.VIT)
@@ -136,8 +137,10 @@ class _CachedAttention:
     name = "kv_cache"
 
     def __init__(self, cache: KVCache, rows: list[int], gather: Tensor, valid: Tensor, q_order: Tensor,
-                 q_mod: Tensor, q_block: Tensor, text_sees_vae: bool, commit: bool, num_layers: int) -> None:
+                 q_mod: Tensor, q_block: Tensor, text_sees_vae: bool, commit: bool, num_layers: int,
+                 need: int = 0) -> None:
         self.cache, self.rows, self.commit, self.num_layers = cache, rows, commit, num_layers
+        self.need = need  # with commit: the capacity every row must have (reserved at the first layer)
         self.gather, self.valid = gather, valid  # (b, n): physical index of row slot; slot holds a token
         self.layer = 0
         lmax = max((cache.lengths[r] for r in rows), default=0)
@@ -174,6 +177,8 @@ class _CachedAttention:
         layer = self.layer
         self.layer += 1
         b, n = self.gather.shape
+        if self.commit and layer == 0:
+            self.cache._reserve(self.need, k, self.num_layers)  # (keys and values as the layers make them)
 
         def rows(x: Tensor) -> Tensor:
             return x[self.gather].transpose(1, 2)  # (b, H, n, D)
@@ -227,7 +232,7 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     if commit and any(p.kind == Modality.VAE_NOISY for ps in pieces for p in ps):
         raise ValueError("cached_forward: a noisy block is evaluated, never committed (commit=False)")
     dev = next(model.parameters()).device
-    backbone = model.backbone
+    num_layers = len(model.backbone.layers)
 
     # per piece: its row, its slot offset inside the row's new tokens, its positions
     entries = []  # (row i, piece, slot start, positions)
@@ -244,37 +249,35 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     physical = und + gen
     n_und = sum(e[1].length for e in und)
 
-    # input embeddings in physical order
-    vit_px = [e[1].pixels for e in physical if e[1].kind == Modality.VIT]
-    vit_emb = iter(model.connector(torch.cat(model.vit([p.to(dev) for p in vit_px]), 0)).split(
-        [e[1].length for e in physical if e[1].kind == Modality.VIT])) if vit_px else iter(())
-    vae_px = [e[1].pixels.to(dev) for e in physical if e[1].kind == Modality.VAE_CLEAN]
-    vae_tok = iter(model.image_tokens(vae_px)) if vae_px else iter(())
-    dtype = backbone.embed_tokens.weight.dtype
-    xs, sig_rows, gen_index = [], [0.0], []
-    for _, p, _, pos in physical:
-        if p.kind == Modality.TEXT:
-            xs.append(backbone.embed_tokens(p.ids.to(dev)))
-        elif p.kind == Modality.VIT:
-            xs.append(next(vit_emb).to(dtype))
+    # the model's inputs in physical order
+    ids, vit_px, vit_rows, clean_px, clean_rows = [], [], [], [], []
+    noisy_tok, noisy_rows, noisy_target, sigmas = [], [], [], []
+    row = 0
+    for _, p, _, _ in physical:
+        rows_p = torch.arange(row, row + p.length)
+        ids.append(p.ids.reshape(-1) if p.kind == Modality.TEXT else torch.zeros(p.length, dtype=torch.long))
+        if p.kind == Modality.VIT:
+            vit_px.append(p.pixels.to(dev))
+            vit_rows.append(rows_p)
         elif p.kind == Modality.VAE_CLEAN:
-            xs.append(model.embed_latents(next(vae_tok).to(dtype), pos.to(dev)))
-            gen_index.append(torch.zeros(p.length, dtype=torch.long))
-        else:
-            xs.append(model.embed_latents(p.tokens.to(dev, dtype), pos.to(dev)))
-            sig_rows.append(float(p.sigma))
-            gen_index.append(torch.full((p.length,), len(sig_rows) - 1, dtype=torch.long))
-    x = torch.cat(xs, 0)
-    position_ids = torch.cat([e[3] for e in physical], 1).to(dev)
-    mod = None
-    if gen:
-        # the full forward's rows: 0 = σ 0 (clean VAE), then one per noisy target (float32 σ, as in training)
-        cond = model.time_embed(torch.tensor(sig_rows, dtype=torch.float32, device=dev)).to(x.dtype)
-        mod = GenerationModulation(cond, torch.cat(gen_index).to(dev))
-        if model.additive_time is not None:
-            add = model.additive_time(cond).index_select(0, mod.index)
-            x = torch.cat((x[:n_und], x[n_und:] + add))
-            mod = None
+            clean_px.append(p.pixels.to(dev))
+            clean_rows.append(rows_p)
+        elif p.kind == Modality.VAE_NOISY:
+            noisy_tok.append(p.tokens.to(dev))
+            noisy_rows.append(rows_p)
+            noisy_target.append(torch.full((p.length,), len(sigmas), dtype=torch.long))
+            sigmas.append(float(p.sigma))
+        row += p.length
+
+    def rows_of(parts: list[Tensor]) -> Tensor | None:
+        return torch.cat(parts).to(dev) if parts else None
+
+    inputs = SequenceInputs(
+        torch.cat(ids).to(dev), torch.cat([e[3] for e in physical], 1).to(dev), n_und,
+        vit_pixels=vit_px, vit_index=rows_of(vit_rows), clean_pixels=clean_px, clean_index=rows_of(clean_rows),
+        noisy_tokens=torch.cat(noisy_tok) if noisy_tok else None, noisy_index=rows_of(noisy_rows),
+        noisy_target=rows_of(noisy_target),
+        sigmas=torch.tensor(sigmas, dtype=torch.float32, device=dev) if sigmas else None)
 
     # row slots -> physical index; per-slot ECTF ids
     b = len(rows)
@@ -298,17 +301,10 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
         phys += p.length
     if commit:
         cache.next_block = block
+    need = max(cache.lengths[r] + int(valid[i].sum()) for i, r in enumerate(rows)) if commit else 0
     attention = _CachedAttention(cache, rows, gather.to(dev), valid.to(dev), q_order.to(dev), q_mod.to(dev),
-                                 q_block.to(dev), model.cfg.text_sees_vae, commit, len(backbone.layers))
-    if commit:
-        need = max(cache.lengths[r] + int(valid[i].sum()) for i, r in enumerate(rows))
-        hk = backbone.layers[0].und.self_attn.k_proj.out_features // backbone.layers[0].head_dim
-        cache._reserve(need, x.new_empty(0, hk, backbone.layers[0].head_dim), len(backbone.layers))
-    h_und, h_gen = backbone(x, position_ids, n_und, attention, None, mod)
-    if attention.layer != len(backbone.layers):
-        raise RuntimeError(f"cached forward: attention ran {attention.layer} times for {len(backbone.layers)} layers")
-
-    logits = None
+                                 q_block.to(dev), model.cfg.text_sees_vae, commit, num_layers, need)
+    idx: list[int] = []
     if und:
         last_und: dict[int, int] = {}
         off = 0
@@ -316,17 +312,19 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
             off += p.length
             last_und[i] = off - 1
         idx = [last_und.get(i, -1) for i in range(b)]
-        picked = h_und[torch.tensor([j if j >= 0 else 0 for j in idx], device=dev)]
-        logits = backbone.lm_head(picked).float()
-        if any(j < 0 for j in idx):
-            logits[torch.tensor([j < 0 for j in idx], device=dev)] = float("nan")
+    logit_rows = torch.tensor([j if j >= 0 else 0 for j in idx], dtype=torch.long, device=dev) if idx else None
+    out = model(inputs, attention=attention, logit_rows=logit_rows)
+    if attention.layer != num_layers:
+        raise RuntimeError(f"cached forward: attention ran {attention.layer} times for {num_layers} layers")
+
+    logits = out.text_logits
+    if logits is not None and any(j < 0 for j in idx):
+        logits[torch.tensor([j < 0 for j in idx], device=logits.device)] = float("nan")
     velocities: list[list[Tensor]] = [[] for _ in rows]
-    off = 0
-    for i, p, _, _ in gen:
-        if p.kind == Modality.VAE_NOISY:
-            velocities[i].append(model.predict_velocity(h_gen[off:off + p.length], p.tokens.to(dev),
-                                                        float(p.sigma)).float())
-        off += p.length
+    if out.velocity is not None:
+        noisy_pieces = [(i, p) for i, p, _, _ in gen if p.kind == Modality.VAE_NOISY]
+        for (i, _), v in zip(noisy_pieces, out.velocity.split([p.length for _, p in noisy_pieces])):
+            velocities[i].append(v.float())
 
     if commit:
         for i, r in enumerate(rows):
