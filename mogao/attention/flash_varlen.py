@@ -47,7 +47,7 @@ _SECTION = {int(Modality.TEXT): 0, int(Modality.VIT): 0, int(Modality.VAE_CLEAN)
 
 
 @dataclass(frozen=True)
-class Piece:
+class MaskRect:
     """One rectangle of the mask: physical rows [q0, q1) see physical keys [k0, k1) under `mode`."""
 
     mode: str
@@ -71,7 +71,7 @@ class KernelCall:
     cu_k: Tensor
     max_q: int
     max_k: int
-    pieces: tuple[Piece, ...] = field(default_factory=tuple)
+    pieces: tuple[MaskRect, ...] = field(default_factory=tuple)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class FlashVarlenPlan:
 
     calls: list[KernelCall]
     num_tokens: int
-    pieces: list[Piece]
+    pieces: list[MaskRect]
     device: torch.device
 
 
@@ -101,7 +101,7 @@ def _check_physical_order(layout: TokenLayout) -> None:
             )
 
 
-def ectf_pieces(layout: TokenLayout, text_sees_vae: bool) -> list[Piece]:
+def ectf_pieces(layout: TokenLayout, text_sees_vae: bool) -> list[MaskRect]:
     """The rectangles whose union is exactly the allowed set of `ectf_mask(layout, text_sees_vae)`."""
     _check_physical_order(layout)
     n = layout.num_tokens
@@ -125,11 +125,11 @@ def ectf_pieces(layout: TokenLayout, text_sees_vae: bool) -> list[Piece]:
         starts.append(ranges)
     und, clean = starts[0], starts[1]
 
-    pieces: list[Piece] = []
+    pieces: list[MaskRect] = []
     for s in range(num_samples):
         for lo, hi in (und[s], clean[s]):
             if hi > lo:
-                pieces.append(Piece("causal", lo, hi, lo, hi, "stream"))
+                pieces.append(MaskRect("causal", lo, hi, lo, hi, "stream"))
 
     def before(stream: tuple[int, int], o: int) -> tuple[int, int]:
         lo, hi = stream
@@ -144,29 +144,29 @@ def ectf_pieces(layout: TokenLayout, text_sees_vae: bool) -> list[Piece]:
             continue
         s, mod, o = int(sample[a]), int(modality[a]), order[a]
         if mod in (Modality.VIT, Modality.VAE_CLEAN) and b - a >= 2:
-            pieces.append(Piece("upper", a, b - 1, a + 1, b, "block upper triangle"))
+            pieces.append(MaskRect("upper", a, b - 1, a + 1, b, "block upper triangle"))
         if mod == Modality.VAE_CLEAN:
             lo, hi = before(und[s], o)
             if hi > lo:
-                pieces.append(Piece("full", a, b, lo, hi, "clean image x und past"))
+                pieces.append(MaskRect("full", a, b, lo, hi, "clean image x und past"))
             if text_sees_vae and hi < und[s][1]:
-                pieces.append(Piece("full", hi, und[s][1], a, b, "later und x clean image"))
+                pieces.append(MaskRect("full", hi, und[s][1], a, b, "later und x clean image"))
         elif mod == Modality.VAE_NOISY:
-            pieces.append(Piece("full", a, b, a, b, "noisy copy x itself"))
+            pieces.append(MaskRect("full", a, b, a, b, "noisy copy x itself"))
             for stream, what in ((und[s], "noisy copy x und past"), (clean[s], "noisy copy x clean VAE past")):
                 lo, hi = before(stream, o)
                 if hi > lo:
-                    pieces.append(Piece("full", a, b, lo, hi, what))
+                    pieces.append(MaskRect("full", a, b, lo, hi, what))
     return pieces
 
 
-def _chains(pieces: list[Piece]) -> list[list[Piece]]:
+def _chains(pieces: list[MaskRect]) -> list[list[MaskRect]]:
     """Split pieces of one mode into chains whose q ranges and k ranges both increase.
 
     Greedy: pieces sorted by (q0, k0) join the chain whose last key end is the largest one still <= their k0
     (the tightest fit), so later pieces keep the most room.
     """
-    chains: list[list[Piece]] = []
+    chains: list[list[MaskRect]] = []
     for p in sorted(pieces, key=lambda p: (p.q0, p.k0)):
         best = None
         for c in chains:
@@ -180,7 +180,7 @@ def _chains(pieces: list[Piece]) -> list[list[Piece]]:
     return chains
 
 
-def pack_pieces(pieces: list[Piece], device: torch.device | str = "cpu") -> list[KernelCall]:
+def pack_pieces(pieces: list[MaskRect], device: torch.device | str = "cpu") -> list[KernelCall]:
     """Kernel calls covering `pieces`, with dummy entries filling the gaps inside each call."""
     calls = []
     for mode in MODES:

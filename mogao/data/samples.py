@@ -70,7 +70,7 @@ class ImageSegment:
         return float(self.loss) if self.generate else 0.0
 
 
-Segment = TextSegment | ImageSegment
+SampleSegment = TextSegment | ImageSegment
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Sample:
     """A validated sample. `file`/`line` locate it for error messages (line is 1-based; None in memory)."""
 
     id: str
-    segments: tuple[Segment, ...]
+    segments: tuple[SampleSegment, ...]
     file: str | None = None
     line: int | None = None
 
@@ -153,7 +153,7 @@ def check_image(path: Path | Image.Image, *, where: dict[str, Any], field: str) 
         raise DataError(str(e), field=field, **where) from e
 
 
-def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: bool) -> Segment:
+def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: bool) -> SampleSegment:
     field = f"segments[{i}]"
     if not isinstance(raw, dict):
         raise DataError(f"a segment must be an object, got {_type_name(raw)}", field=field, **where)

@@ -7,7 +7,9 @@ import random
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+from mogao.data.builtin.shapes import COLOURS as BUILTIN_COLOURS
+
+COLOURS = {c: BUILTIN_COLOURS[c] for c in ("red", "green", "blue", "yellow")}  # the built-in palette's first four
 SHAPES = ("square", "circle", "triangle")
 
 
