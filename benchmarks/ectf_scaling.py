@@ -25,7 +25,9 @@ from transformers.utils import logging as hf_logging
 
 from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts, train_tokenizer
 from mogao.data.shapes_mini import COLOURS, SHAPES, caption_corpus, draw_shape
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.model.tiny import save_tiny_llm, save_tiny_vit
 from mogao.training.objectives import combine_losses
 
@@ -81,8 +83,8 @@ def build(hidden: int, layers: int, device: torch.device | str = "cpu", attentio
         llm = save_tiny_llm(Path(d) / "llm", vocab_size=len(tok), hidden_size=hidden, layers=layers,
                             heads=max(4, hidden // 128), kv_heads=2)
         vit = save_tiny_vit(Path(d) / "vit", patch_size=4)
-        model = MogaoModel.from_parts(ModelConfig(llm=str(llm), vit=str(vit), autoencoder="pixel", latent_patch=4,
-                                                  attention=attention))
+        model = load_model(ModelConfig(llm=str(llm), vit=str(vit), autoencoder="pixel", latent_patch=4,
+                                       attention=attention))
     return model.to(device), tok
 
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     from mogao.eval.shapes_judge import parse_image
     from mogao.inference import GenerationConfig, Guidance
     from mogao.inference.tasks import edit_image
-    from mogao.model.mogao import MogaoModel
+    from mogao.model.io import load_model
     from mogao.training.objectives import combine_losses
 
     torch.set_num_threads(args.threads)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             ap.error(f"bad phase {part!r}: want kind:steps with kind copy, edit or copy+edit")
         phases.append((kind.split("+"), int(steps)))
     tok = AutoTokenizer.from_pretrained(args.init)
-    model = MogaoModel.from_pretrained(args.init)
+    model = load_model(args.init)
     grid = IMAGE_SIZE // model.vae_patch  # one token a patch
     data = DataConfig(token_budget=1 << 20, max_image_tokens=grid * grid, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0,

@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> Path:
     from mogao.data.builtin import make_builtin
     from mogao.diffusion.flow import add_noise
     from mogao.inference import tensor_to_pil
-    from mogao.model.mogao import MogaoModel, NoisyState
+    from mogao.model.io import load_model
+    from mogao.model.mogao import NoisyState
 
-    model = MogaoModel.from_pretrained(args.model).eval()
+    model = load_model(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     size = 32
     src = make_builtin("edit", split="validation", n=args.n, seed=args.seed, image_size=size, max_objects=2)

@@ -27,7 +27,9 @@ from mogao.inference import GenerationConfig, GenerationSession, Guidance, build
 from mogao.inference.cache import Piece, cached_forward, text_piece
 from mogao.inference.guidance import FULL, IMAGE_ONLY, NONE
 from mogao.inference.simple import _with_text, _without_last_token
-from mogao.model.mogao import ModelConfig, MogaoModel, NoisyState
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import NoisyState
 from mogao.model.tiny import save_tiny_llm, save_tiny_vit
 from mogao.sequence.modality import Modality
 
@@ -60,7 +62,7 @@ def _build(root: Path, dev: torch.device, hidden: int = 256, layers: int = 4):
                         heads=max(4, hidden // 128), kv_heads=2)
     vit = save_tiny_vit(root / "vit", hidden_size=64, patch_size=4)
     torch.manual_seed(0)
-    model = MogaoModel.from_parts(ModelConfig(llm=str(llm), vit=str(vit), autoencoder="pixel", latent_patch=4))
+    model = load_model(ModelConfig(llm=str(llm), vit=str(vit), autoencoder="pixel", latent_patch=4))
     return model.to(dev).eval(), tok
 
 

@@ -43,16 +43,18 @@ def llm_config(preset: str) -> dict:
 def build_model(preset: str, attention: str, device: torch.device | str | None = None):
     """Random-init model of a preset; with `device`, parameters are created there (a 1.5b preset initialises
     in seconds on a GPU instead of a minute on the host)."""
-    from mogao.model.mogao import ModelConfig, MogaoModel
+    from mogao.model.config import ModelConfig
+    from mogao.model.io import load_model
 
     cfg = ModelConfig(llm="random", vit="random", autoencoder="pixel", latent_patch=8, attention=attention)
+    record = {"model": cfg.to_dict(), "llm_config": llm_config(preset), "vit_config": VIT, "autoencoder_config": None}
     if device is not None:
         try:
             with torch.device(device):
-                return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
+                return load_model(record)
         except Exception as e:  # some part cannot be created there: build on the host (slower, same model)
             print(f"building on {device} failed ({type(e).__name__}: {e}); building on the host", flush=True)
-    return MogaoModel.from_configs(cfg, llm_config(preset), VIT, None)
+    return load_model(record)
 
 
 def make_batches(tokens: int, n: int, vit_patch: int, vae_patch: int) -> list:

@@ -165,12 +165,9 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
                 except ValueError as e:  # jsonargparse wraps errors raised while building the classes
                     raise _unwrap(e) from e
                 return
-            from mogao.diffusion.flow import TimestepSampling
-            from mogao.model.mogao import ModelConfig
+            from mogao.model.config import ModelConfig
 
-            model = self.config["model"]["init_args"]["model"].as_dict()
-            model["timestep_sampling"] = TimestepSampling(**(model.get("timestep_sampling") or {}))
-            self.model_config = ModelConfig(**model)
+            self.model_config = ModelConfig.from_dict(self.config["model"]["init_args"]["model"].as_dict())
 
     if not instantiate and run:
         raise ValueError("instantiate=False needs run=False")

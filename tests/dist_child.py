@@ -111,7 +111,7 @@ def memory_report(module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def main(spec_path: str) -> None:
     from mogao.data.shapes_mini import interleaved_samples
-    from mogao.model.mogao import ModelConfig
+    from mogao.model.config import ModelConfig
     from mogao.training.module import InterleavedModule
     from mogao.training.strategies import MoTFSDP2Strategy
 

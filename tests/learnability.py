@@ -20,7 +20,9 @@ from transformers import AutoTokenizer
 from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts, stable_seed
 from mogao.diffusion.flow import TimestepSampling
 from mogao.inference import GenerationConfig, Guidance
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.training.objectives import combine_losses
 
@@ -53,7 +55,7 @@ def memorise(parts: dict, samples: list[dict], steps: int, lr: float = LR, seed:
     torch.manual_seed(seed)
     cfg = ModelConfig(llm=str(parts["llm"]), vit=str(parts["vit"]), autoencoder="pixel", latent_patch=4,
                       vocab_size=len(tok), timestep_sampling=TimestepSampling(shift=SHIFT), prediction="x0")
-    model = MogaoModel.from_parts(cfg)
+    model = load_model(cfg)
     data = DataConfig(token_budget=1 << 20, max_image_tokens=64, vit_patch=model.vit_patch,
                       vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0)
     plans = [lower_sample(s, tok, data) for s in samples_from_dicts(samples)]

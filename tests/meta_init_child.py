@@ -4,7 +4,7 @@ MASTER_ADDR/MASTER_PORT/WORLD_SIZE/NODE_RANK/LOCAL_RANK).
     python tests/meta_init_child.py SPEC.json
 
 SPEC (JSON): out (directory), tokenizer / llm / vit / vae (tiny part directories), saved (a saved mogao model
-directory), runs (names among "normal": `from_parts` in `__init__`; "meta": `meta_init` from the parts;
+directory), runs (names among "normal": `load_model(cfg)` in `__init__`; "meta": `meta_init` from the parts;
 "saved_meta": `meta_init` from `saved`).
 
 For each run, one training step on a fixed global batch (rank r packs samples r, r + 2, ...). Writes, per run:
@@ -66,7 +66,7 @@ class Record(pl.Callback):
 
 def run(spec: dict, name: str) -> None:
     from mogao.data.shapes_mini import interleaved_samples
-    from mogao.model.mogao import ModelConfig
+    from mogao.model.config import ModelConfig
     from mogao.training.module import InterleavedModule
     from mogao.training.strategies import MoTFSDP2Strategy
 

@@ -44,7 +44,7 @@ class OfferCheckpoints(pl.Callback):
 
 
 def main(spec_path: str) -> None:
-    from mogao.model.mogao import ModelConfig
+    from mogao.model.config import ModelConfig
     from mogao.training.module import InterleavedModule
     from mogao.training.strategies import MoTFSDP2Strategy
 

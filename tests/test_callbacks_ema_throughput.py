@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 from callbacks.ema import EMA
 from callbacks.throughput import Throughput, compute_dtype
 from mogao.attention.mask import ectf_mask
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.sequence.layout import Span, TokenLayout
 from mogao.sequence.modality import Modality
 from mogao.training.flops import image_forward_flops, keys_per_query, peak_flops, training_flops
@@ -29,7 +31,7 @@ STEPS = 4
 def _model(parts, **kw) -> MogaoModel:
     torch.manual_seed(0)
     cfg = ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder=parts["vae"], latent_patch=2, **kw)
-    return MogaoModel.from_parts(cfg)
+    return load_model(cfg)
 
 
 class _Module(pl.LightningModule):
@@ -320,7 +322,7 @@ def test_ema_validation_swap_and_saved_model(tiny_parts, batches, tmp_path):
     final = _params(module.model)
     assert all(torch.equal(final[n], w) for n, w in after.by_step[STEPS].items()), "training weights kept"
 
-    saved = MogaoModel.from_pretrained(tmp_path / "ema")
+    saved = load_model(tmp_path / "ema")
     for n, p in saved.named_parameters():
         expected = ema.averages.get(n, final[n])
         assert torch.equal(p, expected.to(p.dtype)), n

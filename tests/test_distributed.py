@@ -203,7 +203,7 @@ def test_consolidated_export_matches_trained_model(runs, tmp_path):
 
     from mogao.data import collate_plans
     from mogao.data.shapes_mini import interleaved_samples
-    from mogao.model.mogao import MogaoModel
+    from mogao.model.io import load_model
     from mogao.training.consolidate import main
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -212,7 +212,7 @@ def test_consolidated_export_matches_trained_model(runs, tmp_path):
     out = tmp_path / "export"
     assert main(["consolidate", str(runs["fsdp2"] / "final.ckpt"), "--out", str(out)]) == 0
     assert {"model.safetensors", "mogao_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    model = MogaoModel.from_pretrained(out).train()
+    model = load_model(out).train()
     tok = AutoTokenizer.from_pretrained(out)
     batch = collate_plans(make_plans(tok, interleaved_samples(GLOBAL * STEPS, seed=5, max_targets=2), [0, 1, 2],
                                      model.vae_patch), 4096)
@@ -222,7 +222,7 @@ def test_consolidated_export_matches_trained_model(runs, tmp_path):
     torch.testing.assert_close(got.text_logits, want["logits"], rtol=0, atol=1e-5)
     torch.testing.assert_close(got.terms.image_sum, want["image_sum"], rtol=0, atol=1e-5)
     assert want["tflops_logged"] and want["tflops_logged"] > 0  # throughput logged FLOPs under FSDP2
-    saved = MogaoModel.from_pretrained(runs["fsdp2"] / "model").train()  # written at the end of the sharded fit
+    saved = load_model(runs["fsdp2"] / "model").train()  # written at the end of the sharded fit
     with torch.no_grad():
         at_fit_end = saved(batch, return_logits=True)
     torch.testing.assert_close(at_fit_end.text_logits, want["logits"], rtol=0, atol=1e-5)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +36,7 @@ def _saved_model(root: Path, patch: int) -> Path:
     tok = AutoTokenizer.from_pretrained(d["tokenizer"])
     cfg = ModelConfig(llm=str(d["llm"]), vit=str(d["vit"]), autoencoder="pixel", latent_patch=patch, prediction="x0",
                       vocab_size=len(tok))
-    MogaoModel.from_parts(cfg).save_pretrained(root / "model")
+    load_model(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     return root / "model"
 

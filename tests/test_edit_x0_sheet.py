@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from mogao.data.builtin import make_builtin
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ def test_sheet_shows_the_reference_at_sigma_zero(tmp_path):
 
     cfg = ModelConfig(llm=str(d["llm"]), vit=str(d["vit"]), autoencoder="pixel", latent_patch=4, prediction="x0",
                       vocab_size=len(AutoTokenizer.from_pretrained(d["tokenizer"])))
-    MogaoModel.from_parts(cfg).save_pretrained(tmp_path / "model")
+    load_model(cfg).save_pretrained(tmp_path / "model")
     spec = importlib.util.spec_from_file_location("edit_x0", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -38,11 +38,12 @@ def saved_model(parts, tmp_path_factory):
     """A random model built from the tiny parts, saved with its tokenizer like a trained stage's model."""
     from transformers import AutoTokenizer
 
-    from mogao.model.mogao import ModelConfig, MogaoModel
+    from mogao.model.config import ModelConfig
+    from mogao.model.io import load_model
 
     torch.manual_seed(0)
-    model = MogaoModel.from_parts(ModelConfig(llm=str(parts["llm"]), vit=str(parts["vit"]), autoencoder="pixel",
-                                              latent_patch=4))
+    model = load_model(ModelConfig(llm=str(parts["llm"]), vit=str(parts["vit"]), autoencoder="pixel",
+                                   latent_patch=4))
     d = tmp_path_factory.mktemp("eval_model") / "model"
     model.save_pretrained(d)
     AutoTokenizer.from_pretrained(parts["tokenizer"]).save_pretrained(d)

@@ -16,7 +16,8 @@ from PIL import Image
 from mogao.errors import ConfigError, DataError, MogaoError
 from mogao.inference import GenerationConfig, GenerationSession, Guidance
 from mogao.inference.cli import chat_main, generate_main
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,8 +28,8 @@ FAST = ["--steps", "2", "--image-size", "32", "--max-new-tokens", "3", "--cfg-te
 def model_dir(tiny_parts, tmp_path_factory):
     """A saved model directory as a fit writes it: config, weights and tokenizer."""
     torch.manual_seed(0)
-    m = MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel",
-                                          latent_patch=4))
+    m = load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel",
+                               latent_patch=4))
     d = tmp_path_factory.mktemp("saved") / "model"
     m.save_pretrained(d)
     tiny_parts["tokenizer"].save_pretrained(d)
@@ -108,7 +109,7 @@ def _image(mode: str, w: int, h: int, seed: int) -> Image.Image:
 def loaded(model_dir):
     from transformers import AutoTokenizer
 
-    return MogaoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
+    return load_model(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -22,7 +22,9 @@ from mogao.inference import (
 from mogao.inference.cache import cached_forward, text_piece
 from mogao.inference.guidance import FULL, IMAGE_ONLY, NONE
 from mogao.inference.simple import _with_text, _without_last_token
-from mogao.model.mogao import ModelConfig, MogaoModel, NoisyState
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel, NoisyState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +36,8 @@ NO_CFG = Guidance(text_scale=1.0, image_scale=1.0)
 def _random_model(parts, **cfg) -> MogaoModel:
     """A tiny pixel-space model whose zero-initialised parts are made random (so everything matters)."""
     torch.manual_seed(0)
-    m = MogaoModel.from_parts(ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder="pixel", latent_patch=4,
-                                          **cfg))
+    m = load_model(ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder="pixel", latent_patch=4,
+                               **cfg))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():

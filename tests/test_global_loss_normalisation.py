@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import make_batch
 
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.training.objectives import combine_losses
 
 
@@ -23,7 +25,7 @@ def _free_port() -> int:
 
 def _build(parts: dict) -> MogaoModel:
     torch.manual_seed(0)
-    model = MogaoModel.from_parts(ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder=parts["vae"]))
+    model = load_model(ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder=parts["vae"]))
     with torch.no_grad():  # non-zero velocity head so every expert gets gradient in one step
         torch.manual_seed(1)
         model.latent_proj.proj_out.weight.normal_(0, 0.05)

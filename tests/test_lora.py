@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from mogao.cli import main
 from mogao.errors import ConfigError
 from mogao.lora import LoraSpec, apply_lora, load_adapter, merge_lora, save_adapter
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.recipes import RECIPES_DIR, build_cli
 
 REPO = RECIPES_DIR.parent
@@ -30,8 +32,8 @@ def base(parts, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("lora_base") / "model"
     tok = AutoTokenizer.from_pretrained(parts["tokenizer"])
     torch.manual_seed(0)
-    model = MogaoModel.from_parts(ModelConfig(llm=str(parts["llm"]), vit=str(parts["vit"]), latent_patch=8,
-                                              vocab_size=len(tok)))
+    model = load_model(ModelConfig(llm=str(parts["llm"]), vit=str(parts["vit"]), latent_patch=8,
+                                   vocab_size=len(tok)))
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
@@ -116,30 +118,30 @@ def _outputs(model: MogaoModel, batch) -> torch.Tensor:
 def test_merged_model_gives_the_outputs_of_base_plus_adapter(t2i_run, base, tmp_path):
     _, root = t2i_run
     batch = _batch(base)
-    with_adapter = _outputs(load_adapter(MogaoModel.from_pretrained(base), root / "adapter"), batch)
-    plain = _outputs(MogaoModel.from_pretrained(base), batch)
+    with_adapter = _outputs(load_adapter(load_model(base), root / "adapter"), batch)
+    plain = _outputs(load_model(base), batch)
     assert (with_adapter - plain).abs().max() > 1e-4  # the adapter changes something
     assert main(["lora", "merge", "--base", str(base), "--adapter", str(root / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
-    merged = MogaoModel.from_pretrained(tmp_path / "merged")
+    merged = load_model(tmp_path / "merged")
     assert (_outputs(merged, batch) - with_adapter).abs().max() <= 1e-5
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
 
 
 def test_load_adapter_refuses_another_base(t2i_run, base, parts, tmp_path):
     _, root = t2i_run
-    other = MogaoModel.from_pretrained(base)
+    other = load_model(base)
     with torch.no_grad():
         other.backbone.layers[0].und.self_attn.q_proj.weight.add_(0.01)  # same architecture, other weights
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError) as e:
-        load_adapter(MogaoModel.from_pretrained(tmp_path / "other"), root / "adapter")
+        load_adapter(load_model(tmp_path / "other"), root / "adapter")
     fp = json.loads((root / "adapter" / "adapter_config.json").read_text())["base"]["fingerprint"]
     assert str(base) in str(e.value) and fp in str(e.value) and "fingerprint" in str(e.value)
     assert main(["lora", "merge", "--base", str(tmp_path / "other"), "--adapter", str(root / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 1
     with pytest.raises(ConfigError, match="not a LoRA adapter directory"):
-        load_adapter(MogaoModel.from_pretrained(base), tmp_path)
+        load_adapter(load_model(base), tmp_path)
 
 
 def test_lora_spec_errors_name_the_key():
@@ -166,7 +168,7 @@ def test_lora_and_train_are_exclusive(base, tmp_path, monkeypatch):
 def test_nf4_without_cuda_runs_plain_lora_and_says_so(base, caplog):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: nf4 quantizes")
-    model = MogaoModel.from_pretrained(base)
+    model = load_model(base)
     with caplog.at_level(logging.WARNING, logger="mogao.lora.quant"):
         apply_lora(model, LoraSpec(gen=["q_proj"], quantize="nf4"))
     assert "needs CUDA" in caplog.text and "plain LoRA" in caplog.text
@@ -213,7 +215,7 @@ def test_lora_resume_gives_the_same_losses(base, tmp_path, monkeypatch, one_thre
 def test_qlora_on_cuda_quantizes_the_base_and_trains_adapters(base, tmp_path):
     import bitsandbytes as bnb
 
-    model = MogaoModel.from_pretrained(base)
+    model = load_model(base)
     apply_lora(model, LoraSpec(gen=["q_proj", "k_proj", "v_proj", "o_proj"], quantize="nf4"), base)
     assert model.lora_state.quantized
     assert isinstance(model.backbone.layers[0].gen.self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
@@ -227,7 +229,7 @@ def test_qlora_on_cuda_quantizes_the_base_and_trains_adapters(base, tmp_path):
     opt.step()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
     save_adapter(model, tmp_path / "adapter")
-    merged = merge_lora(load_adapter(MogaoModel.from_pretrained(base), tmp_path / "adapter"))
+    merged = merge_lora(load_adapter(load_model(base), tmp_path / "adapter"))
     assert isinstance(merged.backbone.layers[0].gen.self_attn.q_proj, torch.nn.Linear)
 
 
@@ -249,7 +251,7 @@ def test_generate_with_lora_draws_like_the_merged_model_and_refuses_another_base
 
     assert np.abs(pixels("with_lora") - pixels("merged_out")).max() <= 1  # rounding to 8 bits only
     assert np.abs(pixels("with_lora") - pixels("base_out")).max() > 1  # the adapter changes the image
-    other = MogaoModel.from_pretrained(base)
+    other = load_model(base)
     with torch.no_grad():
         other.backbone.layers[0].gen.self_attn.v_proj.weight.mul_(1.5)
     other.save_pretrained(tmp_path / "other")

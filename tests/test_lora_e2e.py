@@ -17,6 +17,7 @@ import pytest
 from mogao.data.builtin.shapes import COLOURS
 from mogao.eval.generation import t2i
 from mogao.lora import load_adapter
+from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel
 from mogao.recipes import RECIPES_DIR, build_cli
 from mogao.report import prompted_colour_share
@@ -74,12 +75,12 @@ def test_lora_teaches_a_new_colour_word(base, tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
     tok = AutoTokenizer.from_pretrained(base)
-    before = scores(MogaoModel.from_pretrained(base), tok)
+    before = scores(load_model(base), tok)
     build_cli(["fit", "--config", "recipes/lora/tiny-t2i.yaml", *QUIET, f"--model.init_args.init_from={base}",
                f"--model.init_args.tokenizer={base}", f"--trainer.max_steps={LORA_STEPS}",
                f"--model.init_args.lr_scheduler.init_args.total_steps={LORA_STEPS}",
                f"--trainer.default_root_dir={tmp_path}"])
-    after = scores(load_adapter(MogaoModel.from_pretrained(base), tmp_path / "adapter"), tok)
+    after = scores(load_adapter(load_model(base), tmp_path / "adapter"), tok)
     with capsys.disabled():
         print(f"\nshare of generated ink (chance 1/{len(PALETTE)} = {CHANCE:.3f}), base {BASE_STEPS} steps "
               f"-> LoRA {LORA_STEPS} steps:")

@@ -17,7 +17,8 @@ import torch
 from test_distributed import _launch
 from test_distributed import _wait as wait_for_ranks
 
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "meta_init_child.py"
@@ -28,8 +29,8 @@ WORLD = 2
 def saved(tiny_parts, tmp_path_factory) -> Path:
     """A saved mogao model whose generation expert differs from the understanding expert."""
     torch.manual_seed(1)
-    model = MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"],
-                                              autoencoder=tiny_parts["vae"], latent_patch=2))
+    model = load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"],
+                                   autoencoder=tiny_parts["vae"], latent_patch=2))
     with torch.no_grad():
         for p in model.backbone.generation_parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -68,7 +69,7 @@ def test_per_shard_load_equals_normal_build(runs):
 
 
 def test_per_shard_load_from_saved_model(runs, saved):
-    want = MogaoModel.from_pretrained(saved).state_dict()
+    want = load_model(saved).state_dict()
     got = torch.load(runs / "state.saved_meta.pt", weights_only=True)
     _assert_same_state(got, want)
     reads = [_report(runs, "saved_meta", r)["reads"] for r in range(WORLD)]
@@ -122,15 +123,17 @@ def test_each_rank_reads_only_its_rows(runs):
 def test_whole_load_equals_from_parts(tiny_parts, tmp_path, family, extra, conditioning):
     """Untied LM head (llama), tied (qwen2), grown vocabulary and both timestep conditionings."""
     from mogao.model.tiny import save_tiny_llm
-    from mogao.training.shard_load import build_empty, load_weights
+    from mogao.training.shard_load import load_weights, plan_weights
 
     llm = str(save_tiny_llm(tmp_path / family, vocab_size=100, hidden_size=32, family=family))
     cfg = ModelConfig(llm=llm, vit=tiny_parts["vit"], autoencoder=tiny_parts["vae"], vocab_size=100 + extra,
                       timestep_conditioning=conditioning)
     torch.manual_seed(3)
-    want = MogaoModel.from_parts(cfg).state_dict()
+    want = load_model(cfg).state_dict()
     torch.manual_seed(3)
-    model, plan = build_empty(cfg)
+    rng = torch.get_rng_state()
+    model = load_model(cfg, meta=True)
+    plan = plan_weights(model, rng_state=rng)
     assert all(p.is_meta for p in model.parameters())
     load_weights(model, plan)
     _assert_same_state(model.state_dict(), want)

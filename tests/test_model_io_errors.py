@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mogao.errors import ConfigError
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
 
 
 @pytest.fixture(scope="module")
 def saved(tiny_parts, tmp_path_factory):
     d = tmp_path_factory.mktemp("saved")
-    model = MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], latent_patch=4))
+    model = load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], latent_patch=4))
     model.save_pretrained(d / "a")
     return d / "a", model
 
@@ -29,7 +30,7 @@ def _copy(src, dst):
 
 def test_round_trip_keeps_tied_weights(saved):
     d, model = saved
-    again = MogaoModel.from_pretrained(d)
+    again = load_model(d)
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -43,7 +44,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_difference(saved
     del weights[next(k for k in weights if k.endswith("connector.net.0.bias") or "connector" in k)]
     save_file(weights, str(d / "model.safetensors"))
     with pytest.raises(ConfigError, match="another architecture") as e:
-        MogaoModel.from_pretrained(d)
+        load_model(d)
     msg = str(e.value)
     assert name in msg and "extra.weight" in msg and "missing" in msg
 
@@ -53,11 +54,11 @@ def test_truncated_weights_and_bad_config_are_named(saved, tmp_path):
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="cannot read weights"):
-        MogaoModel.from_pretrained(d)
+        load_model(d)
     d2 = _copy(saved[0], tmp_path / "e")
     (d2 / "mogao_config.json").write_text(json.dumps({"model": {}}))
     with pytest.raises(ConfigError, match="not a valid mogao config"):
-        MogaoModel.from_pretrained(d2)
+        load_model(d2)
     (d2 / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no model.safetensors"):
-        MogaoModel.from_pretrained(d2)
+        load_model(d2)

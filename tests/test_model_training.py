@@ -6,14 +6,16 @@ import pytest
 import torch
 from conftest import make_batch
 
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.training.objectives import combine_losses
 
 
 def _model(parts, **kw) -> MogaoModel:
     torch.manual_seed(0)
     cfg = ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder=parts["vae"], latent_patch=2, **kw)
-    return MogaoModel.from_parts(cfg)
+    return load_model(cfg)
 
 
 def test_training_step_reaches_every_trainable_part(tiny_parts, shapes_dicts):
@@ -94,7 +96,7 @@ def test_save_load_round_trip_keeps_outputs(tiny_parts, shapes_dicts, tmp_path):
     with torch.no_grad():
         before = model(batch, return_logits=True)
     model.save_pretrained(tmp_path / "ckpt")
-    loaded = MogaoModel.from_pretrained(tmp_path / "ckpt").eval()
+    loaded = load_model(tmp_path / "ckpt").eval()
     with torch.no_grad():
         after = loaded(batch, return_logits=True)
     assert torch.equal(before.text_logits, after.text_logits)
@@ -118,14 +120,14 @@ def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
     from mogao.errors import ConfigError
 
     with pytest.raises(ConfigError, match="LLM checkpoint directory not found: '.*nope'"):
-        MogaoModel.from_parts(ModelConfig(llm=str(tmp_path / "nope"), vit=str(tmp_path)))
+        load_model(ModelConfig(llm=str(tmp_path / "nope"), vit=str(tmp_path)))
 
 
 def test_additive_timestep_and_pixel_autoencoder_options(tiny_parts, shapes_dicts):
     torch.manual_seed(0)
     cfg = ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel", latent_patch=4,
                       timestep_conditioning="additive")
-    model = MogaoModel.from_parts(cfg)
+    model = load_model(cfg)
     assert model.vae_patch == 4 and model.token_dim == 3 * 16
     assert all(layer.gen_adaln is None for layer in model.backbone.layers)
     batch = make_batch(tiny_parts["tokenizer"], shapes_dicts, vae_patch=model.vae_patch)
@@ -142,14 +144,14 @@ def test_unknown_timestep_conditioning_is_refused(tiny_parts):
     from mogao.errors import ConfigError
 
     with pytest.raises(ConfigError, match="timestep_conditioning must be 'adaln' or 'additive'"):
-        MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], timestep_conditioning="x"))
+        load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], timestep_conditioning="x"))
 
 
 def test_unknown_attention_backend_is_refused(tiny_parts):
     from mogao.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sdpa_dense"):
-        MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], attention="nope"))
+        load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], attention="nope"))
 
 
 def test_x0_prediction_trains_on_the_mse_of_the_clean_tokens(tiny_parts, shapes_dicts):

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from callbacks.samples import SampleLogger
 from mogao.errors import ConfigError
 from mogao.inference import image_grid
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.training.objectives import combine_losses
 
 PROMPTS = ["Draw a red circle.", "Draw a blue square."]
@@ -50,7 +52,7 @@ class _Module(pl.LightningModule):
 
 def _fit(parts, shapes_dicts, tmp_path, callback: SampleLogger | None, max_steps: int = 2):
     torch.manual_seed(0)
-    model = MogaoModel.from_parts(
+    model = load_model(
         ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder="pixel", latent_patch=4)
     )
     model.train()

@@ -28,6 +28,7 @@ from test_distributed import _wait as wait_for_ranks
 
 from mogao.cli import main
 from mogao.errors import ConfigError, DataError
+from mogao.model.io import load_model
 from mogao.training.checkpointing import CheckpointError, check_checkpoint
 from mogao.training.consolidate import consolidate
 from mogao.training.strategies import ARCHITECTURE_KEY
@@ -60,11 +61,11 @@ def assert_refused(rc: int, err: str, marker: Path, named: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_parts):
-    from mogao.model.mogao import ModelConfig, MogaoModel
+    from mogao.model.config import ModelConfig
 
     torch.manual_seed(0)
-    return MogaoModel.from_parts(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel",
-                                             latent_patch=4))
+    return load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel",
+                                  latent_patch=4))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def saved_model(tiny_model, tiny_parts, tmp_path_factory):
 
 
 def _meta(model, tokenizer_dir: Path) -> dict:
-    from mogao.training.strategies import model_architecture
+    from mogao.model.io import model_architecture
 
     return {"global_step": 2, "epoch": 0, ARCHITECTURE_KEY: model_architecture(model),
             "hyper_parameters": {"tokenizer": str(tokenizer_dir)}}
@@ -274,9 +275,8 @@ def test_checkpoint_hyper_parameters_choose_neither_classes_nor_paths(one_step_r
 @pytest.fixture(scope="module")
 def adapter(tiny_parts, saved_model, tmp_path_factory):
     from mogao.lora import LoraSpec, apply_lora, save_adapter
-    from mogao.model.mogao import MogaoModel
 
-    model = MogaoModel.from_pretrained(saved_model)
+    model = load_model(saved_model)
     apply_lora(model, LoraSpec(und=["q_proj"], gen=["q_proj"], rank=2, alpha=4), base_path=saved_model)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -325,7 +325,6 @@ def test_lora_merge_never_runs_a_payload_adapter(saved_model, adapter, tmp_path,
 
 def test_adapter_weights_of_the_wrong_shape_are_refused(saved_model, adapter, tmp_path):
     from mogao.lora import load_adapter
-    from mogao.model.mogao import MogaoModel
 
     bad = _copy(adapter, tmp_path / "adapter")
     weights = load_file(str(bad / "adapter_model.safetensors"))
@@ -333,8 +332,8 @@ def test_adapter_weights_of_the_wrong_shape_are_refused(saved_model, adapter, tm
     weights[key] = torch.ones(1)  # would broadcast over the whole matrix
     save_file(weights, str(bad / "adapter_model.safetensors"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_adapter(MogaoModel.from_pretrained(saved_model), bad)
-    load_adapter(MogaoModel.from_pretrained(saved_model), adapter)  # the adapter as saved loads
+        load_adapter(load_model(saved_model), bad)
+    load_adapter(load_model(saved_model), adapter)  # the adapter as saved loads
 
 
 def test_consolidating_weights_of_the_wrong_shape_is_refused(tiny_model, tiny_parts, tmp_path, capsys):
@@ -562,10 +561,8 @@ def test_outputs_refuse_a_folder_that_is_not_empty(saved_model, own_sharded, tmp
 
 def test_a_failed_save_leaves_the_previous_folder_whole(tmp_path, tiny_model, tiny_parts, monkeypatch):
     from mogao.lora import LoraSpec, apply_lora, save_adapter
-    from mogao.model.mogao import MogaoModel
-
     d = tmp_path / "adapter"
-    model = MogaoModel.from_configs(*MogaoModel.saved_architecture(_saved(tiny_model, tmp_path)))
+    model = load_model(_saved(tiny_model, tmp_path))
     apply_lora(model, LoraSpec(und=["q_proj"], rank=2, alpha=4))
     old = os.umask(0o027)
     try:

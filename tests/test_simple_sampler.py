@@ -20,7 +20,9 @@ from mogao.inference import (
     sample_image_tokens,
     sample_images,
 )
-from mogao.model.mogao import ModelConfig, ModelOutput, MogaoModel, NoisyState
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import ModelOutput, MogaoModel, NoisyState
 from mogao.sequence.modality import Modality
 from mogao.training.objectives import combine_losses
 
@@ -32,7 +34,7 @@ PROMPTS = [[{"text": "Draw a red circle."}], [{"text": "Draw a blue square."}]]
 
 def _pixel_model(parts) -> MogaoModel:
     torch.manual_seed(0)
-    return MogaoModel.from_parts(
+    return load_model(
         ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder="pixel", latent_patch=4)
     )
 

@@ -100,12 +100,13 @@ def _layer_params(c: dict) -> int:
 @pytest.mark.parametrize("size", ["3b", "7b"])
 @pytest.mark.parametrize("stage", TINY)
 def test_real_scale_recipe_on_meta_device(size, stage):
-    from mogao.model.known import KNOWN_LLMS, PUBLISHED_LLM_PARAMS, build_on_meta
+    from mogao.model.io import load_model
+    from mogao.model.known import KNOWN_LLMS, PUBLISHED_LLM_PARAMS, known_architecture
 
     cli = build_cli(["--config", str(RECIPES_DIR / f"qwen2.5-{size}" / f"{stage}.yaml")], run=False,
                     instantiate=False)
     cfg = cli.model_config
-    model = build_on_meta(cfg)
+    model = load_model(known_architecture(cfg), meta=True)
     assert all(p.is_meta for p in model.parameters())
     llm = KNOWN_LLMS[cfg.llm]
     h, L, V = llm["hidden_size"], llm["num_hidden_layers"], llm["vocab_size"]
@@ -144,16 +145,16 @@ def test_stage_run_writes_model_config_history_and_validation(parts, recipes, tm
 
 def test_exact_match_reads_images_on_the_data_token_grid(parts, recipes, tmp_path, monkeypatch):
     """Exact-match validation answers about images lowered as the data lowers them (max_image_tokens 16 here),
-    not on the reference decoder's default grid."""
-    import mogao.inference.simple as simple
+    not on the default generation grid."""
+    import mogao.inference.tasks as tasks
 
-    seen, real = [], simple.generate_text
+    seen, real = [], tasks.text_replies
 
     def recording(*args, **kwargs):
-        seen.append(kwargs.get("max_image_tokens"))
+        seen.append(kwargs["config"].condition_tokens)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(simple, "generate_text", recording)
+    monkeypatch.setattr(tasks, "text_replies", recording)
     build_cli(["fit", "--config", str(recipes / "understanding.yaml"), *small(parts, tmp_path, steps=2)])
     assert seen and set(seen) == {16}
 
@@ -263,8 +264,7 @@ def _fails_before_building(args, capsys, expect: str, monkeypatch) -> None:
     def no_build(*a, **k):
         raise AssertionError("a model was built before the configuration error was reported")
 
-    monkeypatch.setattr(MogaoModel, "from_parts", classmethod(no_build))
-    monkeypatch.setattr(MogaoModel, "from_pretrained", classmethod(no_build))
+    monkeypatch.setattr(MogaoModel, "__init__", no_build)  # every way of building one goes through it
     try:
         code = main(args)
     except SystemExit as e:

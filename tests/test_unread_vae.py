@@ -9,7 +9,9 @@ from conftest import make_batch
 
 from mogao.data import DataConfig, lower_sample, samples_from_dicts
 from mogao.data.builtin.shapes import Obj, Scene, render
-from mogao.model.mogao import ModelConfig, MogaoModel
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model
+from mogao.model.mogao import MogaoModel
 from mogao.sequence.modality import Modality
 from mogao.training.objectives import combine_losses
 
@@ -57,7 +59,7 @@ def test_only_the_clean_copies_a_later_target_reads_are_kept(tiny_parts, sample,
 def _perturbed_model(parts) -> MogaoModel:
     torch.manual_seed(0)
     cfg = ModelConfig(llm=parts["llm"], vit=parts["vit"], autoencoder="pixel", latent_patch=4)
-    model = MogaoModel.from_parts(cfg)
+    model = load_model(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # zero-initialised projections would hide the generation side's gradients
         for p in model.parameters():

@@ -8,7 +8,7 @@ from typing import Any
 
 from mogao.errors import ConfigError
 from mogao.inference.inputs import load_model_dir as load_checkpoint
-from mogao.inference.inputs import load_tokenizer
+from mogao.model.io import load_model, load_tokenizer
 
 __all__ = ["load_checkpoint", "load_tokenizer", "untrained_model"]
 
@@ -26,8 +26,7 @@ def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | N
     import torch
     import yaml
 
-    from mogao.diffusion.flow import TimestepSampling
-    from mogao.model.mogao import ModelConfig, MogaoModel
+    from mogao.model.config import ModelConfig
     from mogao.model.tiny import TinySpec, ensure_tiny_parts
     from mogao.recipes import resolve_recipe
 
@@ -46,10 +45,8 @@ def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | N
     tok = load_tokenizer(tok_dir)
     if init.get("tiny") is not None:
         ensure_tiny_parts(TinySpec(**init["tiny"]), tokenizer=tok_dir, llm=model_cfg["llm"], vit=model_cfg["vit"])
-    if isinstance(model_cfg.get("timestep_sampling"), dict):
-        model_cfg["timestep_sampling"] = TimestepSampling(**model_cfg["timestep_sampling"])
-    model_cfg["vocab_size"] = len(tok)
+    cfg = ModelConfig.from_dict(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MogaoModel.from_parts(ModelConfig(**model_cfg))
+        model = load_model(cfg, tokenizer=tok)
     return model.eval(), tok

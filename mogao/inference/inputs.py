@@ -16,37 +16,19 @@ from PIL import Image
 
 from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
 from mogao.errors import ConfigError, DataError
+from mogao.model.io import load_model, load_tokenizer
 
 _ALLOWED_CONTROL = {"\n", "\t", "\r"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def load_tokenizer(directory: str | Path) -> Any:
-    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
-    from transformers import AutoTokenizer
-
-    d = Path(directory)
-    if not d.is_dir() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
-        raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
-                          "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
-    try:
-        return AutoTokenizer.from_pretrained(d)
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
-        raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
-                          "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
 
 
 def load_model_dir(directory: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` (the tokenizer from
-    the same directory unless `tokenizer` names another)."""
-    from mogao.model.mogao import MogaoModel
-
+    the same directory unless `tokenizer` names another): `mogao.model.io.load_model` and `load_tokenizer`."""
     d = Path(directory).expanduser()
-    if not d.is_dir():
+    if not d.exists():
         raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
                           "save_pretrained, e.g. runs/demo/2-t2i/model)")
-    model = MogaoModel.from_pretrained(d).eval()
-    return model, load_tokenizer(tokenizer if tokenizer is not None else d)
+    return load_model(d).eval(), load_tokenizer(tokenizer if tokenizer is not None else d)
 
 
 def check_prompt(text: object, what: str = "prompt") -> str:

@@ -3,7 +3,7 @@
     spec = LoraSpec(gen=["q_proj", "k_proj", "v_proj", "o_proj"], und=["q_proj", "v_proj"], rank=16)
     apply_lora(model, spec, base_path)       # inject; only adapters (+ spec.full) train
     save_adapter(model, "run/adapter")       # adapter weights + spec + the base's identity
-    model = load_adapter(MogaoModel.from_pretrained(base), "run/adapter")   # refuses another base
+    model = load_adapter(load_model(base), "run/adapter")   # refuses another base
     merge_lora(model).save_pretrained(out)   # a plain model again
 
 Training: `model.init_args.lora` of any stage (see `recipes/lora/`); the adapter is saved to

@@ -1,7 +1,7 @@
 """`mogao lora ...`: LoRA adapter tools.
 
     mogao lora merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--overwrite]
-        fold an adapter into its base: a full saved model (MogaoModel.from_pretrained loads it); OUT_DIR must
+        fold an adapter into its base: a full saved model (mogao.model.io.load_model loads it); OUT_DIR must
         be new or empty unless --overwrite
     mogao lora info ADAPTER_DIR
         print an adapter's spec, size and base model
@@ -22,14 +22,13 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     files, when the base directory has them), written as one unit. `out` must be new or empty unless
     `overwrite` (which replaces a model saved there before, never another folder)."""
     from mogao.lora.adapter import _load_adapter, merge_lora
-    from mogao.model.io import save_model_directory
-    from mogao.model.mogao import MogaoModel
+    from mogao.model.io import load_model, save_model_directory
 
     base, adapter, out = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
     from mogao.training.consolidate import check_output_dir
 
     check_output_dir(out, overwrite, [base, adapter])
-    model = MogaoModel.from_pretrained(base)
+    model = load_model(base)
     tokenizer = None
     if (base / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -1,18 +1,40 @@
-"""Saved model folders on disk: written as one unit, with the user's umask, never over a foreign folder."""
+"""Model I/O: saved model folders (written as one unit, with the user's umask, never over a foreign folder),
+training checkpoints read without running code, and `load_model`, the one way a `MogaoModel` is built:
+
+    load_model(ModelConfig(...))          from the pretrained parts it names (LLM, ViT, autoencoder)
+    load_model("runs/x/model")            a saved model folder (`save_pretrained`: config + safetensors)
+    load_model("runs/x/checkpoints/last.ckpt")   a training checkpoint (a file, or a sharded folder) written
+                                          with a mogao sharding strategy, which records the architecture
+    load_model(architecture_record)       the architecture alone (`model_architecture`), randomly initialised
+    load_model(..., meta=True)            the same model with its parameters on the meta device: configs are
+                                          read, weights never
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import pickle
 import secrets
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mogao.errors import ConfigError
+from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, resolve_checkpoint
+
+if TYPE_CHECKING:
+    from mogao.model.mogao import MogaoModel
+
+StrPath = str | os.PathLike
+ARCHITECTURE_KEY = "mogao_architecture"  # in a training checkpoint: the architecture `load_model` rebuilds
 
 TEMP_SUFFIX = ".tmp"  # a file or folder being written (renamed into place when complete)
 
@@ -32,7 +54,7 @@ def fsync_directory(directory: str | Path) -> None:
 
 
 # files a saved model or adapter folder holds: a folder with one of them was written by this project
-SAVED_FOLDER_MARKERS = ("mogao_config.json", "adapter_config.json")
+SAVED_FOLDER_MARKERS = (CONFIG_NAME, "adapter_config.json")
 
 
 def current_umask() -> int:
@@ -116,3 +138,496 @@ def save_model_directory(model: Any, tokenizer: Any, directory: str | Path,
             tokenizer.save_pretrained(d)
 
     return write_directory(directory, write)
+
+
+# ---- training checkpoints: read weights-only, never running code ------------------------------------------
+
+REQUIRED_KEYS = ("state_dict", "global_step")
+# a sharded (FSDP) checkpoint is a directory: Lightning's metadata file (non-tensor state) and the shard index
+SHARDED_META = "meta.pt"
+SHARDED_INDEX = ".metadata"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: the message names the file and what is wrong with it."""
+
+    def __init__(self, path: StrPath, problem: str) -> None:
+        super().__init__(f"checkpoint {path}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def _unloadable(path: StrPath, e: BaseException) -> str:
+    """Why `torch.load` failed on `path`, in words."""
+    with contextlib.suppress(OSError):
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
+            return f"not a complete torch.save archive (no zip directory at its end): truncated, or not a " \
+                   f"checkpoint (torch.load: {type(e).__name__})"
+    return f"cannot be loaded ({_reason(e)}); it is damaged or not a checkpoint"
+
+
+def validate_checkpoint(checkpoint: Any, path: StrPath, sharded: bool = False) -> int:
+    """The `global_step` of a loaded Lightning checkpoint; CheckpointError when it lacks what resuming needs.
+
+    `sharded`: `checkpoint` is the metadata of a sharded checkpoint directory (the weights are in the shards).
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(path, f"holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict")
+    required = ("global_step",) if sharded else REQUIRED_KEYS
+    missing = [k for k in required if k not in checkpoint]
+    if missing:
+        raise CheckpointError(path, f"missing key(s) {', '.join(repr(k) for k in missing)}; not a Lightning "
+                                    "training checkpoint")
+    if not sharded and not isinstance(checkpoint["state_dict"], Mapping):
+        kind = type(checkpoint["state_dict"]).__name__
+        raise CheckpointError(path, f"'state_dict' is a {kind}, not a mapping")
+    step = checkpoint["global_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(path, f"'global_step' is {step!r}, not a non-negative integer")
+    return step
+
+
+def check_checkpoint(path: StrPath) -> int:
+    """Check that the checkpoint at `path` is complete, undamaged and a Lightning checkpoint; its global step.
+
+    A file is read in full: every record of the archive that `torch.save` writes must match its CRC-32 (which
+    finds damage anywhere, not only a torn end); then its structure is loaded (memory-mapped, on the CPU) and
+    validated. A sharded checkpoint directory is checked through its metadata file and shard index.
+    Raises CheckpointError naming the file and the problem.
+    """
+    p = Path(path)
+    if p.is_dir():
+        meta, index = p / SHARDED_META, p / SHARDED_INDEX
+        if not meta.is_file() or not index.is_file():
+            raise CheckpointError(p, f"a directory without '{SHARDED_META}' and '{SHARDED_INDEX}': not a "
+                                     "sharded checkpoint, or one whose save was interrupted")
+        check_shard_records(p, read_shard_index(index))
+        return validate_checkpoint(_load(meta), meta, sharded=True)
+    if not p.is_file():
+        raise CheckpointError(p, "does not exist")
+    if p.stat().st_size == 0:
+        raise CheckpointError(p, "is empty (0 bytes)")
+    if not zipfile.is_zipfile(p):  # truncated (no zip directory at its end), garbage, or the legacy format
+        return validate_checkpoint(_load(p), p)
+    _check_records(p)
+    try:
+        checkpoint = _load(p, mmap=True)  # the records were just read: only the structure is needed
+    except CheckpointError:
+        checkpoint = _load(p)  # (a file system without mmap support)
+    return validate_checkpoint(checkpoint, p)
+
+
+def _check_records(path: Path) -> None:
+    """Read every record of a zip-format checkpoint, comparing it with its CRC-32."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue  # saved without CRC-32s (torch.serialization.set_crc32_options(False))
+                with zf.open(info) as f:  # zipfile compares the CRC-32 once the record is read to its end
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(path, f"damaged archive ({_reason(e)})") from e
+
+
+def register_safe_globals() -> None:
+    """Allow the config classes checkpoints hold (`ModelConfig`, `TimestepSampling`, `TinySpec`) in
+    weights-only loading (they register themselves when imported)."""
+    import mogao.model.tiny  # noqa: F401
+
+
+def _load(path: Path, mmap: bool = False) -> Any:
+    register_safe_globals()
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(path, _unloadable(path, e)) from e
+
+
+def load_checkpoint_file(path: StrPath, mmap: bool = False) -> Any:
+    """`torch.load` of a checkpoint file (or a sharded checkpoint's `meta.pt`) in the weights-only format only;
+    CheckpointError naming the file when it holds anything else or cannot be read."""
+    return _load(Path(path), mmap=mmap)
+
+
+# ---- the shard index of a sharded checkpoint ------------------------------------------------------------
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# what torch's distributed checkpoint writer puts in `.metadata` (torch.distributed.checkpoint.filesystem)
+_INDEX_CLASSES = {
+    (_DCP_METADATA, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                       "ChunkStorageMetadata", "TensorProperties", "MetadataIndex", "StorageMeta",
+                                       "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+class _ShardIndexUnpickler(pickle.Unpickler):
+    """Builds only the classes of a distributed checkpoint's index (and torch dtypes); anything else is an
+    error, so unpickling cannot call arbitrary functions."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _INDEX_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a shard index never holds")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("holds a persistent reference, which a shard index never holds")
+
+
+def read_shard_index(path: StrPath) -> Any:
+    """The `torch.distributed.checkpoint` index (`Metadata`) in the file `path` (a sharded checkpoint's
+    `.metadata`), read without running code: CheckpointError naming the file when it holds anything but the
+    index classes torch writes there."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            index = _ShardIndexUnpickler(f).load()
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(p, f"not a shard index that can be read safely ({_reason(e)}); refusing to load "
+                                 "it") from e
+    if not isinstance(index, Metadata):
+        raise CheckpointError(p, f"holds a {type(index).__name__}, not a distributed checkpoint index")
+    return index
+
+
+def check_shard_records(directory: StrPath, index: Any) -> None:
+    """Read every non-tensor record of a sharded checkpoint's shard files weights-only (torch's reader
+    unpickles those records without restriction when the optimizer state is loaded); CheckpointError naming
+    the shard file when one holds anything else or lies outside the checkpoint."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    d = Path(directory)
+    storage = getattr(index, "storage_data", None) or {}
+    kinds = getattr(index, "state_dict_metadata", None) or {}
+    if not isinstance(storage, dict) or not isinstance(kinds, dict):
+        raise CheckpointError(d / SHARDED_INDEX, "a shard index without its storage tables")
+    for key, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
+            raise CheckpointError(d / SHARDED_INDEX, f"names the shard file {rel!r}, which is not a file of the "
+                                                     "checkpoint folder")
+        if not isinstance(kinds.get(getattr(key, "fqn", None)), BytesStorageMetadata):
+            continue  # tensors: torch reads them weights-only
+        shard = d / rel
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(shard, "holds a transformed (e.g. compressed) record, which cannot be checked")
+        try:
+            with open(shard, "rb") as f:
+                f.seek(int(info.offset))
+                data = f.read(int(info.length))
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise CheckpointError(shard, f"record '{key.fqn}' cannot be loaded weights-only ({_reason(e)}); "
+                                         "refusing to load it") from e
+
+
+def check_sharded_checkpoint(directory: StrPath) -> None:
+    """Check a sharded checkpoint folder's shard index and non-tensor records (see `read_shard_index` and
+    `check_shard_records`) before torch's reader opens it; CheckpointError naming the file otherwise."""
+    d = Path(directory)
+    index = d / SHARDED_INDEX
+    if not index.is_file():
+        raise CheckpointError(d, f"a directory without '{SHARDED_INDEX}': not a sharded checkpoint, or one whose "
+                                 "save was interrupted")
+    check_shard_records(d, read_shard_index(index))
+
+
+
+
+# ---- building and loading models ---------------------------------------------------------------------------
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(directory: StrPath) -> Any:
+    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    if not d.is_dir() or not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
+                          "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(d)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
+        raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
+                          "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
+
+
+def _record_parts(record: Any, overrides: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict, dict, dict | None]:
+    """(config with `overrides`, LLM, ViT and autoencoder configs) of an architecture record; ConfigError
+    naming `where` when it is not one. The LLM config holds the final vocabulary (`vocab_size` is dropped)."""
+    try:
+        if not isinstance(record, Mapping):
+            raise TypeError(f"a {type(record).__name__}, not a mapping")
+        cfg = ModelConfig.from_dict({**record["model"], "vocab_size": None, **overrides})
+        parts = (dict(record["llm_config"]), dict(record["vit_config"]), record["autoencoder_config"])
+        if parts[2] is not None:
+            parts = (parts[0], parts[1], dict(parts[2]))
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise ConfigError(f"'{where}' is not a valid mogao config ({type(e).__name__}: {e})") from e
+    return (cfg, *parts)
+
+
+def _saved_record(directory: Path) -> dict[str, Any]:
+    """The architecture record of a saved model folder (its `mogao_config.json`), the folder checked first."""
+    if not (directory / CONFIG_NAME).is_file():
+        raise ConfigError(f"'{directory}' is not a saved mogao model: {CONFIG_NAME} missing")
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"'{directory}' has {CONFIG_NAME} but no {WEIGHTS_NAME}: an incomplete save?")
+    try:
+        return json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"'{directory / CONFIG_NAME}' is not a valid mogao config ({type(e).__name__}: {e})"
+                          ) from e
+
+
+def _parts_record(cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The architecture record of the model `cfg`'s pretrained parts make, from their config files only
+    (the LLM config with the grown vocabulary)."""
+    from transformers import AutoConfig, SiglipVisionConfig
+
+    llm_config = AutoConfig.from_pretrained(resolve_checkpoint(cfg.llm, "LLM")).to_dict()
+    llm_config["dtype"] = str(dtype or torch.float32).removeprefix("torch.")  # as the parts are loaded
+    if cfg.vocab_size is not None and cfg.vocab_size > int(llm_config["vocab_size"]):
+        llm_config["vocab_size"] = int(cfg.vocab_size)
+    vit_config = SiglipVisionConfig.from_pretrained(resolve_checkpoint(cfg.vit, "ViT")).to_dict()
+    ae_config = None
+    if cfg.autoencoder != "pixel":
+        from diffusers import AutoencoderKL
+
+        ae_config = dict(AutoencoderKL.load_config(resolve_checkpoint(cfg.autoencoder, "autoencoder"),
+                                                   subfolder=cfg.autoencoder_subfolder))
+    return {"model": cfg.to_dict(), "llm_config": llm_config, "vit_config": vit_config,
+            "autoencoder_config": ae_config}
+
+
+@contextlib.contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Parameters are created on the meta device; buffers (rotary frequencies, position ids) stay real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def retie(model: MogaoModel) -> None:
+    """Tie the LM head to the embeddings again where the LLM ties them: parameters created under
+    `empty_parameters` are new objects, which undoes the tie `transformers` made while building, and
+    `to_empty` on plain (unsharded) modules makes new parameters per module."""
+    bb = model.backbone
+    if getattr(bb.config, "tie_word_embeddings", False) and bb.lm_head.weight is not bb.embed_tokens.weight:
+        bb.lm_head.weight = bb.embed_tokens.weight
+
+
+def allocate(model: MogaoModel, device: torch.device | str = "cpu") -> None:
+    """Give the meta parameters of `model` (uninitialised) memory on `device`; buffers keep their values."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    retie(model)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+
+
+def _from_record(cfg: ModelConfig, llm_config: dict, vit_config: dict, ae_config: dict | None,
+                 meta: bool) -> MogaoModel:
+    """A randomly initialised model of this architecture (parameters on the meta device where `meta`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig
+
+    from mogao.model.autoencoder import DiffusersVAE, PixelAutoencoder
+    from mogao.model.mogao import MogaoModel
+    from mogao.model.vision import VisionEncoder
+
+    with empty_parameters() if meta else contextlib.nullcontext():
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config))
+        vit = VisionEncoder.from_config(SiglipVisionConfig(**vit_config), feature_layer=cfg.vit_feature_layer)
+        ae = PixelAutoencoder() if ae_config is None else DiffusersVAE.from_config(ae_config)
+        model = MogaoModel(cfg, llm, vit, ae)
+    if meta:
+        retie(model)
+    return model
+
+
+def _from_parts(cfg: ModelConfig, dtype: torch.dtype | None) -> MogaoModel:
+    """Initialise from pretrained parts: the LLM (both experts), SigLIP and the autoencoder."""
+    from transformers import AutoModelForCausalLM
+
+    from mogao.model.autoencoder import DiffusersVAE, PixelAutoencoder
+    from mogao.model.mogao import MogaoModel
+    from mogao.model.vision import VisionEncoder
+
+    llm = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.llm, "LLM"), dtype=dtype or torch.float32)
+    vit = VisionEncoder.from_pretrained(str(resolve_checkpoint(cfg.vit, "ViT")), feature_layer=cfg.vit_feature_layer)
+    if cfg.autoencoder == "pixel":
+        ae = PixelAutoencoder()
+    else:
+        ae = DiffusersVAE.from_pretrained(str(resolve_checkpoint(cfg.autoencoder, "autoencoder")),
+                                          subfolder=cfg.autoencoder_subfolder)
+    return MogaoModel(cfg, llm, vit, ae)
+
+
+def load_checked(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights into `model`, refusing (with the differences named) weights of another
+    architecture, and reporting an unreadable file as such."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"cannot read weights '{path}': {e} (truncated or not a safetensors file?)") from e
+    own = model.state_dict()
+    by_storage: dict[tuple[int, int], set[str]] = {}
+    for k, v in own.items():  # tied weights are saved once (e.g. embeddings and LM head)
+        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), set()).add(k)
+    tied = {k: names for names in by_storage.values() for k in names}
+    missing = sorted(k for k in set(own) - set(saved) if not (tied[k] & set(saved)))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(own[k].shape)}" for k in sorted(set(own) & set(saved))
+              if saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")
+
+        why = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+               f"shape mismatch {few(shapes)}" if shapes else ""]
+        raise ConfigError(f"weights '{path}' are for another architecture than its config describes: "
+                          + "; ".join(w for w in why if w))
+    model.load_state_dict(saved, strict=False)  # keys checked above; tied duplicates are filled by their twin
+
+
+MODEL_PREFIX = "model."  # the MogaoModel's keys inside the LightningModule's state dict
+
+
+def _first_line(e: BaseException) -> str:
+    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def read_checkpoint_metadata(ckpt: StrPath) -> dict[str, Any]:
+    """The Lightning checkpoint dict of a checkpoint file, or a sharded checkpoint's metadata (`meta.pt`),
+    after `check_checkpoint` (CRC-32s, shard index, weights-only records); CheckpointError otherwise."""
+    ckpt = Path(ckpt)
+    check_checkpoint(ckpt)
+    path = ckpt / SHARDED_META if ckpt.is_dir() else ckpt
+    meta = load_checkpoint_file(path, mmap=not ckpt.is_dir())
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, f"holds a {type(meta).__name__}, not a Lightning checkpoint")
+    return meta
+
+
+def _load_checkpoint_weights(model: MogaoModel, ckpt: Path, meta: dict[str, Any]) -> None:
+    """Fill `model` (allocated, same architecture) with a checked checkpoint's model weights; every weight must
+    have the shape the architecture gives it."""
+    own = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+    if ckpt.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        try:  # (torch compares each shard's shape with the architecture's)
+            dcp.load({"state_dict": own}, checkpoint_id=str(ckpt), no_dist=True)
+        except Exception as e:  # noqa: BLE001 - torch's reader wraps every failure in its own types
+            raise CheckpointError(ckpt, f"its shards do not load into the stored architecture ({_first_line(e)})"
+                                  ) from e
+        return
+    saved = meta.get("state_dict", {})
+    missing = sorted(k for k in own if k not in saved)
+    if missing:
+        raise CheckpointError(ckpt, f"lacks model weights, e.g. {missing[:3]}")
+    wrong = [f"{k} {tuple(saved[k].shape)} (the architecture needs {tuple(v.shape)})" for k, v in own.items()
+             if not torch.is_tensor(saved[k]) or saved[k].shape != v.shape]
+    if wrong:  # copy_ would broadcast a smaller tensor silently
+        raise CheckpointError(ckpt, f"{len(wrong)} weight(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(saved[k])
+
+
+def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: torch.device | str = "cpu",
+               meta: bool = False, dtype: torch.dtype | None = None, tokenizer: Any = None,
+               overrides: Mapping[str, Any] | None = None) -> MogaoModel:
+    """The `MogaoModel` `source` describes (in training mode, as modules are built).
+
+    source:
+        a `ModelConfig`: built from the pretrained parts it names (the LLM's weights for both experts, SigLIP,
+            the autoencoder); the new layers are drawn from torch's CPU generator.
+        a saved model folder (`save_pretrained`): the architecture from `mogao_config.json`, the weights from
+            `model.safetensors` (safetensors only: nothing in the folder can run code), every weight checked
+            against the architecture (names and shapes); the part checkpoints are not needed.
+        a training checkpoint (a `.ckpt` file or a sharded checkpoint folder) written with a mogao sharding
+            strategy: checked and read weights-only (`check_checkpoint`), the model rebuilt from its
+            `mogao_architecture` entry and every weight checked against it.
+        an architecture record (`model_architecture`): that architecture, randomly initialised.
+    meta: build with every parameter on the meta device (buffers stay real: they are small and computed from
+        the configs); configs are read, weights never (see `mogao.training.shard_load.load_weights`).
+    device: where the weights go (ignored with `meta`).
+    dtype: cast the floating-point weights (the LLM of a `ModelConfig` is read in it); None: float32 for parts,
+        as saved otherwise.
+    tokenizer: a tokenizer or its directory: a `ModelConfig`'s vocabulary grows to its length, and any model
+        whose vocabulary is smaller is refused.
+    overrides: `ModelConfig` fields to change (e.g. runtime settings of a saved model: `attention`,
+        `text_sees_vae`, `timestep_sampling`).
+    """
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    overrides = dict(overrides or {})
+    origin = None
+    if isinstance(source, ModelConfig):
+        cfg = replace(source, **overrides)
+        if tok is not None:
+            cfg = replace(cfg, vocab_size=len(tok))
+        if meta:  # the grown vocabulary is in the LLM config already: no resize on meta tensors
+            model = _from_record(*_record_parts(_parts_record(cfg, dtype), {}, cfg.llm), meta=True)
+            model.cfg = cfg
+        else:
+            model = _from_parts(cfg, dtype)
+    elif isinstance(source, Mapping):
+        model = _from_record(*_record_parts(source, overrides, "architecture record"), meta=meta)
+    else:
+        origin = Path(source).expanduser()
+        if not origin.exists():
+            raise ConfigError(f"checkpoint directory not found: '{origin}' (give a directory saved with "
+                              "save_pretrained, e.g. runs/demo/2-t2i/model, or a training checkpoint)")
+        if origin.is_file() or (origin / SHARDED_META).exists() or (origin / SHARDED_INDEX).exists():
+            checkpoint = read_checkpoint_metadata(origin)
+            record = checkpoint.get(ARCHITECTURE_KEY)
+            if record is None:
+                raise ConfigError(f"'{origin}' has no '{ARCHITECTURE_KEY}' entry: it was not written by a mogao "
+                                  "sharding strategy (MoTFSDP2Strategy / MoTFSDPStrategy); a model trained "
+                                  "without one is saved as a model directory at the end of fit (<run>/model)")
+            model = _from_record(*_record_parts(record, overrides, str(origin)), meta=True)
+            if not meta:
+                allocate(model, device)
+                _load_checkpoint_weights(model, origin, checkpoint)
+        else:
+            model = _from_record(*_record_parts(_saved_record(origin), overrides, str(origin / CONFIG_NAME)),
+                                 meta=meta)
+            if not meta:
+                load_checked(model, origin / WEIGHTS_NAME)
+        model.source_path = str(origin)  # where it came from, for messages (e.g. a LoRA adapter's base)
+    if dtype is not None:
+        model.to(dtype)
+    if not meta and torch.device(device) != torch.device("cpu"):
+        model.to(device)
+    if tok is not None and model.backbone.embed_tokens.num_embeddings < len(tok):
+        raise ConfigError(f"the model's vocabulary ({model.backbone.embed_tokens.num_embeddings}) is smaller "
+                          f"than the tokenizer's ({len(tok)}): wrong tokenizer for this model?")
+    return model

@@ -1,5 +1,6 @@
 """Architectures of the real checkpoints the shipped recipes name, so a recipe can be instantiated on the `meta`
-device (parameter counts, memory planning, sharding plans) on a machine that does not have the weights.
+device (parameter counts, memory planning, sharding plans) on a machine that does not have the weights:
+`load_model(known_architecture(cfg), meta=True)`.
 
 The numbers are those of the published `config.json` files. Loading real weights never uses this table: it
 reads the checkpoint's own config.
@@ -7,9 +8,8 @@ reads the checkpoint's own config.
 
 from __future__ import annotations
 
-import torch
-
 from mogao.errors import ConfigError
+from mogao.model.config import ModelConfig
 
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
           "max_position_embeddings": 32768, "attention_dropout": 0.0}
@@ -53,14 +53,13 @@ def _lookup(table: dict[str, dict], name: str, what: str) -> dict:
     return dict(table[name])
 
 
-def build_on_meta(cfg):
-    """The `MogaoModel` a ModelConfig naming known checkpoints describes, on the meta device (no memory, no weights)."""
-    from mogao.model.mogao import MogaoModel
-
+def known_architecture(cfg: ModelConfig) -> dict:
+    """The architecture record (see `mogao.model.io.model_architecture`) of the model a ModelConfig naming
+    known checkpoints describes, from the published configs: `load_model(known_architecture(cfg), meta=True)`
+    builds it on the meta device (no memory, no weights, no checkpoint files)."""
     llm = _lookup(KNOWN_LLMS, cfg.llm, "LLM")
     if cfg.vocab_size is not None:
         llm["vocab_size"] = cfg.vocab_size
     vit = _lookup(KNOWN_VITS, cfg.vit, "ViT")
     vae = None if cfg.autoencoder == "pixel" else _lookup(KNOWN_VAES, cfg.autoencoder, "VAE")
-    with torch.device("meta"):
-        return MogaoModel.from_configs(cfg, llm, vit, vae)
+    return {"model": cfg.to_dict(), "llm_config": llm, "vit_config": vit, "autoencoder_config": vae}

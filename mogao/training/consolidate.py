@@ -1,6 +1,6 @@
 """`mogao checkpoint consolidate`: turn a training checkpoint - a sharded (distributed) checkpoint directory
 written by `MoTFSDP2Strategy`/`MoTFSDPStrategy`, or a full `.ckpt` file - into a saved model directory
-(`model.safetensors` + `mogao_config.json` + the tokenizer), loadable with `MogaoModel.from_pretrained` and by
+(`model.safetensors` + `mogao_config.json` + the tokenizer), loadable with `mogao.model.io.load_model` and by
 `mogao generate --ckpt DIR`.
 
     mogao checkpoint consolidate RUN_OR_CKPT --out DIR [--tokenizer DIR] [--dtype bfloat16] [--overwrite]
@@ -12,7 +12,7 @@ on the CPU, and the shards are read into it (`torch.distributed.checkpoint`, res
 memory is one copy of the weights in their saved dtype; the optimizer state is never read.
 
 A checkpoint may come from elsewhere: it is read weights-only and its shard index is checked before torch
-opens it (`mogao.training.checkpointing.check_checkpoint`), so it cannot run code; every weight must have the
+opens it (`mogao.model.io.check_checkpoint`), so it cannot run code; every weight must have the
 shape the stored architecture gives it. `--out` must be new or empty (`--overwrite` replaces a model folder
 saved there before), and the folder is written as one unit.
 """
@@ -22,24 +22,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mogao.errors import ConfigError
-from mogao.model.io import save_model_directory
-from mogao.training.checkpointing import (
+from mogao.model.io import (
     SHARDED_META,
     CheckpointError,
     check_checkpoint,
-    checkpoint_candidates,
     load_checkpoint_file,
+    load_model,
+    resolve_checkpoint,
+    save_model_directory,
 )
-from mogao.training.strategies import ARCHITECTURE_KEY
+from mogao.training.checkpointing import checkpoint_candidates
 
-__all__ = ["consolidate", "find_checkpoint", "load_trained_model", "main"]
-
-MODEL_PREFIX = "model."  # the MogaoModel's keys inside the LightningModule's state dict
+__all__ = ["consolidate", "find_checkpoint", "main"]
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -62,66 +60,6 @@ def find_checkpoint(path: str | Path) -> Path:
     more = f" ({'; '.join(problems)})" if problems else ""
     raise ConfigError(f"'{p}' is not a checkpoint and holds no usable *.ckpt in it or in its checkpoints/"
                       f"{more}")
-
-
-def _metadata(ckpt: Path) -> dict[str, Any]:
-    # weights-only (the config classes checkpoints hold are registered safe globals); a sharded checkpoint's
-    # shard index is checked here too, before torch's reader unpickles it
-    check_checkpoint(ckpt)
-    path = ckpt / SHARDED_META if ckpt.is_dir() else ckpt
-    meta = load_checkpoint_file(path, mmap=not ckpt.is_dir())
-    if not isinstance(meta, dict):
-        raise CheckpointError(path, f"holds a {type(meta).__name__}, not a Lightning checkpoint")
-    return meta
-
-
-def _first_line(e: BaseException) -> str:
-    text = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
-
-
-def load_trained_model(ckpt: Path, dtype: torch.dtype | None = None):
-    """(MogaoModel with the checkpoint's weights, checkpoint metadata) for a checkpoint `find_checkpoint`
-    accepted."""
-    from mogao.model.mogao import ModelConfig, MogaoModel, TimestepSampling
-
-    meta = _metadata(ckpt)
-    arch = meta.get(ARCHITECTURE_KEY)
-    if arch is None:
-        raise ConfigError(f"'{ckpt}' has no '{ARCHITECTURE_KEY}' entry: it was not written by a mogao "
-                          "sharding strategy (MoTFSDP2Strategy / MoTFSDPStrategy); a model trained without one "
-                          "is saved as a model directory at the end of fit (<run>/model)")
-    mc = dict(arch["model"])
-    mc["timestep_sampling"] = TimestepSampling(**mc.get("timestep_sampling", {}))
-    mc["vocab_size"] = None  # the saved LLM config has the final size
-    with torch.device("meta"):
-        model = MogaoModel.from_configs(ModelConfig(**mc), arch["llm_config"], arch["vit_config"],
-                                        arch["autoencoder_config"])
-    model.to_empty(device="cpu")  # (non-persistent buffers are not saved either: from_pretrained rebuilds them)
-    own = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
-    if ckpt.is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        try:  # (torch compares each shard's shape with the architecture's)
-            dcp.load({"state_dict": own}, checkpoint_id=str(ckpt), no_dist=True)
-        except Exception as e:  # noqa: BLE001 - torch's reader wraps every failure in its own types
-            raise CheckpointError(ckpt, f"its shards do not load into the stored architecture ({_first_line(e)})"
-                                  ) from e
-    else:
-        saved = meta.get("state_dict", {})
-        missing = sorted(k for k in own if k not in saved)
-        if missing:
-            raise CheckpointError(ckpt, f"lacks model weights, e.g. {missing[:3]}")
-        wrong = [f"{k} {tuple(saved[k].shape)} (the architecture needs {tuple(v.shape)})" for k, v in own.items()
-                 if not torch.is_tensor(saved[k]) or saved[k].shape != v.shape]
-        if wrong:  # copy_ would broadcast a smaller tensor silently
-            raise CheckpointError(ckpt, f"{len(wrong)} weight(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}")
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(saved[k])
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), meta
 
 
 def check_output_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
@@ -148,12 +86,12 @@ def consolidate(source: str | Path, out: str | Path, tokenizer: str | None = Non
     """
     from transformers import AutoTokenizer
 
-    from mogao.model.mogao import resolve_checkpoint
-
     d = Path(out).expanduser()
     ckpt = find_checkpoint(source)
     check_output_dir(d, overwrite, [ckpt] + ([Path(tokenizer).expanduser()] if tokenizer else []))
-    model, meta = load_trained_model(ckpt, dtype)
+    model = load_model(ckpt, dtype=dtype).eval()  # checked and read weights-only
+    # (checked above: its hyper-parameters only, the file memory-mapped)
+    meta = load_checkpoint_file(ckpt / SHARDED_META if ckpt.is_dir() else ckpt, mmap=not ckpt.is_dir())
     tok_path = tokenizer or (meta.get("hyper_parameters") or {}).get("tokenizer")
     if tok_path is None:
         raise ConfigError(f"'{ckpt}' does not name its tokenizer: give --tokenizer DIR")

@@ -35,7 +35,9 @@ from torchmetrics import SumMetric
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.errors import ConfigError, NumericalError
 from mogao.lora.spec import LoraSpec
-from mogao.model.mogao import ModelConfig, MogaoModel, resolve_checkpoint
+from mogao.model.config import ModelConfig
+from mogao.model.io import load_model, resolve_checkpoint
+from mogao.model.mogao import MogaoModel
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.sequence import PackedBatch
 from mogao.training.objectives import combine_losses
@@ -165,29 +167,19 @@ class MogaoModule(pl.LightningModule):
         self._bad_samples = 0
 
     def _build_model(self, cfg: ModelConfig | None, init_from: str | None) -> MogaoModel:
+        source, overrides = cfg, None
         if init_from is not None:
-            if not Path(init_from).expanduser().is_dir():
+            source = Path(init_from).expanduser()
+            if not source.is_dir():
                 raise ConfigError(f"model.init_from: directory not found: '{init_from}'")
-            runtime = {} if cfg is None else {"attention": cfg.attention, "text_sees_vae": cfg.text_sees_vae,
-                                              "timestep_sampling": cfg.timestep_sampling}
-            if self.meta_init:
-                from mogao.training.shard_load import build_empty
+            overrides = {} if cfg is None else {"attention": cfg.attention, "text_sees_vae": cfg.text_sees_vae,
+                                                "timestep_sampling": cfg.timestep_sampling}
+        rng = torch.get_rng_state()  # the new layers' draws start here (per-shard loading draws them again)
+        model = load_model(source, meta=self.meta_init, tokenizer=self.tokenizer, overrides=overrides)
+        if self.meta_init:
+            from mogao.training.shard_load import plan_weights
 
-                model, self.weight_plan = build_empty(None, Path(init_from).expanduser(), **runtime)
-            else:
-                model = MogaoModel.from_pretrained(Path(init_from).expanduser(), **runtime)
-        else:
-            from dataclasses import replace
-
-            if self.meta_init:
-                from mogao.training.shard_load import build_empty
-
-                model, self.weight_plan = build_empty(replace(cfg, vocab_size=len(self.tokenizer)))
-            else:
-                model = MogaoModel.from_parts(replace(cfg, vocab_size=len(self.tokenizer)))
-        if model.backbone.embed_tokens.num_embeddings < len(self.tokenizer):
-            raise ConfigError(f"the model's vocabulary ({model.backbone.embed_tokens.num_embeddings}) is smaller "
-                              f"than the tokenizer's ({len(self.tokenizer)}): wrong tokenizer for this model?")
+            self.weight_plan = plan_weights(model, init_from, rng)
         return model
 
     # ---- what trains ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Meta-device initialisation: build a `MogaoModel` without weights, then fill only what each rank holds.
 
-    build_empty(cfg, init_from)   the model with every parameter on the meta device (buffers stay real: they
-                                  are small and computed from the configs), and the `WeightPlan` saying where
-                                  its weights come from. Reads configs only.
+    load_model(source, meta=True) the model with every parameter on the meta device (buffers stay real: they
+                                  are small and computed from the configs); reads configs only
+                                  (`mogao.model.io`).
+    plan_weights(model, ...)      the `WeightPlan` saying where its weights come from.
     load_weights(model, plan)     allocate the parameters where they are (a rank's FSDP2 shards, or whole
                                   tensors in one process) and fill them, reading from the safetensors files
                                   only the rows of dim 0 each local shard covers (`safe_open(...).get_slice`).
@@ -14,8 +15,8 @@ Where each parameter comes from (pretrained parts):
     vit.model.*                            <- the SigLIP checkpoint's (vision_model.)* keys
     autoencoder.vae.*                      <- the frozen VAE, loaded whole on every rank (tens of M parameters)
     time_embed, gen_adaln, additive_time,  <- new: built on the CPU exactly as `MogaoModel.__init__` builds them,
-    connector, latent_proj                    from the random state captured by `build_empty`, so every rank
-                                              (and `from_parts` with the same seed) gets the same values
+    connector, latent_proj                    from the random state captured before building, so every rank
+                                              (and `load_model(cfg)` with the same seed) gets the same values
 A saved mogao model (`init_from`) holds every parameter under its own name.
 
 Vocabulary growth (`vocab_size` above the checkpoint's): the extra rows are made by `transformers`' own
@@ -25,10 +26,8 @@ head): those two tensors are then read whole on every rank, once.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +35,18 @@ import torch
 from torch import nn
 
 from mogao.errors import ConfigError
-from mogao.model.mogao import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, MogaoModel, resolve_checkpoint
+from mogao.model.config import ModelConfig
+from mogao.model.io import CONFIG_NAME, WEIGHTS_NAME, allocate, empty_parameters, resolve_checkpoint
+from mogao.model.mogao import MogaoModel
 
 
 @dataclass
 class WeightPlan:
-    """Where the weights of a model built by `build_empty` come from.
+    """Where the weights of a model built with `load_model(..., meta=True)` come from.
 
     cfg: the model's config (part paths; `vocab_size` the final vocabulary).
     init_from: a saved mogao model directory, or None for the pretrained parts.
-    rng_state: the CPU random state `from_parts` would have started from (new modules are drawn from it).
+    rng_state: the CPU random state `load_model(cfg)` would have started from (new modules are drawn from it).
     llm_config: the LLM architecture as built (`vocab_size` the grown one).
     checkpoint_vocab: rows of the LLM checkpoint's embedding matrix.
     """
@@ -67,57 +68,20 @@ class LoadReport:
     whole: list[str] = field(default_factory=list)  # parameters filled from whole tensors (VAE, new modules)
 
 
-@contextlib.contextmanager
-def _empty_parameters() -> Iterator[None]:
-    """Parameters are created on the meta device; buffers (rotary frequencies, position ids) stay real."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        yield
-
-
-# ---- building ---------------------------------------------------------------------------------------
-def build_empty(cfg: ModelConfig | None, init_from: str | Path | None = None,
-                **overrides: Any) -> tuple[MogaoModel, WeightPlan]:
-    """The model `MogaoModel.from_parts(cfg)` (or `.from_pretrained(init_from, **overrides)`) builds, with its
-    parameters on the meta device, and the plan `load_weights` fills it from. No weights are read."""
-    from transformers import AutoConfig, SiglipVisionConfig
-
-    rng = torch.get_rng_state()
+# ---- planning ---------------------------------------------------------------------------------------
+def plan_weights(model: MogaoModel, init_from: str | Path | None = None,
+                 rng_state: torch.Tensor | None = None) -> WeightPlan:
+    """Where `load_weights` fills `model` from - `load_model(cfg, meta=True)` (the pretrained parts of
+    `model.cfg`) or `load_model(init_from, meta=True)` (a saved model) - with `rng_state` the CPU random state
+    taken just before building (default: now). Reads configs only."""
+    rng = torch.get_rng_state() if rng_state is None else rng_state
+    llm_config = model.backbone.config.to_dict()
     if init_from is not None:
-        mcfg, llm_config, vit_config, ae_config = MogaoModel.saved_architecture(init_from, **overrides)
-        with _empty_parameters():
-            model = MogaoModel.from_configs(mcfg, llm_config, vit_config, ae_config)
-        _retie(model)
-        return model, WeightPlan(mcfg, Path(init_from), rng, llm_config, int(llm_config["vocab_size"]))
-    if cfg is None:
-        raise ConfigError("build_empty: give a ModelConfig or init_from")
-    llm_config = AutoConfig.from_pretrained(resolve_checkpoint(cfg.llm, "LLM")).to_dict()
-    llm_config["dtype"] = "float32"  # as from_parts loads it
-    vocab = int(llm_config["vocab_size"])
-    if cfg.vocab_size is not None and cfg.vocab_size > vocab:
-        llm_config["vocab_size"] = int(cfg.vocab_size)
-    vit_config = SiglipVisionConfig.from_pretrained(resolve_checkpoint(cfg.vit, "ViT")).to_dict()
-    ae_config = None
-    if cfg.autoencoder != "pixel":
-        from diffusers import AutoencoderKL
+        return WeightPlan(model.cfg, Path(init_from).expanduser(), rng, llm_config, int(llm_config["vocab_size"]))
+    from transformers import AutoConfig
 
-        ae_config = dict(AutoencoderKL.load_config(resolve_checkpoint(cfg.autoencoder, "autoencoder"),
-                                                   subfolder=cfg.autoencoder_subfolder))
-    with _empty_parameters():  # the grown vocabulary is in llm_config already: no resize on meta tensors
-        model = MogaoModel.from_configs(replace(cfg, vocab_size=None), llm_config, vit_config, ae_config)
-    model.cfg = cfg
-    _retie(model)
-    return model, WeightPlan(cfg, None, rng, llm_config, vocab)
-
-
-def _retie(model: MogaoModel) -> None:
-    """Tie the LM head to the embeddings again where the LLM ties them: parameters created under
-    `init_empty_weights` are new objects, which undoes the tie `transformers` made while building, and
-    `to_empty` on plain (unsharded) modules makes new parameters per module."""
-    bb = model.backbone
-    if getattr(bb.config, "tie_word_embeddings", False) and bb.lm_head.weight is not bb.embed_tokens.weight:
-        bb.lm_head.weight = bb.embed_tokens.weight
+    vocab = int(AutoConfig.from_pretrained(resolve_checkpoint(model.cfg.llm, "LLM")).vocab_size)
+    return WeightPlan(model.cfg, None, rng, llm_config, vocab)
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -173,7 +137,7 @@ def _local(p: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
 
 class _Cpu:
     """Build in float32 on the CPU whatever device / dtype context the caller is in (Lightning's init
-    context): `from_parts` builds there, and the CPU generator is the one whose state was captured."""
+    context): `load_model(cfg)` builds there, and the CPU generator is the one whose state was captured."""
 
     def __enter__(self) -> None:
         self.dtype = torch.get_default_dtype()
@@ -225,7 +189,7 @@ def _grown_rows(plan: WeightPlan, llm: _Safetensors) -> dict[str, torch.Tensor]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     old = plan.checkpoint_vocab
-    with _empty_parameters():
+    with empty_parameters():
         stand_in = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**plan.llm_config, "vocab_size": old}))
     emb = stand_in.get_input_embeddings()
     emb.weight = nn.Parameter(llm.rows("model.embed_tokens.weight", 0, old, whole=True).float())
@@ -264,13 +228,7 @@ def load_weights(model: MogaoModel, plan: WeightPlan, device: torch.device | str
     """Allocate `model`'s meta parameters on `device` (FSDP2 shards: only the local shard) and fill them from
     the plan's checkpoints, reading only the local rows of each tensor. Buffers keep their values."""
     report = LoadReport()
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
-    model.to_empty(device=device)
-    _retie(model)
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            if n in buffers:
-                b.copy_(buffers[n])
+    allocate(model, device)
     names = {}  # one name per parameter (tied ones: every name, for saved files that kept another)
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)

@@ -35,8 +35,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from mogao.errors import ConfigError
-
-ARCHITECTURE_KEY = "mogao_architecture"  # in a checkpoint: what `mogao checkpoint consolidate` rebuilds
+from mogao.model.io import ARCHITECTURE_KEY, model_architecture  # the record load_model reads
 
 
 def _layer_classes() -> set[type]:
@@ -75,18 +74,6 @@ def checkpoint_layer(layer: nn.Module) -> None:
 
     layer.forward = checkpointed
     layer._mogao_checkpointed = True
-
-
-def model_architecture(model: nn.Module) -> dict[str, Any]:
-    """What `MogaoModel.from_configs` needs to rebuild `model` (the content of a saved `mogao_config.json`)."""
-    from dataclasses import asdict
-
-    from mogao.model.autoencoder import PixelAutoencoder
-
-    ae = model.autoencoder
-    return {"model": asdict(model.cfg), "llm_config": model.backbone.config.to_dict(),
-            "vit_config": model.vit.config.to_dict(),
-            "autoencoder_config": None if isinstance(ae, PixelAutoencoder) else dict(ae.config)}
 
 
 class MoTFSDP2Strategy(ModelParallelStrategy):
@@ -188,7 +175,7 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
         # checkpoints), the checkpoint is checked on every rank just before it is read, and read weights-only:
         # a sharded checkpoint's shard index through a restricted unpickler, `meta.pt` and whole files in
         # torch's weights-only format (the config classes they hold are registered safe globals).
-        from mogao.training.checkpointing import check_checkpoint, load_checkpoint_file
+        from mogao.model.io import check_checkpoint, load_checkpoint_file
 
         path = Path(self.broadcast(checkpoint_path))
         check_checkpoint(path)  # CheckpointError naming the file

@@ -1,0 +1,138 @@
+"""`ModelConfig`: what a Mogao model is built from, and its one dict form (`to_dict` / `from_dict`), used by a
+saved model's `mogao_config.json`, a training checkpoint's architecture record and recipes read as plain data;
+`model_architecture`, that record; `resolve_checkpoint`, where the part checkpoints a config names are."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mogao.diffusion.flow import TimestepSampling
+from mogao.errors import ConfigError
+
+# the files of a saved model folder: the architecture record (`model_architecture`) and the weights
+CONFIG_NAME = "mogao_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# fields older saves hold that no longer mean anything (the loss weights live on the training module): read
+# and dropped, so that models saved before still load
+REMOVED_FIELDS = ("lambda_text", "lambda_image")
+
+
+@dataclass
+class ModelConfig:
+    """How to build a Mogao model from pretrained parts.
+
+    Attributes:
+        llm: directory of a `transformers` decoder LLM (Qwen2/Qwen3/Llama-style), loaded with `from_pretrained`.
+        vit: directory of a `transformers` SigLIP vision model.
+        autoencoder: "pixel" for the pixel-space autoencoder of tiny recipes, else a directory of a
+            `diffusers` AutoencoderKL (frozen).
+        autoencoder_subfolder: subfolder of `autoencoder` holding the VAE (e.g. "vae" inside a pipeline).
+        latent_patch: side of the latent patch that becomes one VAE token (2 = 2x2 latent cells).
+        attention: ECTF attention backend: "sdpa_dense", "flash_varlen" or "flex".
+        text_sees_vae: whether text/ViT queries may attend to VAE tokens (Mogao: false).
+        timestep_conditioning: "adaln" (Mogao: AdaLN in the generation expert) or "additive" (BAGEL).
+        vit_feature_layer: -1 = last ViT layer, -2 = penultimate.
+        vocab_size: grow the LLM's embeddings to at least this size (e.g. the tokenizer's length); None = keep.
+        timestep_sampling: how sigma is drawn for generation targets.
+        latent_position_embedding: add a fixed 2-D sin-cos code of each VAE token's (row, column) to its
+            embedding (clean and noisy copies), so a noisy token can find its cell in a condition image.
+        prediction: what the generation head outputs. "velocity": v = ε − x₀ directly. "x0": the clean tokens
+            x̂₀, turned into v̂ = (x_σ − x̂₀) / max(σ, min_sigma_x0) for the sampler; the training loss is then
+            the flow MSE with both velocities scaled by max(σ, min_sigma_x0), i.e. the MSE of x̂₀ (unscaled,
+            the 1/σ² of small σ dominates and training stalls). The head never has to reproduce the noise, which matters
+            when a token holds many raw values (pixel-space autoencoders: 48 values a token for 4x4 RGB
+            patches on a 64-wide model): memorising 8 edits went from 0/8 to 5-6/8 in the same 700 steps.
+        min_sigma_x0: the smallest σ the x0 parameterisation divides by.
+
+    The loss weights are not part of the model: they are the training module's `lambda_text` / `lambda_image`.
+    """
+
+    llm: str
+    vit: str
+    autoencoder: str = "pixel"
+    autoencoder_subfolder: str | None = None
+    latent_patch: int = 2
+    attention: str = "sdpa_dense"
+    text_sees_vae: bool = False
+    timestep_conditioning: Literal["adaln", "additive"] = "adaln"
+    vit_feature_layer: int = -1
+    vocab_size: int | None = None
+    timestep_sampling: TimestepSampling = field(default_factory=TimestepSampling)
+    latent_position_embedding: bool = True
+    prediction: Literal["velocity", "x0"] = "velocity"
+    min_sigma_x0: float = 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): every field, `timestep_sampling` as a dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelConfig:
+        """The config `d` (a mapping, as `to_dict` writes it) describes; `timestep_sampling` may be a dict or a
+        `TimestepSampling`. ConfigError naming unknown keys and missing required ones."""
+        if not hasattr(d, "keys"):
+            raise ConfigError(f"a model config must be a mapping of its fields, got {type(d).__name__}")
+        values = {k: v for k, v in dict(d).items() if k not in REMOVED_FIELDS}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in values if k not in names)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        missing = [k for k in ("llm", "vit") if k not in values]
+        if missing:
+            raise ConfigError(f"model config lacks required key(s) {', '.join(missing)}")
+        ts = values.get("timestep_sampling")
+        if ts is None:
+            values.pop("timestep_sampling", None)
+        elif not isinstance(ts, TimestepSampling):
+            if not hasattr(ts, "keys"):
+                raise ConfigError(f"model config key timestep_sampling must be a mapping, got {type(ts).__name__}")
+            known = {f.name for f in fields(TimestepSampling)}
+            bad = sorted(str(k) for k in ts if k not in known)
+            if bad:
+                raise ConfigError(f"unknown timestep_sampling key(s) {', '.join(bad)}; known: "
+                                  f"{', '.join(sorted(known))}")
+            values["timestep_sampling"] = TimestepSampling(**ts)
+        return cls(**values)
+
+
+# configs travel inside Lightning checkpoints (hyper-parameters): allow them in weights-only loading (ModelConfig
+# also under mogao.model.mogao, where checkpoints of earlier versions name it)
+torch.serialization.add_safe_globals([ModelConfig, TimestepSampling, (ModelConfig, "mogao.model.mogao.ModelConfig")])
+
+
+def model_architecture(model: Any) -> dict[str, Any]:
+    """The architecture record of `model`: its `ModelConfig` (`to_dict`) and the LLM, ViT and autoencoder
+    configs (None: the pixel autoencoder). A saved model's `mogao_config.json` and a training checkpoint's
+    `mogao_architecture` entry hold it; `load_model` rebuilds the model from it."""
+    from mogao.model.autoencoder import PixelAutoencoder
+
+    ae = model.autoencoder
+    return {"model": model.cfg.to_dict(), "llm_config": model.backbone.config.to_dict(),
+            "vit_config": model.vit.config.to_dict(),
+            "autoencoder_config": None if isinstance(ae, PixelAutoencoder) else dict(ae.config)}
+
+
+def resolve_checkpoint(path: str, what: str) -> Path:
+    """A local checkpoint directory: the path itself, or a hub id ("org/name") already in the local HF cache.
+
+    Nothing is ever downloaded here; a missing checkpoint is a ConfigError naming it and saying how to get it.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (or no hub library): report below
+            pass
+        raise ConfigError(f"{what} checkpoint '{path}' is neither a local directory nor in the local Hugging Face "
+                          f"cache; fetch it first (`huggingface-cli download {path}`) or give a local directory")
+    raise ConfigError(f"{what} checkpoint directory not found: '{path}' (give a local directory saved with "
+                      "save_pretrained, or a hub id already downloaded)")
