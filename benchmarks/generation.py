@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,15 +24,17 @@ import torch
 
 from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts, train_tokenizer
 from mogao.data.shapes_mini import caption_corpus, draw_shape
-from mogao.inference import GenerationConfig, GenerationSession, Guidance, build_generation_batch
+from mogao.inference import GenerationConfig, GenerationSession, Guidance
 from mogao.inference.cache import Piece, cached_forward, text_piece
 from mogao.inference.guidance import FULL, IMAGE_ONLY, NONE
-from mogao.inference.simple import _with_text, _without_last_token
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import NoisyState
 from mogao.model.tiny import save_tiny_llm, save_tiny_vit
 from mogao.sequence.modality import Modality
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracle_sampler import _with_text, _without_last_token, build_generation_batch  # noqa: E402 (the recompute baseline)
 
 IMAGE = 64  # pixels: a 16 x 16 grid = 256 tokens with the pixel autoencoder and latent patch 4
 GRID = (16, 16)

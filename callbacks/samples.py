@@ -1,10 +1,11 @@
 """`SampleLogger`: text-to-image samples of the model being trained, every N steps, as a captioned image grid.
 
 The grid goes to `{log_dir}/samples/step_{global_step:06d}.png` and, with a `TensorBoardLogger`, to the
-"samples" image of the run. Sampling uses `mogao.inference.sample_images` (the full-recompute reference
-sampler) on `pl_module.model` with `pl_module.tokenizer`, and leaves the training state as it found it:
-module modes are restored and the global random number generators (torch CPU and CUDA, numpy, Python) are
-reset afterwards, so a run with this callback trains exactly like one without it.
+"samples" image of the run. Sampling uses `mogao.inference.tasks.text_to_image` (the KV-cached generation
+loop with classifier-free guidance that `mogao generate` runs) on `pl_module.model` with `pl_module.tokenizer`,
+and leaves the training state as it found it: module modes are restored and the global random number
+generators (torch CPU and CUDA, numpy, Python) are reset afterwards, so a run with this callback trains exactly
+like one without it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.seed import isolate_rng
 
 from mogao.errors import ConfigError
-from mogao.inference import image_grid, sample_images
+from mogao.inference import GenerationConfig, Guidance, image_grid
+from mogao.inference.tasks import text_to_image
 from mogao.training.rundir import run_dir
 
 
@@ -29,11 +31,13 @@ class SampleLogger(pl.Callback):
         prompts: text-to-image prompts, one image each (the caption under it).
         every_n_steps: log when the global step is a multiple of this (0: only at the end of training).
         steps: Euler steps of the sampler.
-        cfg_scale: classifier-free guidance scale (1 = no guidance, one forward per step).
+        cfg_scale: classifier-free guidance scale of the text (1 = no guidance, one forward per step); None =
+            the default of `mogao generate` (`Guidance().text_scale`).
         image_size: side of the square samples in pixels (a multiple of the model's VAE patch).
         seed: noise seed; image i uses seed + i, so every logged grid starts from the same noise.
         on_fit_end: also log once when training ends (unless that step was just logged).
-        shift: timestep shift of the sampling schedule (1 = uniform in σ).
+        shift: timestep shift of the sampling schedule (1 = uniform in σ); None = the model's training shift
+            for the image's token count, as `mogao generate` samples.
         cols: images per row of the grid.
 
     The pl_module must expose `model` (a `MogaoModel`) and `tokenizer`. Images are drawn on global rank 0;
@@ -46,11 +50,11 @@ class SampleLogger(pl.Callback):
         prompts: list[str],
         every_n_steps: int = 100,
         steps: int = 20,
-        cfg_scale: float = 1.0,
+        cfg_scale: float | None = None,
         image_size: int = 32,
         seed: int = 0,
         on_fit_end: bool = True,
-        shift: float = 1.0,
+        shift: float | None = None,
         cols: int = 4,
     ) -> None:
         super().__init__()
@@ -115,18 +119,12 @@ class SampleLogger(pl.Callback):
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         if not (trainer.is_global_zero or sharded):
             return None
+        config = GenerationConfig(image_size=self.image_size, steps=self.steps, shift=self.shift, seed=self.seed)
+        # (a text-to-image prompt has no condition image: the image scale only matters for `enabled`)
+        guidance = Guidance() if self.cfg_scale is None else Guidance(text_scale=self.cfg_scale, image_scale=1.0)
         with isolate_rng():
-            images = sample_images(
-                pl_module.model,
-                pl_module.tokenizer,
-                [[{"text": p}] for p in self.prompts],
-                image_size=self.image_size,
-                steps=self.steps,
-                shift=self.shift,
-                cfg_scale=self.cfg_scale,
-                seed=self.seed,
-                device=pl_module.device,
-            )
+            images = text_to_image(pl_module.model, pl_module.tokenizer, self.prompts, config=config,
+                                   guidance=guidance)
         if not trainer.is_global_zero:
             return None
         grid = image_grid(images, self.prompts, cols=self.cols)

@@ -1,11 +1,12 @@
-"""Reference samplers by full recomputation: every step re-runs the whole packed sequence.
+"""The test oracle of the generation loop: samplers by full recomputation, every step re-running the whole packed
+sequence through `MogaoModel.forward` (no KV cache). Tests compare `mogao.inference` (the cached loop every
+caller uses) against it; benchmarks time it as the recompute baseline.
 
 - `sample_images`: one image per context, by Euler integration of the rectified flow (DESIGN §4-5) with
   optional classifier-free guidance. All contexts (and their unconditional copies) are packed into one
   `PackedBatch`; each step asks the model for the velocity of the current noisy tokens
   (`MogaoModel.forward(batch, noisy=...)`).
 - `generate_text`: greedy decoding, appending one token and re-running the sequence each time.
-- `image_grid`: tiles images with their captions, for logs and quick looks.
 
 No KV cache and no incremental state: slow, but simple enough to serve as the reference a cached generation
 loop is checked against. Both samplers put the model in eval mode and restore every module's mode afterwards.
@@ -16,15 +17,12 @@ integrates dx/dσ = v from σ = 1 (pure noise) to σ = 0 along `sampling_sigmas(
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -34,6 +32,7 @@ from mogao.data.samples import samples_from_dicts
 from mogao.data.tokenizer import SpecialTokens
 from mogao.diffusion.flow import euler_sample, sampling_sigmas
 from mogao.errors import ConfigError
+from mogao.inference.images import eval_mode, image_size_wh, tensor_to_pil
 from mogao.model.mogao import MogaoModel, NoisyState
 from mogao.sequence.batch import PackedBatch
 from mogao.sequence.modality import Modality
@@ -44,18 +43,6 @@ Context = list[dict[str, Any]]
 _NO_LIMIT = 2**62  # token budget while lowering: the packed batch is sized to what the contexts need
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch `model` to eval mode; on exit give every submodule back its own previous mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -63,24 +50,10 @@ def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.dev
     return p.device if p is not None else torch.device("cpu")
 
 
-def image_size_wh(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """(width, height) of an image size given as one side or a pair."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    w, h = (int(v) for v in image_size)
-    return w, h
-
-
 def _samples(contexts: Sequence[Context], tail: list[dict[str, Any]]) -> list:
     """Validated samples: each context followed by `tail` (ids are positional, so always unique)."""
     raws = [{"id": f"context-{i}", "segments": [*ctx, *tail]} for i, ctx in enumerate(contexts)]
     return samples_from_dicts(raws, name="<sampler>")
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> an RGB PIL image (rounded to the nearest 8-bit value)."""
-    a = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(a), mode="RGB")
 
 
 # ---- images ------------------------------------------------------------------------------------------------
@@ -329,74 +302,3 @@ def generate_text(
                     still.append(i)
             active = still
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
-
-
-# ---- display -----------------------------------------------------------------------------------------------
-
-
-def _wrap(text: str, font: Any, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
-    """Word-wrap `text` to lines of at most `width` pixels (words longer than a line are cut)."""
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        line = ""
-        for word in para.split():
-            cand = f"{line} {word}".strip()
-            if draw.textlength(cand, font=font) <= width:
-                line = cand
-                continue
-            if line:
-                lines.append(line)
-            while len(word) > 1 and draw.textlength(word, font=font) > width:
-                cut = len(word) - 1
-                while cut > 1 and draw.textlength(word[:cut], font=font) > width:
-                    cut -= 1
-                lines.append(word[:cut])
-                word = word[cut:]
-            line = word
-        lines.append(line)
-    return lines
-
-
-def image_grid(
-    images: Sequence[Image.Image],
-    captions: Sequence[str] | None = None,
-    cols: int = 4,
-    min_size: int = 96,
-) -> Image.Image:
-    """Tile images in a grid (row by row, `cols` a row) with each caption wrapped underneath.
-
-    Images smaller than `min_size` pixels a side are enlarged by an integer factor (nearest neighbour, so the
-    pixels stay visible); cells are as large as the largest image. White background, black text.
-    """
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    captions = list(captions) if captions is not None else [""] * len(images)
-    if len(captions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    scaled = []
-    for img in images:
-        k = max(1, math.ceil(min_size / max(1, min(img.size))))
-        scaled.append(img.convert("RGB").resize((img.width * k, img.height * k), Image.Resampling.NEAREST))
-    cols = max(1, min(cols, len(scaled)))
-    rows = math.ceil(len(scaled) / cols)
-    pad = 4
-    cell_w = max(i.width for i in scaled)
-    img_h = max(i.height for i in scaled)
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    _, top, _, bottom = measure.textbbox((0, 0), "Ag", font=font)
-    line_h = bottom - top + 2
-    wrapped = [_wrap(c, font, cell_w, measure) if c else [] for c in captions]
-    cap_h = max(len(w) for w in wrapped) * line_h
-    cell_h = img_h + (cap_h + pad if cap_h else 0)
-    canvas = Image.new(
-        "RGB", (cols * cell_w + (cols + 1) * pad, rows * cell_h + (rows + 1) * pad), (255, 255, 255)
-    )
-    draw = ImageDraw.Draw(canvas)
-    for n, (img, lines) in enumerate(zip(scaled, wrapped)):
-        x = pad + (n % cols) * (cell_w + pad)
-        y = pad + (n // cols) * (cell_h + pad)
-        canvas.paste(img, (x + (cell_w - img.width) // 2, y))
-        for j, line in enumerate(lines):
-            draw.text((x, y + img_h + pad + j * line_h - top), line, fill=(0, 0, 0), font=font)
-    return canvas

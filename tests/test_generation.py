@@ -7,21 +7,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from mogao.data import DataConfig, SpecialTokens, collate_plans, lower_sample, samples_from_dicts
-from mogao.data.shapes_mini import draw_shape
-from mogao.inference import (
-    GenerationConfig,
-    GenerationSession,
-    Guidance,
+from oracle_sampler import (
+    _with_text,
+    _without_last_token,
     build_generation_batch,
     generate_text,
     last_token_rows,
     sample_image_tokens,
 )
+
+from mogao.data import DataConfig, SpecialTokens, collate_plans, lower_sample, samples_from_dicts
+from mogao.data.shapes_mini import draw_shape
+from mogao.inference import GenerationConfig, GenerationSession, Guidance
 from mogao.inference.cache import cached_forward, text_piece
 from mogao.inference.guidance import FULL, IMAGE_ONLY, NONE
-from mogao.inference.simple import _with_text, _without_last_token
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel, NoisyState

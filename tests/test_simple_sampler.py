@@ -1,4 +1,5 @@
-"""The reference samplers: the model's sampling hook, flow-sampling conventions, CFG, greedy text decoding."""
+"""The test oracle (tests/oracle_sampler.py): the model's sampling hook, flow-sampling conventions, CFG, greedy
+text decoding."""
 
 from __future__ import annotations
 
@@ -6,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_batch
+from oracle_sampler import (
+    build_generation_batch,
+    generate_text,
+    last_token_rows,
+    sample_image_tokens,
+    sample_images,
+)
 from PIL import Image
 
 from mogao.data import DataConfig, SpecialTokens, collate_plans, lower_sample, samples_from_dicts
 from mogao.data.images import resize_to_grid
 from mogao.data.shapes_mini import draw_shape
 from mogao.diffusion import FlowMatchingLoss, add_noise, draw_sigmas_and_noise, sampling_sigmas
-from mogao.inference import (
-    build_generation_batch,
-    generate_text,
-    image_grid,
-    last_token_rows,
-    sample_image_tokens,
-    sample_images,
-)
+from mogao.inference import image_grid
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import ModelOutput, MogaoModel, NoisyState

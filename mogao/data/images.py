@@ -166,7 +166,8 @@ def resize_to_grid(img: Image.Image, grid: tuple[int, int], patch: int) -> torch
 
 def prepare_image(img: Image.Image, *, max_tokens: int, vit_patch: int, vae_patch: int, min_grid: int = 1,
                   max_grid: int | None = None) -> ImageTensors:
-    """Convert, choose the grid and make both copies of one image."""
+    """Convert, choose the grid and make both copies of one image: how an image becomes model input, for the
+    lowering of samples (`mogao.data.plan`) and for the generation loop (`mogao.inference`) alike."""
     rgb = to_rgb(img)
     grid = choose_grid(rgb.height, rgb.width, max_tokens, min_grid, max_grid)
     return ImageTensors(resize_to_grid(rgb, grid, vit_patch), resize_to_grid(rgb, grid, vae_patch), grid)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
+from mogao.data.images import ImageTensors, choose_grid, open_image, prepare_image, to_rgb
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.data.tokenizer import SpecialTokens
 from mogao.errors import ConfigError, DataError
@@ -271,9 +271,9 @@ def lower_sample(
                 spans.append(PlanSpan(Modality.TEXT, len(text_ids[i]), token_ids=tuple(text_ids[i]),
                                       loss=(seg.loss,) * len(text_ids[i])))
             continue
-        grid = grids[i]
-        tensors = ImageTensors(resize_to_grid(rgb[i], grid, config.vit_patch),
-                               resize_to_grid(rgb[i], grid, config.vae_patch), grid)
+        tensors = prepare_image(rgb[i], max_tokens=config.max_image_tokens, vit_patch=config.vit_patch,
+                                vae_patch=config.vae_patch, min_grid=config.min_grid, max_grid=config.max_grid)
+        grid = tensors.grid  # (= grids[i], chosen by the same rule above)
         src = image_order[i]
         k = len(images)
         images.append(PlanImage(tensors, seg.generate, seg.flow_weight,

@@ -1,11 +1,12 @@
 """The one place where evaluation asks a model to generate: every suite goes through these functions.
 
-They run the KV-cached generation loop (`mogao.inference.tasks.generate`): images with classifier-free
-guidance against the branch with text and condition images dropped, text greedily. Condition images get as
-many tokens as a generated image of the same size, as in the tiny recipes' training data.
+They are the suites' settings on `mogao.inference.tasks` (the KV-cached generation loop every caller uses):
+images with classifier-free guidance against the branch with text and condition images dropped, text greedily.
+Condition images get as many tokens as a generated image of the same size, as in the tiny recipes' training
+data.
 
 A context is a list of segments in the sample format (`{"text": ..., "loss": False}` for a prompt,
-`{"image": PIL.Image}` for a condition image); it becomes one user turn of a conversation.
+`{"image": PIL.Image}` for a condition image); it is one user turn of a conversation.
 
 `Generator` is what the suites call: `ModelGenerator` wraps a model and its tokenizer; anything with the same
 two methods (for example a stub that returns reference images) runs through exactly the same suite code.
@@ -29,36 +30,31 @@ def prompt(text: str) -> dict[str, Any]:
 
 def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, seed: int = 0, steps: int = 20,
                     cfg: float = 3.0, image_size: int = 32, shift: float | None = None) -> list[Image.Image]:
-    """One image per context; image i starts from the noise of `seed + i`. shift: of the σ schedule (None: the
-    model's training shift, as `mogao generate` and `mogao chat` sample).
+    """One image per context (`mogao.inference.tasks.draw_images`); image i starts from the noise of `seed + i`.
+    shift: of the σ schedule (None: the model's training shift, as `mogao generate` and `mogao chat` sample).
 
     One guidance scale for text and images alike: with γ_img = γ = cfg the multi-modal CFG formula is plain
     CFG against the branch with neither text nor condition images.
     """
+    from mogao.inference import tasks
     from mogao.inference.guidance import Guidance
     from mogao.inference.session import GenerationConfig
-    from mogao.inference.tasks import generate
 
-    config = GenerationConfig(max_images=1, image_size=image_size, steps=steps, shift=shift, seed=seed)
-    out = generate(model, tokenizer, [_turn(c) for c in contexts], draw=True, config=config,
-                   guidance=Guidance(text_scale=cfg, image_scale=cfg))
-    return [r.images[0] for r in out]
+    config = GenerationConfig(image_size=image_size, steps=steps, shift=shift, seed=seed)
+    return tasks.draw_images(model, tokenizer, contexts, config=config,
+                             guidance=Guidance(text_scale=cfg, image_scale=cfg))
 
 
 def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8,
                    image_size: int = 32) -> list[str]:
-    """Greedy text continuation of each context (an answer ends where the model would begin an image). Images in
-    a context get the token grid of an `image_size` image, as the conditions of `generate_images` do."""
+    """Greedy text continuation of each context (`mogao.inference.tasks.text_replies`: an answer ends where the
+    model would begin an image). Images in a context get the token grid of an `image_size` image, as the
+    conditions of `generate_images` do."""
+    from mogao.inference import tasks
     from mogao.inference.session import GenerationConfig
-    from mogao.inference.tasks import generate
 
-    config = GenerationConfig(max_images=0, max_new_tokens=max_new_tokens, image_size=image_size)
-    return [r.text.strip() for r in generate(model, tokenizer, [_turn(c) for c in contexts], config=config)]
-
-
-def _turn(context: Context) -> list[dict[str, Any]]:
-    """A context's segments as one user turn (text and images; loss flags mean nothing at inference)."""
-    return [{"image": s["image"]} if "image" in s else {"text": s["text"]} for s in context]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, image_size=image_size)
+    return tasks.text_replies(model, tokenizer, contexts, config=config)
 
 
 def t2i(model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 3.0,
@@ -66,25 +62,6 @@ def t2i(model: Any, tokenizer: Any, prompts: Sequence[str], *, seed: int = 0, st
     """Text-to-image: one image per prompt."""
     return generate_images(model, tokenizer, [[prompt(p)] for p in prompts], seed=seed, steps=steps, cfg=cfg,
                            image_size=image_size)
-
-
-def answers(model: Any, tokenizer: Any, images: Sequence[Image.Image], questions: Sequence[str], *,
-            max_new_tokens: int = 8) -> list[str]:
-    """The answer to each (image, question)."""
-    contexts = [[{"image": img}, prompt(q)] for img, q in zip(images, questions, strict=True)]
-    return generate_texts(model, tokenizer, contexts, max_new_tokens=max_new_tokens)
-
-
-def answer(model: Any, tokenizer: Any, image: Image.Image, question: str, *, max_new_tokens: int = 8) -> str:
-    """The answer to one question about one image."""
-    return answers(model, tokenizer, [image], [question], max_new_tokens=max_new_tokens)[0]
-
-
-def edit(model: Any, tokenizer: Any, image: Image.Image, instruction: str, *, seed: int = 0, steps: int = 20,
-         cfg: float = 2.0, image_size: int = 32, history: Sequence[dict[str, Any]] = ()) -> Image.Image:
-    """The image after `instruction`; `history` is what came before `image` (earlier turns of a story)."""
-    context = [*history, {"image": image}, prompt(instruction)]
-    return generate_images(model, tokenizer, [context], seed=seed, steps=steps, cfg=cfg, image_size=image_size)[0]
 
 
 class Generator(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from mogao.data.images import ImageTensors, choose_grid, open_image, resize_to_grid, to_rgb
+from mogao.data.images import ImageTensors, open_image, prepare_image, to_rgb
 from mogao.errors import ConfigError, DataError
 from mogao.model.io import load_model, load_tokenizer
 
@@ -72,6 +72,6 @@ def load_image(image: str | Path | Image.Image, what: str = "image") -> Image.Im
 
 
 def image_tensors(img: Image.Image, max_tokens: int, vit_patch: int, vae_patch: int) -> ImageTensors:
-    """Both copies of an RGB image on the token grid the data pipeline would choose for `max_tokens`."""
-    grid = choose_grid(img.height, img.width, max_tokens)
-    return ImageTensors(resize_to_grid(img, grid, vit_patch), resize_to_grid(img, grid, vae_patch), grid)
+    """Both copies of an image on the token grid the data pipeline would choose for `max_tokens` (the data
+    pipeline's own `prepare_image`)."""
+    return prepare_image(img, max_tokens=max_tokens, vit_patch=vit_patch, vae_patch=vae_patch)

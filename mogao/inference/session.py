@@ -36,8 +36,8 @@ from mogao.diffusion.flow import euler_sample, sampling_sigmas
 from mogao.errors import ConfigError
 from mogao.inference.cache import KVCache, Piece, cached_forward, text_piece
 from mogao.inference.guidance import BRANCHES, FULL, IMAGE_ONLY, Guidance
+from mogao.inference.images import eval_mode, image_size_wh, tensor_to_pil
 from mogao.inference.inputs import check_prompt, image_tensors, load_image
-from mogao.inference.simple import eval_mode, image_size_wh, tensor_to_pil
 from mogao.model.autoencoder import PixelAutoencoder
 from mogao.model.mogao import MogaoModel
 from mogao.sequence.modality import Modality
@@ -56,6 +56,9 @@ class GenerationConfig:
         the image's token count (`TimestepSampling.shift_for`).
     temperature: 0 = greedy text; > 0 samples from softmax(logits / temperature) with a seeded generator.
     seed: conversation i's k-th image starts from noise seeded by (seed + i, k); text sampling likewise.
+    lockstep: every `respond` runs exactly `max_new_tokens` text steps, however early the answers end (the
+        steps after the last answer are forwards whose results are dropped). A sharded model gathers its
+        weights in every forward, so every rank has to run as many; text only (needs max_images 0).
     """
 
     max_new_tokens: int = 256
@@ -66,6 +69,7 @@ class GenerationConfig:
     shift: float | None = None
     temperature: float = 0.0
     seed: int = 0
+    lockstep: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.max_images < 0:
@@ -78,6 +82,8 @@ class GenerationConfig:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.condition_tokens is not None and self.condition_tokens < 1:
             raise ConfigError(f"condition_tokens must be >= 1, got {self.condition_tokens}")
+        if self.lockstep and self.max_images:
+            raise ConfigError(f"lockstep decoding is for text: set max_images to 0 (got {self.max_images})")
 
 
 @dataclass
@@ -246,6 +252,7 @@ class GenerationSession:
         n_img = dict.fromkeys(convs, 0)
         want_image = {c for c, d in zip(convs, draws) if d}
         active = list(convs)
+        text_steps = 0
 
         def flush(c: int) -> None:
             if text_ids[c]:
@@ -288,6 +295,7 @@ class GenerationSession:
                 if text_rows:
                     out = cached_forward(self.model, self.cache, [self.row(c, FULL) for c, _ in text_rows],
                                          [[text_piece([t])] for _, t in text_rows], commit=True)
+                    text_steps += 1
                     for i, (c, _) in enumerate(text_rows):
                         self.pending[c] = out.logits[i]
                 if drawing:
@@ -302,6 +310,9 @@ class GenerationSession:
                         n_img[c] += 1
                         if n_img[c] >= cfg.max_images:
                             finish(c, "max_images")
+            for _ in range(text_steps, cfg.max_new_tokens if cfg.lockstep and convs else 0):
+                cached_forward(self.model, self.cache, [self.row(convs[0], FULL)],
+                               [[text_piece([self.special.eos_id])]], commit=False)
         return [responses[c] for c in convs]
 
     # ---- images ------------------------------------------------------------------------------------------

@@ -2,6 +2,12 @@
 
 Each builds a `GenerationSession` with one conversation per prompt, adds the user turn and asks for one
 response; `chat` keeps a session across turns (previous turns' text and images stay in the cache).
+
+A turn is a list of segments `{"text": str}` / `{"image": path | PIL image}`; segments in the sample format
+(e.g. with a `loss` flag) are taken as they are, other keys ignored. `draw_images` and `text_replies` take
+such turns (the general forms of `text_to_image` / `edit_image` and of `answer`); every caller that generates
+(`mogao generate` / `chat` / `eval`, the training's sample grids and exact-match validation, the run report)
+goes through these functions.
 """
 
 from __future__ import annotations
@@ -31,12 +37,25 @@ def _run(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: list[list
     return session.respond(draw=draw)
 
 
+def draw_images(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: Sequence[Sequence[dict[str, Any]]],
+                *, config: GenerationConfig | None = None, guidance: Guidance | None = None) -> list[Image.Image]:
+    """One image per turn: each response begins with an image and ends after it (condition images of the turn
+    get 3-branch CFG, a turn without one 2-branch CFG)."""
+    cfg = replace(config or GenerationConfig(), max_images=1)
+    return [r.images[0] for r in generate(model, tokenizer, turns, draw=True, config=cfg, guidance=guidance)]
+
+
+def text_replies(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: Sequence[Sequence[dict[str, Any]]],
+                 *, config: GenerationConfig | None = None) -> list[str]:
+    """The text reply to each turn, stripped; no images are drawn (a begin-of-image token ends the reply)."""
+    cfg = replace(config or GenerationConfig(), max_images=0)
+    return [r.text.strip() for r in generate(model, tokenizer, turns, config=cfg, guidance=None)]
+
+
 def text_to_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
                   config: GenerationConfig | None = None, guidance: Guidance | None = None) -> list[Image.Image]:
     """One image per prompt (the response begins with an image and ends after it)."""
-    cfg = replace(config or GenerationConfig(), max_images=1)
-    out = _run(model, tokenizer, [[{"text": p}] for p in prompts], True, cfg, guidance)
-    return [r.images[0] for r in out]
+    return draw_images(model, tokenizer, [[{"text": p}] for p in prompts], config=config, guidance=guidance)
 
 
 def edit_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, images: Sequence[ImageInput],
@@ -45,9 +64,8 @@ def edit_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, images: Se
     """One edited image per (image, instruction): the input image is the condition, 3-branch CFG applies."""
     if len(images) != len(instructions):
         raise ConfigError(f"edit_image: {len(images)} images but {len(instructions)} instructions")
-    cfg = replace(config or GenerationConfig(), max_images=1)
     turns = [[{"image": img}, {"text": text}] for img, text in zip(images, instructions)]
-    return [r.images[0] for r in _run(model, tokenizer, turns, True, cfg, guidance)]
+    return draw_images(model, tokenizer, turns, config=config, guidance=guidance)
 
 
 def answer(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str | None], *,
@@ -66,8 +84,7 @@ def answer(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, questions: Seq
         if not turn:
             raise ConfigError("answer: each question needs text, an image or both")
         turns.append(turn)
-    cfg = replace(config or GenerationConfig(), max_images=0)
-    return [r.text.strip() for r in _run(model, tokenizer, turns, False, cfg, None)]
+    return text_replies(model, tokenizer, turns, config=config)
 
 
 def generate(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict[str, Any]]],

@@ -453,7 +453,8 @@ class MogaoModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.exact_match_samples <= 0 or dm is None or not hasattr(dm, "val_samples"):
             return {}
-        from mogao.inference.simple import generate_text
+        from mogao.inference import tasks
+        from mogao.inference.session import GenerationConfig
 
         out = {}
         rank, world = self.global_rank, self.trainer.world_size
@@ -468,10 +469,12 @@ class MogaoModule(pl.LightningModule):
                 share = qa[rank::world]
                 counted = len(share)
                 share = share + [qa[0]] * (-(-len(qa) // world) - counted)
-                # images on the token grid the validation data has (the data's max_image_tokens), not the
-                # reference decoder's default of 256 tokens a copy
-                answers = generate_text(self.model, self.tokenizer, [c for c, _ in share], max_new_tokens=steps,
-                                        max_image_tokens=dm.data.max_image_tokens, lockstep=world > 1)
+                # greedy, through the generation loop users get; images on the token grid the validation data
+                # has (the data's max_image_tokens), not the default generation grid; lockstep: as many
+                # forwards on every rank
+                config = GenerationConfig(max_new_tokens=steps, max_images=0, lockstep=world > 1,
+                                          condition_tokens=dm.data.max_image_tokens)
+                answers = tasks.text_replies(self.model, self.tokenizer, [c for c, _ in share], config=config)
                 hits = sum(_norm(g) == _norm(a) for g, (_, a) in list(zip(answers, share))[:counted])
                 correct.update(torch.tensor(float(hits)))
                 total.update(torch.tensor(float(counted)))
