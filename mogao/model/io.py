@@ -29,6 +29,7 @@ import torch
 
 from mogao.errors import ConfigError
 from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, resolve_checkpoint
+from mogao.model.config import model_architecture as model_architecture  # (the record load_model reads)
 
 if TYPE_CHECKING:
     from mogao.model.mogao import MogaoModel
