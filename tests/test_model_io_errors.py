@@ -62,3 +62,29 @@ def test_truncated_weights_and_bad_config_are_named(saved, tmp_path):
     (d2 / "model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no model.safetensors"):
         load_model(d2)
+
+
+def test_model_config_dict_round_trip_and_unknown_keys():
+    from mogao.diffusion.flow import TimestepSampling
+    from mogao.model.config import ModelConfig
+
+    cfg = ModelConfig(llm="a", vit="b", latent_patch=4, timestep_sampling=TimestepSampling(shift=3.0))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown model config key.*latent_pach"):
+        ModelConfig.from_dict({**cfg.to_dict(), "latent_pach": 2})
+    with pytest.raises(ConfigError, match="unknown timestep_sampling key.*shfit"):
+        ModelConfig.from_dict({"llm": "a", "vit": "b", "timestep_sampling": {"shfit": 1.0}})
+    with pytest.raises(ConfigError, match="lacks required key.*vit"):
+        ModelConfig.from_dict({"llm": "a"})
+    # configs saved with the loss weights the model used to carry still load
+    assert ModelConfig.from_dict({**cfg.to_dict(), "lambda_text": 1.0, "lambda_image": 1.0}) == cfg
+
+
+def test_saved_config_with_an_unknown_key_is_refused_naming_it(saved, tmp_path):
+    d = _copy(saved[0], tmp_path / "f")
+    meta = json.loads((d / "mogao_config.json").read_text())
+    meta["model"]["no_such_field"] = 1
+    (d / "mogao_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="not a valid mogao config.*no_such_field"):
+        load_model(d)
