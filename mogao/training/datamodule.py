@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import copy
-import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,7 @@ from mogao.data.prepared import PreparedSamples, decoded, is_prepared, read_mani
 from mogao.data.samples import Sample
 from mogao.errors import ConfigError, DataError
 from mogao.sequence import PackedBatch
-from mogao.training.rundir import run_dir
+from mogao.training.faults import rank_report_path, write_rank_report
 
 log = logging.getLogger(__name__)
 
@@ -420,20 +419,10 @@ class MogaoDataModule(pl.LightningDataModule):
         report = self.fault_report(live=error is not None)
         if error is not None:
             report["stopped_by"] = f"{type(error).__name__}: {error}"
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(path)
-        return path
+        return write_rank_report(Path(path), report)
 
     def _fault_report_path(self) -> Path | None:
-        trainer = self.trainer
-        if trainer is None:
-            return None
-        root = run_dir(trainer)
-        rank = trainer.global_rank
-        return root / ("data_faults.json" if rank == 0 else f"data_faults.rank{rank}.json")
+        return None if self.trainer is None else rank_report_path(self.trainer, "data_faults")
 
     def teardown(self, stage: str) -> None:
         if stage != "fit" or self._train is None or (path := self._fault_report_path()) is None:

@@ -10,22 +10,17 @@ The model comes from pretrained parts (`model`: LLM, SigLIP, autoencoder) or fro
 (`init_from`: e.g. the previous curriculum stage). Optimizer and LR schedule are injected (recipes give class
 paths), and `configure_optimizers` builds weight-decay / no-decay groups over the trainable parameters only.
 
-Numerical faults: a non-finite loss (checked before backward) or a non-finite total gradient norm of the
-trainable parameters (checked before the optimizer step) is logged with the step and the batch's sample ids,
-counted (`train/nonfinite_steps`) and recorded in `<run dir>/numerical_faults.json`; with `nonfinite="skip"`
-the step makes no update. Too many consecutive faults (or any, with `nonfinite="stop"`) stop the run with a
-`NumericalError`.
+Numerical faults (a non-finite loss or gradient norm) follow the policy of `mogao.training.faults`; the count
+is logged as `train/nonfinite_steps`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -33,21 +28,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from mogao.data.samples import ImageSegment, Sample, TextSegment
-from mogao.errors import ConfigError, NumericalError
+from mogao.errors import ConfigError
 from mogao.lora.spec import LoraSpec
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model, resolve_checkpoint
 from mogao.model.mogao import MogaoModel
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.sequence import PackedBatch
+from mogao.training.faults import ELSEWHERE, NonFinite, NumericalFaults
 from mogao.training.objectives import combine_losses
 from mogao.training.parts import check_parts, part_parameters, set_trainable
 from mogao.training.rundir import run_dir
 
 log = logging.getLogger(__name__)
 
-NonFinite = Literal["skip", "stop"]
-MAX_FAULT_RECORDS = 100  # faults listed in numerical_faults.json and checkpoints (the counts are complete)
 
 # a step skipped for a non-finite loss returns None on purpose, and is logged with its samples here
 warnings.filterwarnings("ignore", message="`training_step` returned `None`")
@@ -118,11 +112,7 @@ class MogaoModule(pl.LightningModule):
                               "model.meta_init: false for a LoRA run")
         self.meta_init = meta_init
         self.weight_plan = None  # with meta_init: where configure_model reads the weights from
-        if nonfinite not in ("skip", "stop"):
-            raise ConfigError(f"model.nonfinite must be 'skip' or 'stop', got {nonfinite!r}")
-        if max_nonfinite_consecutive < 1:
-            raise ConfigError("model.max_nonfinite_consecutive must be >= 1, got "
-                              f"{max_nonfinite_consecutive}")
+        self.faults = NumericalFaults(nonfinite, max_nonfinite_consecutive)
         if model is None and init_from is None:
             raise ConfigError("model: give 'model' (pretrained parts: llm, vit, autoencoder) or 'init_from' "
                               "(a saved mogao model directory)")
@@ -157,11 +147,6 @@ class MogaoModule(pl.LightningModule):
         self.save_dir = save_dir
         self.last_metrics: dict[str, float] = {}
         self._val_sums: torch.nn.ModuleDict | None = None
-        self.nonfinite = nonfinite
-        self.max_nonfinite_consecutive = max_nonfinite_consecutive
-        self.nonfinite_steps = 0  # faults so far (a step with a bad loss and bad gradients counts once)
-        self._faults: list[dict[str, Any]] = []  # the first MAX_FAULT_RECORDS faults
-        self._consecutive: list[dict[str, Any]] = []  # the current run of consecutive faults
         self._skip_update = False  # the coming optimizer step must make no update
         self._batch_info: dict[str, Any] = {"sample_ids": [], "source": ""}
         self._bad_samples = 0
@@ -246,8 +231,7 @@ class MogaoModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mogao"] = {"train_parts": list(self.train_parts), "optimizer_parts": list(self.optimizer_parts),
                                "lambda_text": self.lambda_text, "lambda_image": self.lambda_image,
-                               "numerical": {"nonfinite_steps": self.nonfinite_steps, "faults": self._faults,
-                                             "consecutive": self._consecutive}}
+                               "numerical": self.faults.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mogao")
@@ -255,10 +239,7 @@ class MogaoModule(pl.LightningModule):
             self.optimizer_parts = list(state["optimizer_parts"])
             self.set_train_parts(list(state["train_parts"]))
             self.lambda_text, self.lambda_image = state["lambda_text"], state["lambda_image"]
-            numerical = state.get("numerical", {})
-            self.nonfinite_steps = int(numerical.get("nonfinite_steps", 0))
-            self._faults = [dict(r) for r in numerical.get("faults", [])]
-            self._consecutive = [dict(r) for r in numerical.get("consecutive", [])]
+            self.faults.load_state_dict(state.get("numerical", {}))
 
     # ---- training -------------------------------------------------------------------------------------
     def _group(self):
@@ -283,15 +264,15 @@ class MogaoModule(pl.LightningModule):
         local_bad = not bool(torch.isfinite(loss))
         bad_loss = self._on_any_rank(local_bad)
         if bad_loss:
-            self._fault("loss", float(loss) if local_bad else _ELSEWHERE)  # may raise NumericalError
+            self.faults.record(self.trainer, "loss", float(loss) if local_bad else ELSEWHERE, self._batch_info)
             self._skip_update = True
         self.last_metrics = {"loss": float(loss), "text_loss": float(total.text_loss),
                              "image_loss": float(total.image_loss), "tokens": batch.num_tokens,
                              "samples": len(batch.sample_ids), "source": source,
-                             "nonfinite_steps": self.nonfinite_steps, "bad_samples": self._bad_samples}
+                             "nonfinite_steps": self.faults.steps, "bad_samples": self._bad_samples}
         self.log_dict({"train/loss": loss, "train/text_loss": total.text_loss,
                        "train/image_loss": total.image_loss}, prog_bar=True, batch_size=1)
-        self.log_dict({"train/nonfinite_steps": float(self.nonfinite_steps),
+        self.log_dict({"train/nonfinite_steps": float(self.faults.steps),
                        "data/bad_samples": float(self._bad_samples)}, batch_size=1)
         if not bad_loss:
             return total.loss
@@ -308,16 +289,16 @@ class MogaoModule(pl.LightningModule):
             norm = self._grad_norm()
             local_bad = norm is not None and not math.isfinite(norm)
             if self._on_any_rank(local_bad):
-                self._fault("grad_norm", norm if local_bad else _ELSEWHERE)  # may raise NumericalError
-                self.last_metrics["nonfinite_steps"] = self.nonfinite_steps
-                self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+                self.faults.record(self.trainer, "grad_norm", norm if local_bad else ELSEWHERE, self._batch_info)
+                self.last_metrics["nonfinite_steps"] = self.faults.steps
+                self.log("train/nonfinite_steps", float(self.faults.steps), batch_size=1)
                 skip = True
         if skip:
             for group in optimizer.param_groups:  # a parameter without a gradient is not updated (or decayed)
                 for p in group["params"]:
                     p.grad = None
         else:
-            self._consecutive = []
+            self.faults.step_ok()
 
     def _grad_norm(self) -> float | None:
         """Total 2-norm of the trainable parameters' gradients (None when there are none)."""
@@ -336,77 +317,6 @@ class MogaoModule(pl.LightningModule):
         t = torch.tensor(float(flag), device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return bool(t.item() > 0)
-
-    # ---- numerical faults -----------------------------------------------------------------------------
-    def _fault(self, kind: str, value: float | str) -> None:
-        """Count and record a non-finite loss or gradient norm of the current step; raise `NumericalError`
-        when the policy says the run must stop."""
-        step = self.trainer.global_step + 1  # the optimizer step being taken (as numbered in metrics.jsonl)
-        record = {"step": step, "kind": kind, "value": str(value), **copy.deepcopy(self._batch_info)}
-        last = self._consecutive[-1] if self._consecutive else None
-        if last is not None and last["step"] == step:  # another micro-batch of the same step: still one fault
-            last["sample_ids"] += [i for i in record["sample_ids"] if i not in last["sample_ids"]]
-            if kind not in last["kind"].split("+"):
-                last["kind"] += f"+{kind}"
-                last["value"] += f", {value}"
-        else:
-            self.nonfinite_steps += 1
-            self._consecutive.append(record)
-            if len(self._faults) < MAX_FAULT_RECORDS:
-                self._faults.append(record)
-        log.warning("non-finite %s (%s) at step %d on samples %s (source %r); %s", _KIND[kind], value, step,
-                    _ids(record["sample_ids"]), record["source"],
-                    "stopping" if self._must_stop() else "the step makes no update")
-        path = self.write_numerical_faults()
-        if self._must_stop():
-            raise NumericalError(self._stop_message(path))
-
-    def _must_stop(self) -> bool:
-        return self.nonfinite == "stop" or len(self._consecutive) >= self.max_nonfinite_consecutive
-
-    def _stop_message(self, path: Path | None) -> str:
-        if self.nonfinite == "stop":
-            head = ("training stopped at a non-finite value (model.init_args.nonfinite='stop'; 'skip' skips "
-                    "such steps):")
-        else:
-            head = (f"training stopped: {len(self._consecutive)} consecutive steps had a non-finite loss or "
-                    "gradient norm (model.init_args.max_nonfinite_consecutive="
-                    f"{self.max_nonfinite_consecutive}):")
-        lines = [head]
-        for r in self._consecutive[-10:]:
-            what = " and ".join(_KIND[k] for k in r["kind"].split("+"))
-            lines.append(f"  step {r['step']}: {what} = {r['value']} on samples {_ids(r['sample_ids'])} "
-                         f"(source {r['source']!r})")
-        recorded = f"; every fault is recorded in {path}" if path else ""
-        lines.append("Lower the learning rate (model.init_args.optimizer.init_args.lr) or add warm-up, clip "
-                     "gradients (trainer.gradient_clip_val), train in bf16 or fp32 rather than fp16, or "
-                     f"check the samples listed{recorded}.")
-        return "\n".join(lines)
-
-    def numerical_report(self) -> dict[str, Any]:
-        """The numerical faults of this run so far (continued across resumes)."""
-        return {"policy": self.nonfinite, "max_nonfinite_consecutive": self.max_nonfinite_consecutive,
-                "nonfinite_steps": self.nonfinite_steps, "consecutive": len(self._consecutive),
-                "faults": self._faults}
-
-    def write_numerical_faults(self) -> Path | None:
-        """Write `numerical_report()` to `<run dir>/numerical_faults.json` (ranks after the first write
-        `numerical_faults.rank<k>.json`)."""
-        if self._trainer is None:
-            return None
-        trainer = self.trainer
-        rank = trainer.global_rank
-        path = run_dir(trainer) / (
-            "numerical_faults.json" if rank == 0 else f"numerical_faults.rank{rank}.json")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.numerical_report(), indent=2))
-            tmp.replace(path)
-        except OSError as e:  # a report that cannot be written must not stop training
-            log.warning("could not write %s: %s", path, e)
-            return None
-        return path
 
     def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
         # recorded before the step: a checkpoint written at the end of this step must include this batch
@@ -493,10 +403,10 @@ class MogaoModule(pl.LightningModule):
         return run_dir(self.trainer) / "model"
 
     def on_fit_end(self) -> None:
-        self.write_numerical_faults()
-        if self.nonfinite_steps:
+        self.faults.write(self.trainer)
+        if self.faults.steps:
             log.warning("%d training step(s) had non-finite values and made no update; see "
-                        "numerical_faults.json", self.nonfinite_steps)
+                        "numerical_faults.json", self.faults.steps)
         if self.trainer.interrupted:
             return
         # collectives on every rank: the gathered weights, and `trainer.log_dir` (a broadcast) in output_dir
@@ -514,16 +424,6 @@ class MogaoModule(pl.LightningModule):
         elif self.trainer.is_global_zero:
             save_model_directory(self.model, self.tokenizer, d, full)  # one unit: a temporary folder renamed
             log.info("saved the trained model to %s", d)
-
-_KIND = {"loss": "loss", "grad_norm": "gradient norm"}
-_ELSEWHERE = "finite on this rank, non-finite on another"
-
-
-def _ids(ids: list[str], shown: int = 8) -> str:
-    """Sample ids for a log line: the first few and how many more."""
-    text = ", ".join(repr(i) for i in ids[:shown])
-    return f"[{text}{f', ... ({len(ids) - shown} more)' if len(ids) > shown else ''}]"
-
 
 def _question_answer(sample: Sample) -> tuple[list[dict], str] | None:
     """(context segments, answer) when the sample ends in loss-bearing text after a prompt and has no targets."""
