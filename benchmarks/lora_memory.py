@@ -34,7 +34,7 @@ def _build(hidden: int, layers: int, tmp: Path, preset: str | None = None, devic
 
     from mogao.data import train_tokenizer
     from mogao.data.shapes_mini import caption_corpus
-    from mogao.model.config import ModelConfig
+    from mogao.model.config import ModelConfig, architecture_record
     from mogao.model.io import load_model
 
     tok = train_tokenizer(caption_corpus(), vocab_size=300)
@@ -51,8 +51,7 @@ def _build(hidden: int, layers: int, tmp: Path, preset: str | None = None, devic
            "patch_size": 8, "image_size": 64}
     torch.manual_seed(0)
     with torch.device(device) if device else contextlib.nullcontext():
-        model = load_model({"model": ModelConfig(llm="-", vit="-", latent_patch=8).to_dict(), "llm_config": llm,
-                            "vit_config": vit, "autoencoder_config": None})
+        model = load_model(architecture_record(ModelConfig(llm="-", vit="-", latent_patch=8), llm, vit, None))
     return model, tok
 
 

@@ -43,11 +43,11 @@ def llm_config(preset: str) -> dict:
 def build_model(preset: str, attention: str, device: torch.device | str | None = None):
     """Random-init model of a preset; with `device`, parameters are created there (a 1.5b preset initialises
     in seconds on a GPU instead of a minute on the host)."""
-    from mogao.model.config import ModelConfig
+    from mogao.model.config import ModelConfig, architecture_record
     from mogao.model.io import load_model
 
     cfg = ModelConfig(llm="random", vit="random", autoencoder="pixel", latent_patch=8, attention=attention)
-    record = {"model": cfg.to_dict(), "llm_config": llm_config(preset), "vit_config": VIT, "autoencoder_config": None}
+    record = architecture_record(cfg, llm_config(preset), VIT, None)
     if device is not None:
         try:
             with torch.device(device):

@@ -105,16 +105,22 @@ class ModelConfig:
 torch.serialization.add_safe_globals([ModelConfig, TimestepSampling, (ModelConfig, "mogao.model.mogao.ModelConfig")])
 
 
+def architecture_record(cfg: ModelConfig, llm_config: dict, vit_config: dict,
+                        autoencoder_config: dict | None) -> dict[str, Any]:
+    """The architecture record: the `ModelConfig` (`to_dict`) and the LLM, ViT and autoencoder configs (None:
+    the pixel autoencoder). A saved model's `mogao_config.json` and a training checkpoint's `mogao_architecture`
+    entry hold it; `mogao.model.io.load_model` builds the model from it."""
+    return {"model": cfg.to_dict(), "llm_config": llm_config, "vit_config": vit_config,
+            "autoencoder_config": autoencoder_config}
+
+
 def model_architecture(model: Any) -> dict[str, Any]:
-    """The architecture record of `model`: its `ModelConfig` (`to_dict`) and the LLM, ViT and autoencoder
-    configs (None: the pixel autoencoder). A saved model's `mogao_config.json` and a training checkpoint's
-    `mogao_architecture` entry hold it; `load_model` rebuilds the model from it."""
+    """The architecture record of a built `MogaoModel`."""
     from mogao.model.autoencoder import PixelAutoencoder
 
     ae = model.autoencoder
-    return {"model": model.cfg.to_dict(), "llm_config": model.backbone.config.to_dict(),
-            "vit_config": model.vit.config.to_dict(),
-            "autoencoder_config": None if isinstance(ae, PixelAutoencoder) else dict(ae.config)}
+    return architecture_record(model.cfg, model.backbone.config.to_dict(), model.vit.config.to_dict(),
+                               None if isinstance(ae, PixelAutoencoder) else dict(ae.config))
 
 
 def resolve_checkpoint(path: str, what: str) -> Path:

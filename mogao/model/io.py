@@ -5,7 +5,8 @@ training checkpoints read without running code, and `load_model`, the one way a 
     load_model("runs/x/model")            a saved model folder (`save_pretrained`: config + safetensors)
     load_model("runs/x/checkpoints/last.ckpt")   a training checkpoint (a file, or a sharded folder) written
                                           with a mogao sharding strategy, which records the architecture
-    load_model(architecture_record)       the architecture alone (`model_architecture`), randomly initialised
+    load_model(record)                    an architecture record (`architecture_record`, `model_architecture`)
+                                          alone, randomly initialised
     load_model(..., meta=True)            the same model with its parameters on the meta device: configs are
                                           read, weights never
 """
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mogao.errors import ConfigError
-from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, resolve_checkpoint
+from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, architecture_record, resolve_checkpoint
 from mogao.model.config import model_architecture as model_architecture  # (the record load_model reads)
 
 if TYPE_CHECKING:
@@ -417,8 +418,7 @@ def _parts_record(cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]
 
         ae_config = dict(AutoencoderKL.load_config(resolve_checkpoint(cfg.autoencoder, "autoencoder"),
                                                    subfolder=cfg.autoencoder_subfolder))
-    return {"model": cfg.to_dict(), "llm_config": llm_config, "vit_config": vit_config,
-            "autoencoder_config": ae_config}
+    return architecture_record(cfg, llm_config, vit_config, ae_config)
 
 
 @contextlib.contextmanager
@@ -577,7 +577,7 @@ def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: tor
         a training checkpoint (a `.ckpt` file or a sharded checkpoint folder) written with a mogao sharding
             strategy: checked and read weights-only (`check_checkpoint`), the model rebuilt from its
             `mogao_architecture` entry and every weight checked against it.
-        an architecture record (`model_architecture`): that architecture, randomly initialised.
+        an architecture record (`mogao.model.config.architecture_record`): that architecture, randomly initialised.
     meta: build with every parameter on the meta device (buffers stay real: they are small and computed from
         the configs); configs are read, weights never (see `mogao.training.shard_load.load_weights`).
     device: where the weights go (ignored with `meta`).

@@ -9,7 +9,7 @@ reads the checkpoint's own config.
 from __future__ import annotations
 
 from mogao.errors import ConfigError
-from mogao.model.config import ModelConfig
+from mogao.model.config import ModelConfig, architecture_record
 
 _QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
           "max_position_embeddings": 32768, "attention_dropout": 0.0}
@@ -54,7 +54,7 @@ def _lookup(table: dict[str, dict], name: str, what: str) -> dict:
 
 
 def known_architecture(cfg: ModelConfig) -> dict:
-    """The architecture record (see `mogao.model.io.model_architecture`) of the model a ModelConfig naming
+    """The architecture record (`architecture_record`) of the model a ModelConfig naming
     known checkpoints describes, from the published configs: `load_model(known_architecture(cfg), meta=True)`
     builds it on the meta device (no memory, no weights, no checkpoint files)."""
     llm = _lookup(KNOWN_LLMS, cfg.llm, "LLM")
@@ -62,4 +62,4 @@ def known_architecture(cfg: ModelConfig) -> dict:
         llm["vocab_size"] = cfg.vocab_size
     vit = _lookup(KNOWN_VITS, cfg.vit, "ViT")
     vae = None if cfg.autoencoder == "pixel" else _lookup(KNOWN_VAES, cfg.autoencoder, "VAE")
-    return {"model": cfg.to_dict(), "llm_config": llm, "vit_config": vit, "autoencoder_config": vae}
+    return architecture_record(cfg, llm, vit, vae)
