@@ -364,3 +364,35 @@ def test_stops_on_max_tokens_and_on_eos(model, tok, monkeypatch):
     t.pending[0][eos] = 0.0
     r = t.respond()[0]
     assert r.stop_reason == "eos" and r.text == "" and r.images == []
+
+
+def test_lockstep_runs_max_new_tokens_text_steps(model, tok, monkeypatch):
+    """With lockstep every `respond` runs exactly max_new_tokens text forwards, however early the answers end
+    (the ranks of a sharded model must run as many); the answers and the caches are those without it."""
+    import mogao.inference.session as session_mod
+    from mogao.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lockstep"):
+        GenerationConfig(lockstep=True)  # (images: max_images must be 0)
+    eos = SpecialTokens.from_tokenizer(tok).eos_id
+    real, calls, seen = session_mod.cached_forward, [], {}
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("commit"))
+        return real(*args, **kwargs)
+
+    for lockstep in (False, True):
+        s = _session(model, tok, 2, max_new_tokens=5, max_images=0, lockstep=lockstep)
+        s.add_user_turn([[{"text": PROMPT}], [{"text": "A blue square."}]])
+        for c in (0, 1):  # every answer ends at once
+            s.pending[c] = torch.full_like(s.pending[c], -1e9)
+            s.pending[c][eos] = 0.0
+        calls.clear()
+        monkeypatch.setattr(session_mod, "cached_forward", counting)
+        out = s.respond()
+        monkeypatch.setattr(session_mod, "cached_forward", real)
+        seen[lockstep] = ([r.text for r in out], [r.stop_reason for r in out], list(calls), list(s.cache.lengths))
+    texts, reasons, plain_calls, lengths = seen[False]
+    assert seen[True][:2] == (texts, reasons) and seen[True][3] == lengths
+    assert texts == ["", ""] and reasons == ["eos", "eos"] and plain_calls == []
+    assert seen[True][2] == [False] * 5  # five idle steps, none committing anything
