@@ -31,6 +31,33 @@ def resolve_recipe(name: str) -> Path:
                       "`mogao list` shows the shipped recipes")
 
 
+# a stage module's defaults, written into the resolved config (and so the run's config.yaml) where it leaves them
+# unset: model.init_args KEY <- the stage class's attribute
+STAGE_DEFAULTS = {"train": "default_train", "lambda_text": "default_lambda_text",
+                  "lambda_image": "default_lambda_image", "exact_match_samples": "default_exact_match"}
+
+
+def write_stage_defaults(model: Any) -> None:
+    """Fill the unset stage options of a parsed `model` config (class_path + init_args) with its stage class's
+    defaults, so a saved config says what trains and with which loss weights. With LoRA `train` stays unset
+    (the adapters train)."""
+    from importlib import import_module
+
+    class_path = model.get("class_path") if model is not None else None
+    init = model.get("init_args") if class_path else None
+    if init is None:
+        return
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # jsonargparse names the bad class path itself
+    for key, attr in STAGE_DEFAULTS.items():
+        if init.get(key) is None and hasattr(cls, attr) and not (key == "train" and init.get("lora") is not None):
+            value = getattr(cls, attr)
+            init[key] = list(value) if isinstance(value, tuple) else value
+
+
 def quiet_third_party() -> None:
     """Keep start-up output to what a user needs: no third-party tips, no notes about optional kernels that a
     run does not use, no warnings about library internals, no download bars for local files. Idempotent."""
@@ -117,6 +144,7 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
                 # one directory per run: logs, config.yaml, checkpoints/, metrics.jsonl, model/
                 trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                      "init_args": {"save_dir": root, "name": "", "version": ""}}
+            write_stage_defaults(cfg["model"])
 
         def instantiate_trainer(self, **kwargs: Any):
             # atomic checkpoint files, a checkpoint on pre-emption signals and on crashes (unless configured)
@@ -164,6 +192,9 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
                     super().instantiate_classes()
                 except ValueError as e:  # jsonargparse wraps errors raised while building the classes
                     raise _unwrap(e) from e
+                model = getattr(self.model, "model", None)
+                if model is not None and hasattr(self.datamodule, "connect"):
+                    self.datamodule.connect(model)  # the data is lowered on the model's patch sizes
                 return
             from mogao.model.config import ModelConfig
 

@@ -1,17 +1,15 @@
-"""Exact-match judging of short answers, normalised as the training modules' exact-match validation does
-(`mogao.training.module`): strip, lower-case, drop a trailing full stop, collapse whitespace."""
+"""Exact-match judging of short answers, normalised as the training's exact-match validation does
+(`mogao.training.exact_match.normalise_answer`): strip, lower-case, drop a trailing full stop, collapse
+whitespace."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mogao.training.exact_match import normalise_answer
+
 JUDGE_DESCRIPTION = ("vqa judge: exact match after normalising both answers (strip, lower-case, drop a trailing "
                      "full stop, collapse whitespace), as the training modules' exact-match validation")
-
-
-def normalise_answer(text: str) -> str:
-    """"  The  Red." -> "the red"."""
-    return " ".join(text.strip().lower().rstrip(".").split())
 
 
 def exact_match(answer: str, reference: str) -> bool:

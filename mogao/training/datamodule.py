@@ -274,14 +274,11 @@ class MogaoDataModule(pl.LightningDataModule):
         self.resolution_schedule = sorted((s * accumulate, t) for s, t in (resolution or []))
 
     # ---- setup ----------------------------------------------------------------------------------------
-    def _data_config(self) -> DataConfig:
-        cfg = self.data
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        model = getattr(module, "model", None)
-        if model is not None:
-            cfg = replace(cfg, vit_patch=model.vit_patch, vae_patch=model.vae_patch,
-                          drop_unread_vae=not model.cfg.text_sees_vae)
-        return cfg
+    def connect(self, model: Any) -> None:
+        """Lower the data on the token geometry of `model` (a `MogaoModel`): its ViT and latent patch sizes, and
+        whether text reads clean VAE copies. The CLI calls it before setup; without it `data` is used as given."""
+        self.data = replace(self.data, vit_patch=model.vit_patch, vae_patch=model.vae_patch,
+                            drop_unread_vae=not model.cfg.text_sees_vae)
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -295,7 +292,7 @@ class MogaoDataModule(pl.LightningDataModule):
             from mogao.model.mogao import resolve_checkpoint
 
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer_path, "tokenizer"))
-        cfg = self._data_config()
+        cfg = self.data
         rank, world = self._rank()
         if stage == "fit" and self._train is None:
             datasets = {s.name: PackedDataset(s.load("train"), self.tokenizer, cfg, rank=rank,
@@ -339,7 +336,7 @@ class MogaoDataModule(pl.LightningDataModule):
 
     # ---- position ------------------------------------------------------------------------------------
     def consumed(self, batch: PackedBatch) -> None:
-        """Record that `batch` was trained on (called by the module at the end of each training batch)."""
+        """Record that `batch` is trained on (`DataPosition`, as its step starts)."""
         if batch.data_state is not None:
             self._consumed[int(batch.data_state["worker"])] = batch.data_state
 
@@ -512,3 +509,15 @@ def _merge_faults(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _identity(x):
     return x
+
+
+class DataPosition(pl.Callback):
+    """Records each training batch in the data module's position as its step starts (a checkpoint written at the
+    end of the step then resumes after it). Added by the stage module (`configure_callbacks`), so it runs after
+    the run's other callbacks: a step that one of them stops before it starts is not counted as trained."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if hasattr(dm, "consumed"):
+            dm.consumed(batch)

@@ -27,7 +27,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.errors import ConfigError
 from mogao.lora.spec import LoraSpec
 from mogao.model.config import ModelConfig
@@ -35,10 +34,12 @@ from mogao.model.io import load_model, resolve_checkpoint
 from mogao.model.mogao import MogaoModel
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.sequence import PackedBatch
+from mogao.training.datamodule import DataPosition
+from mogao.training.exact_match import ExactMatch
 from mogao.training.faults import ELSEWHERE, NonFinite, NumericalFaults
 from mogao.training.objectives import combine_losses
-from mogao.training.parts import check_parts, part_parameters, set_trainable
 from mogao.training.rundir import run_dir
+from mogao.training.trainable import FullParts, LoraAdapters
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,13 @@ class MogaoModule(pl.LightningModule):
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"))
         self.model = self._build_model(model, init_from).train()  # checkpoints load in eval mode
-        self.train_parts = check_parts(train if train is not None else self.default_train, "model.train")
-        self.trainable_counts = set_trainable(self.model, self.train_parts)
+        if lora is not None and train is not None:
+            raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "
+                              "list parts to train in full alongside them in model.lora.full")
         self.lora = lora
-        if lora is not None:
-            if train is not None:
-                raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "
-                                  "list parts to train in full alongside them in model.lora.full")
-            from mogao.lora import apply_lora
-
-            self.trainable_counts = apply_lora(self.model, lora, base_path=init_from or getattr(model, "llm", None))
-            self.train_parts = ["lora", *lora.full]  # fixed for the run: what trains is the spec's
+        self.trainable = (LoraAdapters(lora, init_from or getattr(model, "llm", None)) if lora is not None
+                          else FullParts(list(train if train is not None else self.default_train)))
+        self.trainable_counts = self.trainable.apply(self.model)
         self.optimizer_parts = list(self.train_parts)
         self.lambda_text = self.default_lambda_text if lambda_text is None else float(lambda_text)
         self.lambda_image = self.default_lambda_image if lambda_image is None else float(lambda_image)
@@ -149,7 +146,6 @@ class MogaoModule(pl.LightningModule):
         self._val_sums: torch.nn.ModuleDict | None = None
         self._skip_update = False  # the coming optimizer step must make no update
         self._batch_info: dict[str, Any] = {"sample_ids": [], "source": ""}
-        self._bad_samples = 0
 
     def _build_model(self, cfg: ModelConfig | None, init_from: str | None) -> MogaoModel:
         source, overrides = cfg, None
@@ -168,17 +164,16 @@ class MogaoModule(pl.LightningModule):
         return model
 
     # ---- what trains ----------------------------------------------------------------------------------
+    @property
+    def train_parts(self) -> list[str]:
+        return list(self.trainable.parts)
+
     def set_train_parts(self, parts: list[str]) -> None:
         """Change what trains (e.g. unfreezing by a schedule); the optimizer gains groups for new parts."""
-        if self.lora is not None:
-            if list(parts) != self.train_parts:
-                raise ConfigError(f"cannot train {list(parts)} in a LoRA run: the adapters and model.lora.full "
-                                  f"({self.train_parts}) train; drop 'train' from the schedule's milestones")
-            return
-        parts = check_parts(parts, "train")
-        self.trainable_counts = set_trainable(self.model, parts)
-        self.train_parts = parts
-        new = [p for p in parts if p not in self.optimizer_parts]
+        counts = self.trainable.change(self.model, list(parts))
+        if counts:
+            self.trainable_counts = counts
+        new = [p for p in self.train_parts if p not in self.optimizer_parts]
         if not new:
             return
         self.optimizer_parts += new
@@ -189,19 +184,7 @@ class MogaoModule(pl.LightningModule):
                 opt.add_param_group({**template, **group})
 
     def _param_groups(self, parts: list[str]) -> list[dict[str, Any]]:
-        """Two groups per part (weight decay / none), in `parts` order; empty groups are left out."""
-        if self.lora is not None:  # the adapters and the spec's full parts: one pair of groups
-            from mogao.lora import lora_param_groups
-
-            return lora_param_groups(self.model, self.decay_all)
-        by_part = part_parameters(self.model)
-        groups = []
-        for part in parts:
-            decay, no_decay = [], []
-            for name, p in by_part[part].items():
-                (decay if self.decay_all or (p.dim() >= 2 and "embed" not in name) else no_decay).append(p)
-            groups += [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return groups
+        return self.trainable.param_groups(self.model, parts, self.decay_all)
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -248,17 +231,13 @@ class MogaoModule(pl.LightningModule):
         return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor | None:
-        if self.lora is not None and self.lora.dropout > 0:  # adapter dropout drawn from the step: resumable
-            from mogao.data import stable_seed
-
-            cuda = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(stable_seed("lora-dropout", self.trainer.global_step, *batch.sample_ids))
-                out = self.model(batch)
-        else:
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with self.trainable.step_context((self.trainer.global_step, *batch.sample_ids), cuda):
             out = self.model(batch)
         total = combine_losses(out.terms, self.lambda_text, self.lambda_image, group=self._group())
         source = (batch.data_state or {}).get("source", "")
+        dm = getattr(self.trainer, "datamodule", None)
+        bad_samples = dm.bad_sample_count() if hasattr(dm, "bad_sample_count") else 0
         self._batch_info = {"sample_ids": list(batch.sample_ids), "source": source}
         loss = total.loss.detach()
         local_bad = not bool(torch.isfinite(loss))
@@ -269,11 +248,11 @@ class MogaoModule(pl.LightningModule):
         self.last_metrics = {"loss": float(loss), "text_loss": float(total.text_loss),
                              "image_loss": float(total.image_loss), "tokens": batch.num_tokens,
                              "samples": len(batch.sample_ids), "source": source,
-                             "nonfinite_steps": self.faults.steps, "bad_samples": self._bad_samples}
+                             "nonfinite_steps": self.faults.steps, "bad_samples": bad_samples}
         self.log_dict({"train/loss": loss, "train/text_loss": total.text_loss,
                        "train/image_loss": total.image_loss}, prog_bar=True, batch_size=1)
         self.log_dict({"train/nonfinite_steps": float(self.faults.steps),
-                       "data/bad_samples": float(self._bad_samples)}, batch_size=1)
+                       "data/bad_samples": float(bad_samples)}, batch_size=1)
         if not bad_loss:
             return total.loss
         if self.trainer.world_size == 1:
@@ -318,14 +297,6 @@ class MogaoModule(pl.LightningModule):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return bool(t.item() > 0)
 
-    def on_train_batch_start(self, batch: PackedBatch, batch_idx: int) -> None:
-        # recorded before the step: a checkpoint written at the end of this step must include this batch
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "consumed"):
-            dm.consumed(batch)
-        if dm is not None and hasattr(dm, "bad_sample_count"):
-            self._bad_samples = dm.bad_sample_count()
-
     # ---- validation -----------------------------------------------------------------------------------
     def _val_names(self) -> list[str]:
         dm = getattr(self.trainer, "datamodule", None)
@@ -345,6 +316,9 @@ class MogaoModule(pl.LightningModule):
                        ("image_w", t.image_weight)):
             sums[key].update(v.detach().float())
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [DataPosition(), *([ExactMatch(self.exact_match_samples)] if self.exact_match_samples > 0 else [])]
+
     def on_validation_epoch_end(self) -> None:
         metrics = {}
         for name, sums in self._val_sums.items():
@@ -353,54 +327,15 @@ class MogaoModule(pl.LightningModule):
                 metrics[f"val/{name}/text_loss"] = s["text_sum"] / s["text_w"]
             if s["image_w"] > 0:
                 metrics[f"val/{name}/image_loss"] = s["image_sum"] / s["image_w"]
-        metrics.update(self._exact_match())
         if metrics:
             self.log_dict(metrics, batch_size=1, sync_dist=False)
         self._val_sums = None
-
-    def _exact_match(self) -> dict[str, torch.Tensor]:
-        """Greedy answers on validation samples that end in an answer; exact-match accuracy per source."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.exact_match_samples <= 0 or dm is None or not hasattr(dm, "val_samples"):
-            return {}
-        from mogao.inference import tasks
-        from mogao.inference.session import GenerationConfig
-
-        out = {}
-        rank, world = self.global_rank, self.trainer.world_size
-        for name in dm.val_names:
-            qa = [x for x in map(_question_answer, dm.val_samples(name)) if x is not None]
-            qa = qa[: self.exact_match_samples]
-            correct, total = SumMetric().to(self.device), SumMetric().to(self.device)
-            if qa:
-                # every rank decodes as many questions for as many steps (a sharded model's forward is a
-                # collective): its share, padded with repeats that are not counted
-                steps = max(len(self.tokenizer(a)["input_ids"]) for _, a in qa) + 2
-                share = qa[rank::world]
-                counted = len(share)
-                share = share + [qa[0]] * (-(-len(qa) // world) - counted)
-                # greedy, through the generation loop users get; images on the token grid the validation data
-                # has (the data's max_image_tokens), not the default generation grid; lockstep: as many
-                # forwards on every rank
-                config = GenerationConfig(max_new_tokens=steps, max_images=0, lockstep=world > 1,
-                                          condition_tokens=dm.data.max_image_tokens)
-                answers = tasks.text_replies(self.model, self.tokenizer, [c for c, _ in share], config=config)
-                hits = sum(_norm(g) == _norm(a) for g, (_, a) in list(zip(answers, share))[:counted])
-                correct.update(torch.tensor(float(hits)))
-                total.update(torch.tensor(float(counted)))
-            else:
-                correct.update(torch.tensor(0.0))
-                total.update(torch.tensor(0.0))
-            n = total.compute()
-            if n > 0:
-                out[f"val/{name}/exact_match"] = correct.compute() / n
-        return out
 
     # ---- end of fit -----------------------------------------------------------------------------------
     def output_dir(self) -> Path:
         if self.save_dir is not None:
             return Path(self.save_dir)
-        return run_dir(self.trainer) / "model"
+        return run_dir(self.trainer) / self.trainable.output_name
 
     def on_fit_end(self) -> None:
         self.faults.write(self.trainer)
@@ -410,39 +345,13 @@ class MogaoModule(pl.LightningModule):
         if self.trainer.interrupted:
             return
         # collectives on every rank: the gathered weights, and `trainer.log_dir` (a broadcast) in output_dir
-        from mogao.model.io import save_model_directory
         from mogao.training.strategies import full_state_dict
 
         full = full_state_dict(self.model, keep=self.trainer.is_global_zero)
         d = self.output_dir()
-        if self.trainer.is_global_zero and self.lora is not None:
-            from mogao.lora import save_adapter
-
-            d = d if self.save_dir is not None else d.parent / "adapter"
-            save_adapter(self.model, d, full)
-            log.info("saved the LoRA adapter to %s", d)
-        elif self.trainer.is_global_zero:
-            save_model_directory(self.model, self.tokenizer, d, full)  # one unit: a temporary folder renamed
-            log.info("saved the trained model to %s", d)
-
-def _question_answer(sample: Sample) -> tuple[list[dict], str] | None:
-    """(context segments, answer) when the sample ends in loss-bearing text after a prompt and has no targets."""
-    segs = sample.segments
-    if len(segs) < 2 or sample.has_target:
-        return None
-    last = segs[-1]
-    if not isinstance(last, TextSegment) or not last.loss:
-        return None
-    if any(isinstance(s, TextSegment) and s.loss for s in segs[:-1]):
-        return None
-    ctx = [{"text": s.text, "loss": False} if isinstance(s, TextSegment) else {"image": s.image}
-           for s in segs[:-1] if isinstance(s, (TextSegment, ImageSegment))]
-    return ctx, last.text
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".").split())
-
+        if self.trainer.is_global_zero:
+            self.trainable.save(self.model, self.tokenizer, d, full)
+            log.info("saved the trained %s to %s", self.trainable.output_name, d)
 
 class UnderstandingModule(MogaoModule):
     """Image → text stage: trains the understanding expert and the connector; exact-match validation."""
