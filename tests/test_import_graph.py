@@ -168,3 +168,13 @@ def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
                                            ("mogao.recipes", "mogao.recipes")])
 def test_floor_of_places_modules_by_their_package(module, floor):
     assert floor_of(module)[0] == floor
+
+
+def test_tests_mirror_the_packages():
+    """tests/<name>/ for a package of mogao/ (or recipes/, benchmarks/, callbacks/); no test module elsewhere
+    but the whole-project ones at the top."""
+    tests = ROOT / "tests"
+    packages = {p.parent.name for p in (ROOT / "mogao").glob("*/__init__.py")} | {"recipes", "benchmarks", "callbacks"}
+    dirs = {p.parent.relative_to(tests).parts[0] for p in tests.rglob("test_*.py") if p.parent != tests}
+    assert dirs <= packages, dirs - packages
+    assert sorted(p.name for p in tests.glob("test_*.py")) == ["test_import_graph.py", "test_security.py"]

@@ -18,7 +18,7 @@ from mogao.model.tiny import TinySpec, ensure_tiny_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_x0.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edit_x0.py"
 
 
 def test_sheet_shows_the_reference_at_sigma_zero(tmp_path):

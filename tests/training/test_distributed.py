@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHILD = ROOT / "tests" / "dist_child.py"
 STEPS, SAVE_AT, UNFREEZE_AT = 4, 2, 2
 TIMEOUT = 240

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOISE = ("Failed to load CPU gemm_4bit_forward", "litlogger", "is deprecated", "Total FLOPs", "Epoch 0/-",
          "in eval mode at the start of training", "Loading weights", "Writing model shards", "Traceback")
 

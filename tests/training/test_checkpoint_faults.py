@@ -36,8 +36,8 @@ from mogao.training.checkpointing import (
 )
 from mogao.training.rundir import read_history
 
-REPO = Path(__file__).resolve().parent.parent
-FAULT_CHILD = Path(__file__).resolve().parent / "fault_child.py"
+REPO = Path(__file__).resolve().parents[2]
+FAULT_CHILD = Path(__file__).resolve().parents[1] / "fault_child.py"
 STEPS = 30  # of the runs that are killed
 KEEP = 2  # newest step checkpoints kept by ModelCheckpoint (plus last.ckpt)
 MIN_KILLS = 20

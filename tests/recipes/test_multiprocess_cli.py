@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TRACE = ROOT / "tests" / "collective_trace"
 WATCHDOG = 150  # seconds; a healthy run here takes 20-60 s
 FSDP2 = str(ROOT / "recipes" / "strategies" / "fsdp2.yaml")

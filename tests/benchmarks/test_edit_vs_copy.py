@@ -16,7 +16,7 @@ from mogao.model.tiny import TinySpec, ensure_tiny_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_vs_copy.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edit_vs_copy.py"
 
 
 def _script():

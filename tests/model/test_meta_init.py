@@ -20,7 +20,7 @@ from test_distributed import _wait as wait_for_ranks
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHILD = ROOT / "tests" / "meta_init_child.py"
 WORLD = 2
 
