@@ -1,5 +1,5 @@
 """One process of a distributed (or single-process) training run of a tiny Mogao model, for
-tests/test_distributed.py. Launched like `torchrun` would: env MASTER_ADDR/MASTER_PORT/WORLD_SIZE/NODE_RANK/
+tests/training/test_distributed.py. Launched like `torchrun` would: env MASTER_ADDR/MASTER_PORT/WORLD_SIZE/NODE_RANK/
 LOCAL_RANK for two ranks, nothing for one.
 
     python tests/dist_child.py SPEC.json

@@ -1,4 +1,4 @@
-"""One process of a 2-rank FSDP2 run (gloo) for tests/test_meta_init.py, launched as torchrun would (env
+"""One process of a 2-rank FSDP2 run (gloo) for tests/model/test_meta_init.py, launched as torchrun would (env
 MASTER_ADDR/MASTER_PORT/WORLD_SIZE/NODE_RANK/LOCAL_RANK).
 
     python tests/meta_init_child.py SPEC.json

@@ -147,7 +147,7 @@ def _row(sample: Sample, raw_paths: list[str]) -> dict[str, Any]:
             to_rgb(open_image(ImageBytes(data, str(path)), **where))
         except DataError as e:
             raise e if e.file is not None else DataError(e.message, **where) from None
-        segments.append({"text": None, "image": len(images), "generate": seg.generate, "loss": seg.loss})
+        segments.append({"text": None, "image": len(images), "generate": seg.generate, "loss": seg.loss_weight})
         images.append(data)
     return {"id": sample.id, "line": sample.line, "segments": segments, "images": images,
             "image_paths": raw_paths}
@@ -398,7 +398,7 @@ def decoded(sample: Sample) -> Sample | None:
     if not any(isinstance(s, ImageSegment) and isinstance(s.image, ImageBytes) for s in sample.segments):
         return sample
     try:
-        segs = tuple(ImageSegment(to_rgb(open_image(s.image)), s.generate, s.loss)
+        segs = tuple(ImageSegment(to_rgb(open_image(s.image)), s.generate, s.loss_weight)
                      if isinstance(s, ImageSegment) and isinstance(s.image, ImageBytes) else s
                      for s in sample.segments)
     except DataError:

@@ -4,15 +4,15 @@
       {"text": "Draw a cat."},
       {"image": "img/cat.png", "generate": true},
       {"text": "Now make it sleep.", "loss": false},
-      {"image": "img/cat_sleep.png", "generate": true, "loss": 0.5}]}
+      {"image": "img/cat_sleep.png", "generate": true, "loss_weight": 0.5}]}
 
 Keys
   sample:   `id` (str, optional; default "FILE:LINE"), `segments` (non-empty list)
   text:     `text` (non-empty str), `loss` (bool, default true: the text carries next-token loss)
   image:    `image` (path relative to the JSONL file, or absolute), `generate` (bool, default false: a condition
-            image; true: a diffusion target that also gets a noisy copy), `loss` (number >= 0, default 1.0: the
-            weight of the image's flow loss; only meaningful for generation targets, so a condition image may
-            only give 0 / false)
+            image; true: a diffusion target that also gets a noisy copy), `loss_weight` (number >= 0, default
+            1.0: the weight of the image's flow loss; only meaningful for generation targets, so a condition image
+            may only give 0)
 
 Every problem raises `DataError` naming file, line and field, so a bad line in a million-line file is found
 without a debugger - whatever the file holds (bytes that are not UTF-8, JSON nested too deeply, numbers too
@@ -43,7 +43,7 @@ MAX_LINE_BYTES = 16 * 2**20  # one sample: text and image paths, never megabytes
 MAX_FILE_BYTES = 64 * 2**30
 SAMPLE_KEYS = ("id", "segments")
 TEXT_KEYS = ("text", "loss")
-IMAGE_KEYS = ("image", "generate", "loss")
+IMAGE_KEYS = ("image", "generate", "loss_weight")
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,17 @@ class TextSegment:
 class ImageSegment:
     """An image: a file path or, for generated in-memory data, a PIL image.
 
-    `loss` is the flow-loss weight of a generation target (ignored for condition images, which have no flow loss).
+    `loss_weight` is the flow-loss weight of a generation target (ignored for condition images, which have no flow
+    loss).
     """
 
     image: Path | Image.Image
     generate: bool = False
-    loss: float = 1.0
+    loss_weight: float = 1.0
 
     @property
     def flow_weight(self) -> float:
-        return float(self.loss) if self.generate else 0.0
+        return float(self.loss_weight) if self.generate else 0.0
 
 
 SampleSegment = TextSegment | ImageSegment
@@ -173,18 +174,22 @@ def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: 
             raise DataError(f"'loss' of a text segment must be true or false, got {_short_repr(loss)}",
                             field=f"{field}.loss", **where)
         return TextSegment(text, loss)
+    if "loss" in raw:
+        raise DataError("'loss' is a text segment's true/false flag; an image's flow-loss weight is 'loss_weight'",
+                        field=f"{field}.loss", **where)
     _check_keys(raw, IMAGE_KEYS, "an image segment", where, field)
-    image, generate, loss = raw["image"], raw.get("generate", False), raw.get("loss", 1.0)
+    image, generate, loss = raw["image"], raw.get("generate", False), raw.get("loss_weight", 1.0)
     if not isinstance(generate, bool):
         raise DataError(f"'generate' must be true or false, got {_short_repr(generate)}",
                         field=f"{field}.generate", **where)
     weight = _flow_weight(loss)
     if weight is None:
-        raise DataError("'loss' of an image must be a finite number >= 0 (flow-loss weight), got "
-                        f"{_short_repr(loss)}", field=f"{field}.loss", **where)
-    if not generate and "loss" in raw and weight != 0.0:
-        raise DataError("'loss' is the flow-loss weight of a generation target; a condition image has no flow loss "
-                        "- remove 'loss' or set \"generate\": true", field=f"{field}.loss", **where)
+        raise DataError("'loss_weight' of an image must be a finite number >= 0 (flow-loss weight), got "
+                        f"{_short_repr(loss)}", field=f"{field}.loss_weight", **where)
+    if not generate and "loss_weight" in raw and weight != 0.0:
+        raise DataError("'loss_weight' is the flow-loss weight of a generation target; a condition image has no "
+                        "flow loss - remove 'loss_weight' or set \"generate\": true", field=f"{field}.loss_weight",
+                        **where)
     if isinstance(image, str):
         if not image:
             raise DataError("empty image path", field=f"{field}.image", **where)

@@ -3,6 +3,7 @@ projections, timestep conditioning - and its forward on a `PackedBatch`, returni
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,9 @@ class MogaoModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, llm: nn.Module, vit: VisionEncoder, autoencoder: LatentAutoencoder) -> None:
         super().__init__()
-        self.cfg = cfg
+        # its own copy: a schedule that changes, say, the timestep shift of this model changes nothing of the
+        # config it was built from (e.g. the hyper-parameters a checkpoint records)
+        self.cfg = copy.deepcopy(cfg)
         if cfg.vocab_size is not None and cfg.vocab_size > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(cfg.vocab_size)
         hidden = int(llm.config.hidden_size)

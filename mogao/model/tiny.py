@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,6 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     and the validation digits, the heads' accuracies: `val_occupied`, `val_colour`, `val_shape`, `val_size`,
     `val_colour_held_out`, `val_shape_held_out` (objects of held-out pairs only) and `val_digit`.
     """
-    import logging
     import math
     import time
 
@@ -238,7 +238,6 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
     from mogao.data.builtin.shapes import COLOURS, SHAPES, SIZES, is_held_out
 
     colour_names = list(COLOURS)
-    log = logging.getLogger(__name__)
     directory = Path(directory)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -281,10 +280,13 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         return torch.stack([r.mean((1, 2)) for r in regions], 1)
 
     t0 = time.perf_counter()
-    log.info("pretraining the tiny ViT in %s: %d steps on built-in scenes and digits", directory, steps)
+    print(f"[mogao] pretraining the tiny ViT in {directory}: {steps} steps on built-in scenes and digits (once; "
+          "later runs reuse it)", flush=True)
     losses = {}
     vit.train()
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc="tiny ViT", disable=not sys.stderr.isatty(), leave=False):
         for g in opt.param_groups:  # warm-up, then cosine to 10 %
             g["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         i = torch.randint(0, len(scene_x), (n_scene,), generator=gen)
@@ -338,7 +340,7 @@ def pretrain_tiny_vit(directory: str | Path, steps: int = 600, seed: int = 0, ba
         if name in ("colour", "shape"):
             losses[f"val_{name}_held_out"] = float(right[known & held].float().mean())
     losses["val_digit"] = float((digit_pred.numpy() == load_digit_images()[1][val_idx]).mean())
-    log.info("tiny ViT pretrained in %.0f s; last losses: scene %.3f, digit %.3f; validation accuracy: %s",
-             time.perf_counter() - t0, losses.get("scene", float("nan")), losses.get("digit", float("nan")),
-             ", ".join(f"{k[4:]} {v:.3f}" for k, v in losses.items() if k.startswith("val_")))
+    print(f"[mogao] tiny ViT pretrained in {time.perf_counter() - t0:.0f} s; last losses: scene "
+          f"{losses.get('scene', float('nan')):.3f}, digit {losses.get('digit', float('nan')):.3f}; validation "
+          "accuracy: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in losses.items() if k.startswith("val_")), flush=True)
     return losses

@@ -36,7 +36,8 @@ ERRORS = [  # (line, field, message fragment)
     ('{"segments": [{"text": "a", "colour": 1}]}', "segments[0].colour", "unknown key(s) 'colour'"),
     ('{"segments": [{"text": "a", "loss": 2}]}', "segments[0].loss", "must be true or false"),
     ('{"segments": [{"image": "a.png", "generate": "yes"}]}', "segments[0].generate", "'generate' must be true"),
-    ('{"segments": [{"image": "a.png", "loss": 0.5}]}', "segments[0].loss", "a condition image has no flow loss"),
+    ('{"segments": [{"image": "a.png", "loss_weight": 0.5}]}', "segments[0].loss_weight", "a condition image has no flow loss"),
+    ('{"segments": [{"image": "a.png", "generate": true, "loss": 0.5}]}', "segments[0].loss", "'loss_weight'"),
     ('{"id": "g1", "segments": [{"text": "dup"}]}', "id", "duplicate id 'g1'"),
     ('[1, 2]', None, "a sample must be a JSON object"),
 ]

@@ -42,12 +42,12 @@ def test_llava_messages_round_trip(images, tmp_path):
     samples = load_samples(out)  # valid, images found relative to the output file
     assert [s.id for s in samples] == ["chat-1", "x7"]
     segs = samples[0].segments
-    kinds = [("img" if isinstance(g, ImageSegment) else g.text, getattr(g, "loss", None)) for g in segs]
+    kinds = [("img", g.loss_weight) if isinstance(g, ImageSegment) else (g.text, g.loss) for g in segs]
     assert kinds == [("Be brief.", False), ("img", 0.0), ("What colour is this?", False), ("Red.", True),
                      ("And this one?", False), ("img", 0.0), ("Blue.", True)]
     assert [g.image.name for g in segs if isinstance(g, ImageSegment)] == ["a.png", "b.png"]
     assert not any(g.generate for g in segs if isinstance(g, ImageSegment))  # condition images
-    assert [(type(g).__name__, getattr(g, "loss", None)) for g in samples[1].segments] == [
+    assert [(type(g).__name__, g.loss_weight if isinstance(g, ImageSegment) else g.loss) for g in samples[1].segments] == [
         ("ImageSegment", 0.0), ("TextSegment", False), ("TextSegment", True)]
 
 

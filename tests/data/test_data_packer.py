@@ -230,11 +230,11 @@ image = st.builds(
     st.sampled_from(["RGB", "RGBA", "L", "P", "1", "CMYK", "LA"]),
 )
 segment = st.one_of(
-    # (text spelling an image marker is refused by design; tests/test_data_plan.py covers that error)
+    # (text spelling an image marker is refused by design; tests/data/test_data_plan.py covers that error)
     st.fixed_dictionaries({"text": st.text(min_size=1, max_size=30).filter(lambda t: "<|" not in t)},
                           optional={"loss": st.booleans()}),
     st.fixed_dictionaries(
-        {"image": image}, optional={"generate": st.booleans(), "loss": st.floats(0, 4, allow_nan=False)}
+        {"image": image}, optional={"generate": st.booleans(), "loss_weight": st.floats(0, 4, allow_nan=False)}
     ),
 )
 sample_dict = st.fixed_dictionaries({"segments": st.lists(segment, min_size=1, max_size=5)})
@@ -252,7 +252,7 @@ def test_random_samples_lower_and_pack(raws, budget, lookahead, p_drop, epoch):
     for raw in raws:  # a condition image's loss weight must be 0 (or absent)
         for seg in raw["segments"]:
             if "image" in seg and not seg.get("generate", False):
-                seg.pop("loss", None)
+                seg.pop("loss_weight", None)
     samples = samples_from_dicts(raws)
     config = small_config(token_budget=budget, too_long="truncate", p_drop_text=p_drop, p_drop_images=p_drop)
     plans = [p for s in samples if (p := lower_sample(s, tiny_tokenizer(), config, epoch=epoch)) is not None]

@@ -69,7 +69,7 @@ def test_prepare_round_trip_gives_the_jsonl_samples(tmp_path):
         for sa, sb in zip(a.segments, b.segments):
             if isinstance(sa, ImageSegment):
                 assert isinstance(sb.image, ImageBytes) and sb.image.getvalue() == Path(sa.image).read_bytes()
-                assert (sa.generate, sa.loss) == (sb.generate, sb.loss)
+                assert (sa.generate, sa.loss_weight) == (sb.generate, sb.loss_weight)
             else:
                 assert sa == sb
     assert got[3].id == got[-12].id == "s3"  # random access, negative indices too

@@ -44,7 +44,7 @@ def test_valid_file_and_defaults(data_dir):
             "",
             {
                 "segments": [
-                    {"image": "img/a.png", "generate": True, "loss": 0.5},
+                    {"image": "img/a.png", "generate": True, "loss_weight": 0.5},
                     {"text": "the cat", "loss": False},
                     {"image": str(data_dir / "img" / "a.png")},
                 ]
@@ -53,7 +53,7 @@ def test_valid_file_and_defaults(data_dir):
     )
     a, b = load_samples(path)
     assert a.id == "ok" and a.segments[0] == TextSegment("a cat", True)
-    assert isinstance(a.segments[1], ImageSegment) and a.segments[1].generate and a.segments[1].loss == 1.0
+    assert isinstance(a.segments[1], ImageSegment) and a.segments[1].generate and a.segments[1].loss_weight == 1.0
     assert b.id == f"{path}:3" and b.line == 3  # default id is FILE:LINE; blank lines are skipped
     gen, text, cond = b.segments  # a generation target with nothing before it is allowed
     assert (
@@ -83,10 +83,10 @@ BAD_LINES = [  # (line 2 of the file, field named, words in the message)
     ({"segments": [{"text": ""}]}, "segments[0].text", "empty text"),
     ({"segments": [{"text": "a", "loss": 1}]}, "segments[0].loss", "true or false"),
     ({"segments": [{"image": "img/a.png", "generate": "yes"}]}, "segments[0].generate", "true or false"),
-    ({"segments": [{"image": "img/a.png", "generate": True, "loss": -1}]}, "segments[0].loss", "number >= 0"),
+    ({"segments": [{"image": "img/a.png", "generate": True, "loss_weight": -1}]}, "segments[0].loss_weight", "number >= 0"),
     (
-        {"segments": [{"image": "img/a.png", "loss": 0.5}]},
-        "segments[0].loss",
+        {"segments": [{"image": "img/a.png", "loss_weight": 0.5}]},
+        "segments[0].loss_weight",
         "condition image has no flow loss",
     ),
     ({"segments": [{"image": ["img/a.png"]}]}, "segments[0].image", "must be a path string, got list"),

@@ -67,8 +67,8 @@ SEGMENT = st.one_of(
     st.fixed_dictionaries({"text": TEXT | JSON}, optional={"loss": JSON | st.booleans()}),
     st.fixed_dictionaries({"image": IMAGE_REFS | JSON}, optional={
         "generate": st.booleans() | JSON,
-        "loss": st.floats() | st.integers(-2, 2) | st.just(10**400) | JSON}),
-    st.dictionaries(st.sampled_from(["text", "image", "loss", "generate", "extra"]), JSON, max_size=4),
+        "loss_weight": st.floats() | st.integers(-2, 2) | st.just(10**400) | JSON}),
+    st.dictionaries(st.sampled_from(["text", "image", "loss", "loss_weight", "generate", "extra"]), JSON, max_size=4),
     JSON,
 )
 SAMPLE = st.fixed_dictionaries(
@@ -80,7 +80,7 @@ GOOD_SEGMENT = st.one_of(
     st.fixed_dictionaries({"text": st.text(min_size=1, max_size=40) | TEXT},
                           optional={"loss": st.booleans()}),
     st.fixed_dictionaries({"image": IMAGE_REFS}, optional={"generate": st.booleans(),
-                                                           "loss": st.floats(0, 4) | st.just(0)}),
+                                                           "loss_weight": st.floats(0, 4) | st.just(0)}),
 )
 NEAR_SAMPLE = st.fixed_dictionaries(
     {"segments": st.lists(st.one_of(GOOD_SEGMENT, GOOD_SEGMENT, GOOD_SEGMENT, SEGMENT),
@@ -137,7 +137,7 @@ def test_jsonl_of_arbitrary_json_fails_only_with_data_errors(root, values, bom):
 @pytest.mark.parametrize("text", [
     "[" * 100_000,  # nested deeper than the parser's recursion limit
     '{"segments": [{"text": "a", "loss": ' + "9" * 5000 + "}]}",  # more digits than Python converts
-    '{"segments": [{"image": "ok.png", "generate": true, "loss": 1e999}]}',  # an infinite weight
+    '{"segments": [{"image": "ok.png", "generate": true, "loss_weight": 1e999}]}',  # an infinite weight
     '{"segments": [{"text": "\\ud800"}]}',  # an unpaired surrogate
 ])
 def test_jsonl_edge_cases_are_data_errors_at_their_line(root, text):

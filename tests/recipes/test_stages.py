@@ -187,6 +187,7 @@ def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
     cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, "--ckpt_path=last"])
     assert cli.model.train_parts == ["gen", "und"] and cli.model.lambda_text == 0.5
     assert cli.model.model.cfg.timestep_sampling.shift == 2.0
+    assert cli.model.hparams["model"].timestep_sampling.shift == 3.0  # the recipe's, as configured
     assert len(cli.trainer.optimizers[0].param_groups) == 4  # gen (decay, no decay) + und (decay, no decay)
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-6
