@@ -162,7 +162,7 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
             verb = self.config.get("subcommand")
             ckpt_path = self.config[verb].get("ckpt_path") if verb else None
             if ckpt_path and Path(ckpt_path).exists():  # LightningCLI reads its hyper-parameters next
-                from mogao.training.checkpointing import check_checkpoint
+                from mogao.model.checkpoint_files import check_checkpoint
 
                 check_checkpoint(ckpt_path)  # a damaged file: a CheckpointError naming it and the problem
 
@@ -260,7 +260,7 @@ def report_checkpoint_hparams(ckpt_path: str | Path, model_config: Any) -> list[
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from mogao.training.checkpointing import load_checkpoint_file
+    from mogao.model.checkpoint_files import load_checkpoint_file
 
     hparams = load_checkpoint_file(ckpt_path, mmap=zipfile.is_zipfile(ckpt_path)).get("hyper_parameters")
     keys = checkpoint_hparam_differences(hparams, model_config)

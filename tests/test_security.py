@@ -28,8 +28,8 @@ from test_distributed import _wait as wait_for_ranks
 
 from mogao.cli import main
 from mogao.errors import ConfigError, DataError
+from mogao.model.checkpoint_files import CheckpointError, check_checkpoint
 from mogao.model.io import load_model
-from mogao.training.checkpointing import CheckpointError, check_checkpoint
 from mogao.training.consolidate import consolidate
 from mogao.training.strategies import ARCHITECTURE_KEY
 
@@ -168,7 +168,7 @@ def test_check_checkpoint_reads_the_shard_index_and_records_without_running_them
                                                                                    tiny_parts, tmp_path):
     import shutil
 
-    from mogao.training.checkpointing import read_shard_index
+    from mogao.model.checkpoint_files import read_shard_index
 
     assert check_checkpoint(own_sharded) == 2  # the project's own folder passes
     assert type(read_shard_index(own_sharded / ".metadata")).__name__ == "Metadata"

@@ -51,23 +51,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-# checkpoint reading (weights-only, shard indexes checked) lives in mogao.model.io, where loading a model needs
-# it; all its names are importable from here too
-from mogao.model.io import (  # noqa: F401
-    SHARDED_INDEX,
-    SHARDED_META,
-    TEMP_SUFFIX,
+from mogao.model.checkpoint_files import (
     CheckpointError,
     _unloadable,
     check_checkpoint,
-    check_shard_records,
-    check_sharded_checkpoint,
-    fsync_directory,
-    load_checkpoint_file,
-    read_shard_index,
     register_safe_globals,
     validate_checkpoint,
 )
+from mogao.model.io import TEMP_SUFFIX, fsync_directory
 
 CHECKPOINT_SUFFIX = ".ckpt"
 QUARANTINE_SUFFIX = ".corrupt"

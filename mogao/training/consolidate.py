@@ -26,15 +26,8 @@ from pathlib import Path
 import torch
 
 from mogao.errors import ConfigError
-from mogao.model.io import (
-    SHARDED_META,
-    CheckpointError,
-    check_checkpoint,
-    load_checkpoint_file,
-    load_model,
-    resolve_checkpoint,
-    save_model_directory,
-)
+from mogao.model.checkpoint_files import SHARDED_META, CheckpointError, check_checkpoint, load_checkpoint_file
+from mogao.model.io import load_model, resolve_checkpoint, save_model_directory
 from mogao.training.checkpointing import checkpoint_candidates
 
 __all__ = ["consolidate", "find_checkpoint", "main"]

@@ -175,7 +175,7 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
         # checkpoints), the checkpoint is checked on every rank just before it is read, and read weights-only:
         # a sharded checkpoint's shard index through a restricted unpickler, `meta.pt` and whole files in
         # torch's weights-only format (the config classes they hold are registered safe globals).
-        from mogao.model.io import check_checkpoint, load_checkpoint_file
+        from mogao.model.checkpoint_files import check_checkpoint, load_checkpoint_file
 
         path = Path(self.broadcast(checkpoint_path))
         check_checkpoint(path)  # CheckpointError naming the file

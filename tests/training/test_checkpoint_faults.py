@@ -22,14 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mogao.model.checkpoint_files import CheckpointError, check_checkpoint
 from mogao.model.tiny import TinySpec, ensure_tiny_parts
 from mogao.recipes import build_cli
 from mogao.training.checkpointing import (
     AtomicCheckpointIO,
-    CheckpointError,
     CheckpointWarning,
     atomic_save,
-    check_checkpoint,
     find_valid_checkpoint,
     is_temp_file,
     temp_path_for,
