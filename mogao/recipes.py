@@ -160,6 +160,8 @@ def build_cli(args: list[str], callbacks: list[Any] | None = None, run: bool = T
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
             verb = self.config.get("subcommand")
+            # the stage's defaults are part of the config from here on (compared with a checkpoint's, saved)
+            write_stage_defaults((self.config[verb] if verb else self.config).get("model"))
             ckpt_path = self.config[verb].get("ckpt_path") if verb else None
             if ckpt_path and Path(ckpt_path).exists():  # LightningCLI reads its hyper-parameters next
                 from mogao.model.checkpoint_files import check_checkpoint

@@ -193,7 +193,8 @@ def test_lora_recipe_instantiates(name, base, tmp_path, monkeypatch):
 
 
 def test_lora_resume_gives_the_same_losses(base, tmp_path, monkeypatch, one_thread):
-    from test_stages import Interrupt, train_rows
+    from test_runtime_faults import Interrupt
+    from test_stages import train_rows
 
     monkeypatch.chdir(REPO)
     cfg = "recipes/lora/tiny-interleaved.yaml"  # both experts, adapter dropout 0.05

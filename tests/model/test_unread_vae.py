@@ -99,8 +99,8 @@ def test_training_drops_unread_copies_unless_text_sees_vae(tiny_parts, tmp_path)
     from mogao.training.datamodule import MogaoDataModule
 
     dm = MogaoDataModule.__new__(MogaoDataModule)
-    dm.data = DataConfig()
     for sees, drop in ((False, True), (True, False)):
+        dm.data = DataConfig()
         model = SimpleNamespace(vit_patch=4, vae_patch=4, cfg=SimpleNamespace(text_sees_vae=sees))
-        dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(model=model))
-        assert dm._data_config().drop_unread_vae is drop
+        dm.connect(model)
+        assert dm.data.drop_unread_vae is drop

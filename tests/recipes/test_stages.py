@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import shrunk_recipe
 from safetensors.torch import load_file
+from test_runtime_faults import Interrupt
 
 from mogao.cli import main
 from mogao.curriculum import run_curriculum
@@ -45,17 +46,6 @@ def recipes(tmp_path_factory):
 
 def train_rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_history(run / "metrics.jsonl") if r["kind"] == "train"}
-
-
-class Interrupt(pl.Callback):
-    """Stop a run with an exception at the start of step `at` (after the checkpoint of step `at` was written)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at:
-            raise RuntimeError(f"interrupted at step {self.at}")
 
 
 class SeenSamples(pl.Callback):
@@ -187,7 +177,11 @@ def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
     cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, "--ckpt_path=last"])
     assert cli.model.train_parts == ["gen", "und"] and cli.model.lambda_text == 0.5
     assert cli.model.model.cfg.timestep_sampling.shift == 2.0
-    assert cli.model.hparams["model"].timestep_sampling.shift == 3.0  # the recipe's, as configured
+    from mogao.model.checkpoint_files import load_checkpoint_file
+
+    saved = load_checkpoint_file(tmp_path / "a" / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]
+    ts = saved["timestep_sampling"] if isinstance(saved, dict) else saved.timestep_sampling
+    assert (ts["shift"] if isinstance(ts, dict) else ts.shift) == 3.0  # the recipe's, as configured
     assert len(cli.trainer.optimizers[0].param_groups) == 4  # gen (decay, no decay) + und (decay, no decay)
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-6
