@@ -51,3 +51,19 @@ def test_a_trainer_misconfiguration_is_a_clear_error(parts, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "mogao: error: Trainer was configured with `enable_progress_bar=False`" in err and "Traceback" not in err
+
+
+def test_every_package_and_recipe_folder_is_installed():
+    """pyproject lists its packages by name (the recipes ship as `mogao._recipes`): a new package or recipe folder
+    missing from the list would be left out of `pip install .`."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for top in ("mogao", "callbacks")
+               for p in (root / top).rglob("__init__.py")}
+    on_disk |= {"mogao._recipes"} | {f"mogao._recipes.{d.name}" for d in (root / "recipes").iterdir()
+                                     if d.is_dir() and d.name.isidentifier()}
+    assert listed == on_disk
