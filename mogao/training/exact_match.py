@@ -9,6 +9,8 @@ import torch
 from torchmetrics import SumMetric
 
 from mogao.data.samples import ImageSegment, Sample, TextSegment
+from mogao.errors import ConfigError
+from mogao.inference.inputs import check_prompt
 
 
 def normalise_answer(text: str) -> str:
@@ -28,6 +30,12 @@ def question_answer(sample: Sample) -> tuple[list[dict], str] | None:
         return None
     ctx = [{"text": s.text, "loss": False} if isinstance(s, TextSegment) else {"image": s.image}
            for s in segs[:-1] if isinstance(s, (TextSegment, ImageSegment))]
+    try:  # a prompt the generation loop refuses (only whitespace, control characters) is not asked
+        for c in ctx:
+            if "text" in c:
+                check_prompt(c["text"])
+    except ConfigError:
+        return None
     return ctx, last.text
 
 
