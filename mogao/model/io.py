@@ -14,6 +14,7 @@ training checkpoints read without running code, and `load_model`, the one way a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -396,7 +397,7 @@ def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: tor
             cfg = replace(cfg, vocab_size=len(tok))
         if meta:  # the grown vocabulary is in the LLM config already: no resize on meta tensors
             model = _from_record(*_record_parts(_parts_record(cfg, dtype), {}, cfg.llm), meta=True)
-            model.cfg = cfg
+            model.cfg = copy.deepcopy(cfg)  # its own copy, as MogaoModel keeps one
         else:
             model = _from_parts(cfg, dtype)
     elif isinstance(source, Mapping):
