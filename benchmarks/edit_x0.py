@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="saved model directory (pixel autoencoder, 32-pixel images)")
-    ap.add_argument("--tokenizer", type=Path, default=Path("runs/tiny/parts/tokenizer"))
+    ap.add_argument("--tokenizer", type=Path, default=Path("runs/tiny/components/tokenizer"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/edit_x0.png"))
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.3, 0.6, 0.9, 1.0])
     ap.add_argument("--n", type=int, default=6, help="edits (rows)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random parts saved with save_pretrained, loaded through the real code path."""
+"""Shared fixtures: tiny random components saved with save_pretrained, loaded through the real code path."""
 
 from __future__ import annotations
 
@@ -38,20 +38,20 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def parts(tmp_path_factory):
-    """Directories of tiny parts covering the built-in vocabulary (tokenizer, LLM, ViT with patch 8), as the
+    """Directories of tiny components covering the built-in vocabulary (tokenizer, LLM, ViT with patch 8), as the
     tiny recipes build them; tests point recipes at them with overrides."""
-    from mogao.model.tiny import TinySpec, ensure_tiny_parts
+    from mogao.model.tiny import TinySpec, ensure_tiny_components
 
     root = tmp_path_factory.mktemp("recipe_parts")
     spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
     d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(spec, **d)
+    ensure_tiny_components(spec, **d)
     return d
 
 
 @pytest.fixture(scope="session")
 def learn_parts(tmp_path_factory) -> dict:
-    """The learnability tests' tiny parts (`learnability.build_parts`): built once per test process."""
+    """The learnability tests' tiny components (`learnability.build_parts`): built once per test process."""
     from learnability import build_parts
 
     return build_parts(tmp_path_factory.mktemp("learn_parts"))

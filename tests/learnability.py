@@ -23,7 +23,7 @@ from mogao.inference import GenerationConfig, Guidance
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.model.tiny import TinySpec, ensure_tiny_components
 from mogao.training.objectives import combine_losses
 
 IMAGE_SIZE = 32  # pixels; the pixel autoencoder with latent patch 4 makes it an 8x8 token grid, as the demo
@@ -41,7 +41,7 @@ def build_parts(root) -> dict:
     """Tiny parts as the recipes build them (tokenizer on the built-in corpus), sized for fast memorising."""
     spec = TinySpec(**SPEC)
     d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(spec, **d)
+    ensure_tiny_components(spec, **d)
     return {**d, "tok": AutoTokenizer.from_pretrained(d["tokenizer"])}
 
 

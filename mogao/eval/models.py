@@ -27,7 +27,7 @@ def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | N
     import yaml
 
     from mogao.model.config import ModelConfig
-    from mogao.model.tiny import TinySpec, ensure_tiny_parts
+    from mogao.model.tiny import TinySpec, ensure_tiny_components
     from mogao.recipes import resolve_recipe
 
     path = resolve_recipe(recipe)
@@ -39,12 +39,12 @@ def untrained_model(recipe: str = UNTRAINED_RECIPE, *, tokenizer: str | Path | N
         raise ConfigError(f"'{path}' has no model.init_args.model / model.init_args.tokenizer to build an "
                           f"untrained model from ({type(e).__name__}: {e})") from e
     if not tok_dir.is_dir():
-        raise ConfigError(f"no tokenizer at '{tok_dir}' for the untrained model; build the tiny parts first (any "
+        raise ConfigError(f"no tokenizer at '{tok_dir}' for the untrained model; build the tiny components first (any "
                           f"tiny recipe does: `mogao fit --config recipes/{recipe}.yaml`, or `mogao demo`) or pass "
                           "--tokenizer DIR")
     tok = load_tokenizer(tok_dir)
     if init.get("tiny") is not None:
-        ensure_tiny_parts(TinySpec(**init["tiny"]), tokenizer=tok_dir, llm=model_cfg["llm"], vit=model_cfg["vit"])
+        ensure_tiny_components(TinySpec(**init["tiny"]), tokenizer=tok_dir, llm=model_cfg["llm"], vit=model_cfg["vit"])
     cfg = ModelConfig.from_dict(model_cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """`ModelConfig`: what a Mogao model is built from, and its one dict form (`to_dict` / `from_dict`), used by a
 saved model's `mogao_config.json`, a training checkpoint's architecture record and recipes read as plain data;
-`model_architecture`, that record; `resolve_checkpoint`, where the part checkpoints a config names are."""
+`model_architecture`, that record; `resolve_checkpoint`, where the component checkpoints a config names are."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ REMOVED_FIELDS = ("lambda_text", "lambda_image")
 
 @dataclass
 class ModelConfig:
-    """How to build a Mogao model from pretrained parts.
+    """How to build a Mogao model from pretrained components.
 
     Attributes:
         llm: directory of a `transformers` decoder LLM (Qwen2/Qwen3/Llama-style), loaded with `from_pretrained`.

@@ -1,7 +1,7 @@
 """Model I/O: saved model folders (written as one unit, with the user's umask, never over a foreign folder),
 training checkpoints read without running code, and `load_model`, the one way a `MogaoModel` is built:
 
-    load_model(ModelConfig(...))          from the pretrained parts it names (LLM, ViT, autoencoder)
+    load_model(ModelConfig(...))          from the pretrained components it names (LLM, ViT, autoencoder)
     load_model("runs/x/model")            a saved model folder (`save_pretrained`: config + safetensors)
     load_model("runs/x/checkpoints/last.ckpt")   a training checkpoint (a file, or a sharded folder) written
                                           with a mogao sharding strategy, which records the architecture
@@ -203,12 +203,12 @@ def _saved_record(directory: Path) -> dict[str, Any]:
 
 
 def _parts_record(cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]:
-    """The architecture record of the model `cfg`'s pretrained parts make, from their config files only
+    """The architecture record of the model `cfg`'s pretrained components make, from their config files only
     (the LLM config with the grown vocabulary)."""
     from transformers import AutoConfig, SiglipVisionConfig
 
     llm_config = AutoConfig.from_pretrained(resolve_checkpoint(cfg.llm, "LLM")).to_dict()
-    llm_config["dtype"] = str(dtype or torch.float32).removeprefix("torch.")  # as the parts are loaded
+    llm_config["dtype"] = str(dtype or torch.float32).removeprefix("torch.")  # as the components are loaded
     if cfg.vocab_size is not None and cfg.vocab_size > int(llm_config["vocab_size"]):
         llm_config["vocab_size"] = int(cfg.vocab_size)
     vit_config = SiglipVisionConfig.from_pretrained(resolve_checkpoint(cfg.vit, "ViT")).to_dict()
@@ -270,7 +270,7 @@ def _from_record(cfg: ModelConfig, llm_config: dict, vit_config: dict, ae_config
 
 
 def _from_parts(cfg: ModelConfig, dtype: torch.dtype | None) -> MogaoModel:
-    """Initialise from pretrained parts: the LLM (both experts), SigLIP and the autoencoder."""
+    """Initialise from pretrained components: the LLM (both experts), SigLIP and the autoencoder."""
     from transformers import AutoModelForCausalLM
 
     from mogao.model.autoencoder import DiffusersVAE, PixelAutoencoder
@@ -369,11 +369,11 @@ def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: tor
     """The `MogaoModel` `source` describes (in training mode, as modules are built).
 
     source:
-        a `ModelConfig`: built from the pretrained parts it names (the LLM's weights for both experts, SigLIP,
+        a `ModelConfig`: built from the pretrained components it names (the LLM's weights for both experts, SigLIP,
             the autoencoder); the new layers are drawn from torch's CPU generator.
         a saved model folder (`save_pretrained`): the architecture from `mogao_config.json`, the weights from
             `model.safetensors` (safetensors only: nothing in the folder can run code), every weight checked
-            against the architecture (names and shapes); the part checkpoints are not needed.
+            against the architecture (names and shapes); the component checkpoints are not needed.
         a training checkpoint (a `.ckpt` file or a sharded checkpoint folder) written with a mogao sharding
             strategy: checked and read weights-only (`check_checkpoint`), the model rebuilt from its
             `mogao_architecture` entry and every weight checked against it.
@@ -381,7 +381,7 @@ def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: tor
     meta: build with every parameter on the meta device (buffers stay real: they are small and computed from
         the configs); configs are read, weights never (see `mogao.training.shard_load.load_weights`).
     device: where the weights go (ignored with `meta`).
-    dtype: cast the floating-point weights (the LLM of a `ModelConfig` is read in it); None: float32 for parts,
+    dtype: cast the floating-point weights (the LLM of a `ModelConfig` is read in it); None: float32 for components,
         as saved otherwise.
     tokenizer: a tokenizer or its directory: a `ModelConfig`'s vocabulary grows to its length, and any model
         whose vocabulary is smaller is refused.

@@ -98,7 +98,7 @@ class ModelOutput:
 class MogaoModel(nn.Module):
     """One causal transformer reading and writing interleaved text and images (see DESIGN §2).
 
-    Build or load one with `mogao.model.io.load_model`: from pretrained parts (`load_model(ModelConfig(...))`),
+    Build or load one with `mogao.model.io.load_model`: from pretrained components (`load_model(ModelConfig(...))`),
     or a trained model saved with `save_pretrained(dir)` (`load_model(dir)`: architecture from the saved
     configs, weights from safetensors - the original part checkpoints are not needed).
     """

@@ -1,5 +1,5 @@
-"""Tiny random parts (LLM, SigLIP, VAE) saved with `save_pretrained`, so tests and the CPU demo load them
-through exactly the code path real checkpoints use (no hub downloads anywhere)."""
+"""Tiny random components (tokenizer, LLM, SigLIP, VAE) saved with `save_pretrained`, so tests and the CPU demo
+load them through exactly the code path real checkpoints use (no hub downloads anywhere)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def save_tiny_vae(directory: str | Path, latent_channels: int = 4, seed: int = 0
 
 @dataclass
 class TinySpec:
-    """Sizes of the tiny random parts the CPU recipes build on first use (then load like real checkpoints)."""
+    """Sizes of the tiny random components the CPU recipes build on first use (then load like real checkpoints)."""
 
     hidden_size: int = 96
     """Hidden size of the tiny LLM (both experts)."""
@@ -145,7 +145,7 @@ def _build_atomically(target: Path, build) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_tiny_parts(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path, vit: str | Path) -> None:
+def ensure_tiny_components(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path, vit: str | Path) -> None:
     """Create whichever of the tokenizer / LLM / ViT directories is missing, deterministically from `spec`.
 
     The tokenizer is trained on `mogao.data.builtin.builtin_corpus()`; the LLM's vocabulary matches it.

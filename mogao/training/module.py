@@ -6,7 +6,7 @@ trained, how the losses are weighted, how optimizer groups are formed and what v
                           understanding expert's keys/values)
     InterleavedModule     everything: trains both experts and the connector
 
-The model comes from pretrained parts (`model`: LLM, SigLIP, autoencoder) or from a saved Mogao model
+The model comes from pretrained components (`model`: LLM, SigLIP, autoencoder) or from a saved Mogao model
 (`init_from`: e.g. the previous curriculum stage). Optimizer and LR schedule are injected (recipes give class
 paths), and `configure_optimizers` builds weight-decay / no-decay groups over the trainable parameters only.
 
@@ -32,7 +32,7 @@ from mogao.lora.spec import LoraSpec
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model, resolve_checkpoint
 from mogao.model.mogao import MogaoModel
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.model.tiny import TinySpec, ensure_tiny_components
 from mogao.sequence import PackedBatch
 from mogao.training.datamodule import DataPosition
 from mogao.training.exact_match import ExactMatch
@@ -56,11 +56,11 @@ class MogaoModule(pl.LightningModule):
     """One training stage of a Mogao model (see the module docstring).
 
     Args:
-        model: how to build the model from pretrained parts (ignored except for runtime options - attention
+        model: how to build the model from pretrained components (ignored except for runtime options - attention
             backend, timestep sampling, text_sees_vae - when `init_from` is given).
         tokenizer: directory of the tokenizer; the LLM's embeddings are resized to its length.
-        init_from: directory of a saved Mogao model (`save_pretrained`) to start from instead of the parts.
-        tiny: build missing tokenizer / LLM / ViT directories as tiny random parts of these sizes (CPU recipes).
+        init_from: directory of a saved Mogao model (`save_pretrained`) to start from instead of the components.
+        tiny: build missing tokenizer / LLM / ViT directories as tiny random components of these sizes (CPU recipes).
         train: parts to train: any of "und", "gen", "vit", "connector" (None: the stage's default).
         lambda_text: weight of the text cross-entropy (None: the stage's default).
         lambda_image: weight of the flow-matching loss (None: the stage's default).
@@ -77,7 +77,7 @@ class MogaoModule(pl.LightningModule):
         lora: fine-tune with LoRA / QLoRA adapters (`mogao.lora.LoraSpec`) instead of full weights: only the
             adapters and `lora.full` train (`train` must then be left unset), and the end of fit saves the
             adapter alone to `<log_dir>/adapter` (weights, spec and the base model's identity).
-        meta_init: build the model on the meta device here (architecture from the parts' configs, no weights
+        meta_init: build the model on the meta device here (architecture from the components' configs, no weights
             read) and fill it in `configure_model`: under `MoTFSDP2Strategy` after sharding, each rank reading
             only the rows of its own shards from the safetensors files (`mogao.training.shard_load`); under
             other strategies the whole model, in each process. Not with `lora`.
@@ -115,14 +115,14 @@ class MogaoModule(pl.LightningModule):
         self.weight_plan = None  # with meta_init: where configure_model reads the weights from
         self.faults = NumericalFaults(nonfinite, max_nonfinite_consecutive)
         if model is None and init_from is None:
-            raise ConfigError("model: give 'model' (pretrained parts: llm, vit, autoencoder) or 'init_from' "
+            raise ConfigError("model: give 'model' (pretrained components: llm, vit, autoencoder) or 'init_from' "
                               "(a saved mogao model directory)")
         if tokenizer is None:
             raise ConfigError("model.tokenizer: the tokenizer directory is required")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.tokenizer_path = str(tokenizer)
         if tiny is not None and model is not None:
-            ensure_tiny_parts(tiny, tokenizer=tokenizer, llm=model.llm, vit=model.vit)
+            ensure_tiny_components(tiny, tokenizer=tokenizer, llm=model.llm, vit=model.vit)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"))

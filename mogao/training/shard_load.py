@@ -8,7 +8,7 @@
                                   tensors in one process) and fill them, reading from the safetensors files
                                   only the rows of dim 0 each local shard covers (`safe_open(...).get_slice`).
 
-Where each parameter comes from (pretrained parts):
+Where each parameter comes from (pretrained components):
     backbone.layers.i.{und,gen}.*          <- the LLM's model.layers.i.* (the generation expert starts as a copy)
     backbone.embed_tokens / lm_head        <- model.embed_tokens / lm_head (tied checkpoints: the embeddings)
     backbone.norm, backbone.gen_norm       <- model.norm
@@ -45,7 +45,7 @@ class WeightPlan:
     """Where the weights of a model built with `load_model(..., meta=True)` come from.
 
     cfg: the model's config (part paths; `vocab_size` the final vocabulary).
-    init_from: a saved mogao model directory, or None for the pretrained parts.
+    init_from: a saved mogao model directory, or None for the pretrained components.
     rng_state: the CPU random state `load_model(cfg)` would have started from (new modules are drawn from it).
     llm_config: the LLM architecture as built (`vocab_size` the grown one).
     checkpoint_vocab: rows of the LLM checkpoint's embedding matrix.
@@ -71,7 +71,7 @@ class LoadReport:
 # ---- planning ---------------------------------------------------------------------------------------
 def plan_weights(model: MogaoModel, init_from: str | Path | None = None,
                  rng_state: torch.Tensor | None = None) -> WeightPlan:
-    """Where `load_weights` fills `model` from - `load_model(cfg, meta=True)` (the pretrained parts of
+    """Where `load_weights` fills `model` from - `load_model(cfg, meta=True)` (the pretrained components of
     `model.cfg`) or `load_model(init_from, meta=True)` (a saved model) - with `rng_state` the CPU random state
     taken just before building (default: now). Reads configs only."""
     rng = torch.get_rng_state() if rng_state is None else rng_state
@@ -151,7 +151,7 @@ class _Cpu:
 
 
 def _new_modules(model: MogaoModel, plan: WeightPlan, llm: _Safetensors | None) -> dict[str, torch.Tensor]:
-    """Whole tensors of the parameters the pretrained parts do not have, drawn as `MogaoModel.__init__`
+    """Whole tensors of the parameters the pretrained components do not have, drawn as `MogaoModel.__init__`
     draws them (same order, same random state), plus the grown vocabulary rows ("<grown>.embed"/".lm_head")."""
     from mogao.model.autoencoder import LatentProjector
     from mogao.model.timestep import AdaLNModulation, AdditiveTimestep, TimestepEmbedder

@@ -12,7 +12,7 @@ import pytest
 
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.model.tiny import TinySpec, ensure_tiny_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,7 @@ def _script():
 def _saved_model(root: Path, patch: int) -> Path:
     """A tiny random model (ViT patch and latent patch `patch`) saved with its tokenizer under root/model."""
     d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16,
+    ensure_tiny_components(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16,
                                vit_patch_size=patch), **d)
     from transformers import AutoTokenizer
 

@@ -14,7 +14,7 @@ from PIL import Image
 from mogao.data.builtin import make_builtin
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.model.tiny import TinySpec, ensure_tiny_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edit_x0.py"
 
 def test_sheet_shows_the_reference_at_sigma_zero(tmp_path):
     d = {k: tmp_path / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=4),
+    ensure_tiny_components(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=4),
                       **d)
     from transformers import AutoTokenizer
 

@@ -35,7 +35,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved_model(parts, tmp_path_factory):
-    """A random model built from the tiny parts, saved with its tokenizer like a trained stage's model."""
+    """A random model built from the tiny components, saved with its tokenizer like a trained stage's model."""
     from transformers import AutoTokenizer
 
     from mogao.model.config import ModelConfig
@@ -225,10 +225,10 @@ def test_cli_errors_exit_2_with_a_message(saved_model, tmp_path, capsys):
 def test_cli_untrained_needs_a_tokenizer_then_evaluates(parts, tmp_path, monkeypatch, capsys):
     from mogao.cli import main as mogao_main
 
-    monkeypatch.chdir(tmp_path)  # the tiny recipe's parts live under runs/tiny/parts, relative to here
+    monkeypatch.chdir(tmp_path)  # the tiny recipe's parts live under runs/tiny/components, relative to here
     monkeypatch.setattr("mogao.model.tiny.pretrain_tiny_vit", lambda *a, **k: {})  # (its own test: 40 s saved)
     assert mogao_main(["eval", "--untrained", "--suite", "vqa"]) == 2
-    assert "no tokenizer at 'runs/tiny/parts/tokenizer'" in capsys.readouterr().err
+    assert "no tokenizer at 'runs/tiny/components/tokenizer'" in capsys.readouterr().err
     out = tmp_path / "untrained.json"
     code = mogao_main(["eval", "--untrained", "--tokenizer", str(parts["tokenizer"]), "--suite", "vqa",
                        "--n", "3", "--out", str(out)])
@@ -236,7 +236,7 @@ def test_cli_untrained_needs_a_tokenizer_then_evaluates(parts, tmp_path, monkeyp
     results = json.loads(out.read_text())
     assert results["checkpoint"] == "untrained:tiny/t2i"
     _check_structure(results["suites"]["vqa"], "vqa", 3)
-    assert (tmp_path / "runs/tiny/parts/llm").is_dir()  # built from the recipe's tiny spec
+    assert (tmp_path / "runs/tiny/components/llm").is_dir()  # built from the recipe's tiny spec
 
 
 def test_eval_samples_on_the_models_training_shift_unless_told(monkeypatch):

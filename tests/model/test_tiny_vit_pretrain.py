@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from mogao.model.tiny import TinySpec, ensure_tiny_parts, pretrain_tiny_vit, save_tiny_vit
+from mogao.model.tiny import TinySpec, ensure_tiny_components, pretrain_tiny_vit, save_tiny_vit
 
 
 def _weights(directory) -> dict[str, torch.Tensor]:
@@ -32,16 +32,16 @@ def test_pretraining_learns_scenes_and_digits_and_is_deterministic(tmp_path):
                            weights["embeddings.patch_embedding.weight"])
 
 
-def test_ensure_tiny_parts_pretrains_only_when_asked(tmp_path, monkeypatch):
+def test_ensure_tiny_components_pretrains_only_when_asked(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("mogao.model.tiny.pretrain_tiny_vit", lambda d, steps, seed: calls.append((steps, seed)))
     spec = TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
     for steps, vit in ((0, "vit0"), (7, "vit7")):
-        ensure_tiny_parts(TinySpec(**{**vars(spec), "vit_pretrain_steps": steps}), tokenizer=tmp_path / "tok",
+        ensure_tiny_components(TinySpec(**{**vars(spec), "vit_pretrain_steps": steps}), tokenizer=tmp_path / "tok",
                           llm=tmp_path / "llm", vit=tmp_path / vit)
         assert (tmp_path / vit / "config.json").is_file()
     assert calls == [(7, 0)]
-    ensure_tiny_parts(TinySpec(**{**vars(spec), "vit_pretrain_steps": 7}), tokenizer=tmp_path / "tok",
+    ensure_tiny_components(TinySpec(**{**vars(spec), "vit_pretrain_steps": 7}), tokenizer=tmp_path / "tok",
                       llm=tmp_path / "llm", vit=tmp_path / "vit7")
     assert calls == [(7, 0)]  # an existing directory is left as it is
 

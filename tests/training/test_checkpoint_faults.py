@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from mogao.model.checkpoint_files import CheckpointError, check_checkpoint
-from mogao.model.tiny import TinySpec, ensure_tiny_parts
+from mogao.model.tiny import TinySpec, ensure_tiny_components
 from mogao.recipes import build_cli
 from mogao.training.checkpointing import (
     AtomicCheckpointIO,
@@ -51,7 +51,7 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("fault_parts")
     spec = TinySpec(hidden_size=32, layers=2, heads=2, kv_heads=1, vit_hidden_size=16, vit_patch_size=8)
     d = {k: root / k for k in ("tokenizer", "llm", "vit")}
-    ensure_tiny_parts(spec, **d)
+    ensure_tiny_components(spec, **d)
     return d
 
 

@@ -97,7 +97,7 @@ def test_vqa_and_captions(learn_parts):
 
 
 def test_tiny_llm_turns_image_rows_and_columns_fast_enough(tmp_path):
-    """The tiny parts' RoPE base leaves IL-RoPE's row and column axes a frequency of at least 0.5 rad per grid
+    """The tiny components' RoPE base leaves IL-RoPE's row and column axes a frequency of at least 0.5 rad per grid
     cell for the recipes' head size (32): with the usual base of 10000 the fastest column frequency is 0.32 rad,
     and a generated token cannot single out the same cell of a condition image (editing learns far slower)."""
     from transformers import AutoModelForCausalLM
