@@ -149,8 +149,22 @@ def ensure_tiny_components(spec: TinySpec, *, tokenizer: str | Path, llm: str | 
     """Create whichever of the tokenizer / LLM / ViT directories is missing, deterministically from `spec`.
 
     The tokenizer is trained on `mogao.data.builtin.builtin_corpus()`; the LLM's vocabulary matches it.
-    Existing directories are left as they are (they may be real checkpoints).
+    Existing directories are left as they are (they may be real checkpoints). The global random states (torch,
+    numpy, `random`) are as they were afterwards, so a run that builds its components first draws the same new
+    layers and data as a run that finds them.
     """
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        _build_tiny_components(spec, tokenizer=tokenizer, llm=llm, vit=vit)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+def _build_tiny_components(spec: TinySpec, *, tokenizer: str | Path, llm: str | Path, vit: str | Path) -> None:
     from transformers import AutoTokenizer
 
     from mogao.data.builtin import builtin_corpus

@@ -69,3 +69,25 @@ def test_pretraining_reports_validation_accuracies(tmp_path):
     for key in ("val_occupied", "val_colour", "val_shape", "val_size", "val_colour_held_out",
                 "val_shape_held_out", "val_digit"):
         assert 0.0 <= out[key] <= 1.0
+
+
+def test_building_tiny_components_leaves_the_global_random_states_alone(tmp_path):
+    """A run that builds its tiny components first must draw the same new layers and data as one that finds them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from mogao.model.tiny import TinySpec, ensure_tiny_components
+
+    torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    ensure_tiny_components(TinySpec(hidden_size=32, layers=1, heads=2, kv_heads=1, vit_hidden_size=16,
+                                    vit_pretrain_steps=2),
+                           tokenizer=tmp_path / "tok", llm=tmp_path / "llm", vit=tmp_path / "vit")
+    assert (tmp_path / "vit").is_dir() and (tmp_path / "llm").is_dir()
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
