@@ -27,18 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mogao.errors import ConfigError
-from mogao.model.checkpoint_files import (  # noqa: F401  (re-exported: the checkpoint readers)
-    REQUIRED_KEYS,
+from mogao.model.checkpoint_files import (
     SHARDED_INDEX,
     SHARDED_META,
     CheckpointError,
+    StrPath,
     check_checkpoint,
-    check_shard_records,
-    check_sharded_checkpoint,
     load_checkpoint_file,
-    read_shard_index,
-    register_safe_globals,
-    validate_checkpoint,
 )
 from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, architecture_record, resolve_checkpoint
 from mogao.model.config import model_architecture as model_architecture  # (the record load_model reads)
@@ -46,7 +41,6 @@ from mogao.model.config import model_architecture as model_architecture  # (the 
 if TYPE_CHECKING:
     from mogao.model.mogao import MogaoModel
 
-StrPath = str | os.PathLike
 ARCHITECTURE_KEY = "mogao_architecture"  # in a training checkpoint: the architecture `load_model` rebuilds
 
 TEMP_SUFFIX = ".tmp"  # a file or folder being written (renamed into place when complete)
