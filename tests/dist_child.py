@@ -4,10 +4,11 @@ LOCAL_RANK for two ranks, nothing for one.
 
     python tests/dist_child.py SPEC.json
 
-SPEC (JSON): out (directory), tokenizer / llm / vit / vae (tiny part directories), strategy ("fsdp2" or
+SPEC (JSON): out (directory), tokenizer / llm / vit / vae (tiny part directories), strategy ("fsdp2", "ddp" or
 "single"), devices, steps, save_at (step after which a sharded checkpoint `step<k>.ckpt` is written), unfreeze_at
 (step at which the generation expert starts training), resume (checkpoint to continue from, or null),
-broadcast_from_rank0.
+broadcast_from_rank0, train (parts trained at the start, default ["und"]), data ("interleaved", the default, or
+"lopsided": `lopsided_samples`).
 
 Each step trains on a fixed global batch of `GLOBAL` samples: rank r of R packs the samples r, r + R, ... of
 it, so one process packs them all. Writes, per rank: losses.rank<r>.json (step -> this rank's loss), and, for
@@ -39,6 +40,39 @@ def make_plans(tokenizer, dicts: list[dict], indices: list[int], vae_patch: int)
     return [lower_sample(s, tokenizer, cfg, index=i) for s, i in zip(samples, indices)]
 
 
+LOPSIDED = [  # (rank 0's two samples, rank 1's two samples) of each global batch
+    (("t2i", "t2i"), ("vqa", "vqa")),  # generation targets | no generation target
+    (("vqa", "text"), ("vqa", "vqa")),  # no generation target on any rank
+    (("text", "text"), ("edit", "edit")),  # text only, no image (connector unused) | condition images and targets
+    (("t2i_quiet", "t2i_quiet"), ("text", "t2i")),  # captions without text loss | text only and text-to-image
+]
+
+
+def lopsided_samples(steps: int) -> list[dict]:
+    """Global batches whose two ranks' shares hold different kinds of samples (`LOPSIDED`, in a cycle), so that
+    parameters some batches leave unused differ between ranks and steps. Sample i of global batch t goes to rank
+    i % 2 (`GlobalBatches`), one process packs all four."""
+    from mogao.data.shapes_mini import draw_shape
+
+    def sample(kind: str, i: int) -> dict:
+        colour, other = ("red", "blue") if i % 2 else ("green", "yellow")
+        shape = ("circle", "square", "triangle")[i % 3]
+        img, img2 = draw_shape(shape, colour), draw_shape(shape, other)
+        segs = {"t2i": [{"text": f"Draw a {colour} {shape}."}, {"image": img, "generate": True}],
+                "t2i_quiet": [{"text": f"Draw a {colour} {shape}.", "loss": False}, {"image": img, "generate": True}],
+                "vqa": [{"image": img}, {"text": "What is it?", "loss": False}, {"text": f"It is a {colour} {shape}."}],
+                "text": [{"text": f"Now make it {other}."}, {"text": f"It is a {other} {shape}."}],
+                "edit": [{"image": img}, {"text": f"Now make it {other}.", "loss": False},
+                         {"image": img2, "generate": True}]}[kind]
+        return {"id": f"{kind}-{i}", "segments": segs}
+
+    out = []
+    for t in range(steps):
+        r0, r1 = LOPSIDED[t % len(LOPSIDED)]
+        out += [sample(k, len(out) + j) for j, k in enumerate((r0[0], r1[0], r0[1], r1[1]))]
+    return out
+
+
 class GlobalBatches(IterableDataset):
     """This rank's share of global batch t, for t from the trainer's current step on (so a resumed run
     continues with the next global batch)."""
@@ -65,7 +99,7 @@ class Probe(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.unfreeze_at:
-            pl_module.set_train_parts(["und", "gen"])
+            pl_module.set_train_parts([*pl_module.train_parts, "gen"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -126,11 +160,14 @@ def main(spec_path: str) -> None:
         from mogao.lora import LoraSpec
 
         lora = LoraSpec(und=["q_proj", "v_proj"], gen=["q_proj", "down_proj"], rank=4, alpha=8)
-    module = InterleavedModule(model=cfg, tokenizer=spec["tokenizer"], train=None if lora else ["und"], lora=lora,
+    train = spec.get("train", ["und"])
+    module = InterleavedModule(model=cfg, tokenizer=spec["tokenizer"], train=None if lora else train, lora=lora,
                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01))
     if spec["strategy"] == "fsdp2":
         strategy = MoTFSDP2Strategy(activation_checkpointing=True,
                                     broadcast_from_rank0=bool(spec.get("broadcast_from_rank0", False)))
+    elif spec["strategy"] == "ddp":
+        strategy = "ddp"  # the plain Lightning strategy, as `--trainer.strategy=ddp` gives it
     else:
         strategy = "auto"
     probe = Probe(out, spec["save_at"], spec["unfreeze_at"])
@@ -142,7 +179,10 @@ def main(spec_path: str) -> None:
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          callbacks=[EMA(decay=0.5), probe, Throughput(window=1)],  # EMA first: probe saves after its update
                          default_root_dir=str(out))
-    dicts = interleaved_samples(GLOBAL * spec["steps"], seed=5, max_targets=2)
+    if spec.get("data", "interleaved") == "lopsided":
+        dicts = lopsided_samples(spec["steps"])
+    else:
+        dicts = interleaved_samples(GLOBAL * spec["steps"], seed=5, max_targets=2)
     loader = torch.utils.data.DataLoader(GlobalBatches(module, dicts, trainer), batch_size=None,
                                          collate_fn=lambda b: b)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=spec.get("resume"))

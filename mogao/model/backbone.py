@@ -72,10 +72,13 @@ class MoTDecoderLayer(nn.Module):
         attention,
         prepared: object,
         mod: GenerationModulation | None = None,
+        all_paths: bool = False,
     ) -> torch.Tensor:
-        # x: (N, hidden); tokens [0, n_und) -> understanding expert, [n_und, N) -> generation expert
+        # x: (N, hidden); tokens [0, n_und) -> understanding expert, [n_und, N) -> generation expert.
+        # all_paths: run the generation expert even on zero tokens, so that each of its parameters is in the
+        # graph (with a zero gradient) whatever the batch holds - see `MogaoModel.forward`.
         x_und, x_gen = x[:n_und], x[n_und:]
-        has_gen = x_gen.shape[0] > 0
+        has_gen = x_gen.shape[0] > 0 or all_paths
         m = None
         if has_gen and self.gen_adaln is not None and mod is not None:
             rows = self.gen_adaln(mod.cond)  # six (R, hidden) tensors
@@ -151,15 +154,17 @@ class MoTBackbone(nn.Module):
         attention,
         prepared: object,
         mod: GenerationModulation | None = None,
+        all_paths: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, hidden) input embeddings in physical order; position_ids: (3, N).
 
         Returns the final-normed hidden states of the understanding tokens (n_und, hidden) and of the
-        generation tokens (N - n_und, hidden).
+        generation tokens (N - n_und, hidden). all_paths: every layer runs both experts, on zero tokens where
+        the sequence has none for one of them (`MoTDecoderLayer.forward`).
         """
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
-            x = layer(x, n_und, cos, sin, attention, prepared, mod)
+            x = layer(x, n_und, cos, sin, attention, prepared, mod, all_paths)
         return self.norm(x[:n_und]), self.gen_norm(x[n_und:])
 
     def understanding_parameters(self):

@@ -124,6 +124,9 @@ class MogaoModel(nn.Module):
         self.latent_proj = LatentProjector(self.token_dim, hidden)
         self.flow_loss = FlowMatchingLoss()
         self.attention = get_attention_backend(cfg.attention)
+        # every path runs in a training forward (see `forward`); False only to measure what that costs
+        # (benchmarks/ddp_unused.py), where DDP must then be told to find unused parameters itself
+        self.all_paths_in_training = True
 
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -236,20 +239,28 @@ class MogaoModel(nn.Module):
         weights = batch.image_loss_weight[target_ids].to(dtype).repeat_interleave(counts.to(dev))
         return inputs, FlowTargets(velocity_target(x0_cat, eps), weights)
 
-    def embed_inputs(self, inputs: SequenceInputs) -> tuple[torch.Tensor, GenerationModulation | None]:
+    def embed_inputs(self, inputs: SequenceInputs,
+                     all_paths: bool = False) -> tuple[torch.Tensor, GenerationModulation | None]:
         """The input embeddings (N, hidden) of a sequence and the timestep modulation of its generation tokens.
 
         Text ids go through the token embedding; ViT copies through the ViT and the connector; clean and noisy
         VAE copies through `embed_latents` at their positions. The modulation has one row per σ: row 0 is σ = 0
         (clean VAE tokens), row 1 + i the i-th noisy target's σ (float32). With additive timestep conditioning
         it is added to the generation tokens' embeddings here and None is returned in its place; None as well
-        when the sequence has no generation tokens.
+        when the sequence has no generation tokens (unless `all_paths`).
+
+        all_paths: a path the sequence has no input for (no ViT image, no VAE token, no generation token) still
+        runs, on zero rows (the ViT, when it trains, on one blank patch whose features are then dropped), so
+        that every parameter is in the graph; the embeddings are unchanged. See `forward`.
         """
         pos = inputs.position_ids
         x = self.backbone.embed_tokens(inputs.input_ids)
+        none = torch.zeros(0, dtype=torch.long, device=x.device)
         if inputs.vit_pixels:
             vit_tokens = self.connector(torch.cat(self.vit(inputs.vit_pixels), dim=0)).to(x.dtype)
             x = x.index_copy(0, inputs.vit_index, vit_tokens)
+        elif all_paths:
+            x = x.index_copy(0, none, self.connector(self._no_vit_features(x)).to(x.dtype))
         clean = inputs.clean_tokens
         if clean is None and inputs.clean_pixels:
             clean = torch.cat(self.image_tokens(inputs.clean_pixels), dim=0)
@@ -260,12 +271,14 @@ class MogaoModel(nn.Module):
         if noisy:
             x = x.index_copy(0, inputs.noisy_index, self.embed_latents(inputs.noisy_tokens.to(x.device, x.dtype),
                                                                        pos[:, inputs.noisy_index]))
+        elif all_paths:
+            x = x.index_copy(0, none, self.embed_latents(x.new_zeros(0, self.token_dim), pos[:, none]))
         n_und = inputs.n_und
         n_gen = x.shape[0] - n_und
-        if n_gen <= 0:
+        if n_gen <= 0 and not all_paths:
             return x, None
         rows = torch.zeros(1, device=x.device)
-        index = torch.zeros(n_gen, dtype=torch.long, device=x.device)
+        index = torch.zeros(max(n_gen, 0), dtype=torch.long, device=x.device)
         if noisy:
             rows = torch.cat((rows, inputs.sigmas.float()))
             index[inputs.noisy_index - n_und] = inputs.noisy_target.to(x.device) + 1
@@ -274,6 +287,13 @@ class MogaoModel(nn.Module):
             return x, mod
         add = self.additive_time(mod.cond).index_select(0, mod.index)
         return torch.cat((x[:n_und], x[n_und:] + add)), None
+
+    def _no_vit_features(self, like: torch.Tensor) -> torch.Tensor:
+        """Zero rows of ViT features (0, vit_hidden), in the graph of the ViT: the features of one blank
+        patch, dropped (`embed_inputs` with all_paths and no ViT image). The ViT runs even when frozen: under
+        FSDP2 each of its layers is a shard unit whose weights every rank must gather together."""
+        p = self.vit_patch
+        return self.vit([torch.zeros(3, p, p, device=like.device)])[0][:0].to(like.dtype)
 
     def forward(
         self, batch: PackedBatch | SequenceInputs, return_logits: bool = False, noisy: NoisyState | None = None,
@@ -293,11 +313,16 @@ class MogaoModel(nn.Module):
             return self._step(batch, attention, logit_rows)
         lay = batch.layout
         n_und = lay.n_und
+        # Training: every path runs, on zero rows where the batch has nothing for it (a batch of questions has
+        # no generation token, a text-to-image batch no ViT image), so every parameter is in the graph of every
+        # step - with a zero gradient where the batch has nothing for it. Data-parallel training needs that:
+        # DDP and FSDP2 reduce the gradients of the parameters each rank used, and ranks must agree.
+        all_paths = self.all_paths_in_training and self.training and torch.is_grad_enabled()
         inputs, flow = self.batch_inputs(batch, noisy)
-        x, mod = self.embed_inputs(inputs)
+        x, mod = self.embed_inputs(inputs, all_paths)
         sigmas, x_sigma = inputs.sigmas, inputs.noisy_tokens
         prepared = self.attention.prepare(lay, self.cfg.text_sees_vae)
-        h_und, h_gen = self.backbone(x, batch.position_ids, n_und, self.attention, prepared, mod)
+        h_und, h_gen = self.backbone(x, batch.position_ids, n_und, self.attention, prepared, mod, all_paths)
 
         labels = batch.labels[:n_und]
         sel = labels != -100
@@ -316,6 +341,8 @@ class MogaoModel(nn.Module):
             image_sum, image_weight = self.flow_loss(pred, want, flow.weights.float())
         else:
             image_sum = h_gen.sum() * 0.0 if h_gen.numel() else text_sum * 0.0
+            if all_paths:  # the velocity head on zero rows: in the graph, adds nothing
+                image_sum = image_sum + self.latent_proj.proj_out(h_gen[:0]).float().sum()
             image_weight = torch.zeros((), device=x.device)
         terms = LossTerms(text_sum, text_weight, image_sum, image_weight)
         logits = self.backbone.lm_head(h_und).float() if return_logits else None

@@ -170,9 +170,14 @@ class MogaoModule(pl.LightningModule):
 
     def set_train_parts(self, parts: list[str]) -> None:
         """Change what trains (e.g. unfreezing by a schedule); the optimizer gains groups for new parts."""
+        before = {id(p) for p in self.model.parameters() if p.requires_grad}
         counts = self.trainable.change(self.model, list(parts))
         if counts:
             self.trainable_counts = counts
+        if self._trainer is not None and before != {id(p) for p in self.model.parameters() if p.requires_grad}:
+            from mogao.training.strategies import refresh_data_parallel
+
+            refresh_data_parallel(self.trainer.strategy)  # DDP learns the new set of trainable parameters
         new = [p for p in self.train_parts if p not in self.optimizer_parts]
         if not new:
             return
@@ -263,10 +268,20 @@ class MogaoModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         skip, self._skip_update = self._skip_update, False
+        norms = None if skip else self._grad_norms()
+        if norms is not None:
+            # A parameter whose gradient over the whole (global) batch is exactly zero had nothing to learn
+            # from it: every path runs in training (`MogaoModel.forward`), so a batch without generation
+            # targets gives the generation expert zero gradients. It is left out of this update, as if unused
+            # (AdamW would otherwise move it by its momentum and decay it) - the same rule in one process and
+            # on many ranks under any strategy.
+            for p, n in zip(*norms):
+                if n == 0.0:
+                    p.grad = None
         if not skip and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             # (fp16's gradient scaler finds and skips overflowing steps itself, and adapts its scale to them)
-            norm = self._grad_norm()
-            local_bad = norm is not None and not math.isfinite(norm)
+            norm = math.sqrt(sum(n * n for n in norms[1])) if norms is not None else 0.0
+            local_bad = not math.isfinite(norm)
             if self._on_any_rank(local_bad):
                 self.faults.record(self.trainer, "grad_norm", norm if local_bad else ELSEWHERE, self._batch_info)
                 self.last_metrics["nonfinite_steps"] = self.faults.steps
@@ -279,12 +294,26 @@ class MogaoModule(pl.LightningModule):
         else:
             self.faults.step_ok()
 
-    def _grad_norm(self) -> float | None:
-        """Total 2-norm of the trainable parameters' gradients (None when there are none)."""
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if not grads:
+    def _grad_norms(self) -> tuple[list[torch.nn.Parameter], list[float]] | None:
+        """The trainable parameters that have a gradient and the 2-norm of each whole gradient (None when
+        there are none). Sharded gradients (FSDP2's DTensors) are summed over their shards: one all-reduce of
+        the squared norms of the local shards, so every rank gets the same norms."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
             return None
-        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+        sq = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2)
+        group = self._group()
+        if group is not None and any(isinstance(p.grad, DTensor) for p in params):
+            import torch.distributed as dist
+
+            replicated = torch.tensor([not (isinstance(p.grad, DTensor) and any(pl.is_shard() for pl in p.grad.placements))
+                                       for p in params], device=sq.device)
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+            sq = torch.where(replicated, sq / dist.get_world_size(group), sq)
+        return params, sq.sqrt().tolist()
 
     def _on_any_rank(self, flag: bool) -> bool:
         """`flag` OR-ed over data-parallel ranks, so every rank skips the same steps."""

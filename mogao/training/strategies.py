@@ -251,3 +251,19 @@ def full_state_dict(model: nn.Module, keep: bool) -> dict[str, torch.Tensor] | N
         if keep:
             full[name] = t.detach().cpu()
     return full
+
+
+def refresh_data_parallel(strategy: Any) -> None:
+    """Called after the set of trainable parameters changed (curriculum unfreezing), wrap the module in a new
+    `DistributedDataParallel`: DDP reduces the gradients of the parameters that required them when it was
+    built, so a part unfrozen later would otherwise train on each rank's own gradients and the replicas would
+    drift apart. (FSDP2 needs nothing: it reads `requires_grad` at every step.) Every rank changes its parts at
+    the same step, so the new wrapper's start-up broadcast is reached by all."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
+        return
+    strategy.model = strategy.lightning_module
+    strategy.configure_ddp()
+

@@ -126,6 +126,40 @@ def runs(tiny_parts, tmp_path_factory):
     return {k: Path(v) for k, v in out.items()}
 
 
+@pytest.fixture(scope="module")
+def lopsided(tiny_parts, tmp_path_factory):
+    """One process, DDP (Lightning's plain "ddp") and FSDP2 on global batches whose ranks hold different kinds
+    of samples (dist_child.LOPSIDED: generation targets against none, none on any rank, text only against
+    condition images, captions without text loss); the connector trains from the start, the generation expert
+    from step 2 on (unfreezing: under DDP a new wrapper that reduces its gradients too)."""
+    root = tmp_path_factory.mktemp("lopsided")
+    base = {"tokenizer": str(tiny_parts["root"] / "tokenizer"), "llm": tiny_parts["llm"], "vit": tiny_parts["vit"],
+            "vae": tiny_parts["vae"], "steps": 4, "save_at": 0, "unfreeze_at": 2, "resume": None,
+            "train": ["und", "connector"], "data": "lopsided"}
+    out = {k: str(root / k) for k in ("single", "ddp", "fsdp2")}
+    _run_groups([({**base, "out": out["single"], "strategy": "single", "devices": 1}, 1),
+                 ({**base, "out": out["ddp"], "strategy": "ddp", "devices": 2}, 2)])
+    _run_groups([({**base, "out": out["fsdp2"], "strategy": "fsdp2", "devices": 2}, 2)])
+    return {k: Path(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lopsided_batches_train_as_one_process(lopsided, strategy):
+    """Batches that leave trainable parameters unused on one rank, or on all, train under DDP and FSDP2 to the
+    weights one process reaches on the same global batches (DDP used to stop at the first such batch)."""
+    from safetensors.torch import load_file
+
+    single, multi = _losses(lopsided["single"], 1), _losses(lopsided[strategy], 2)
+    assert sorted(single) == [1, 2, 3, 4]
+    for step in single:
+        assert multi[step] == pytest.approx(single[step], abs=1e-5), step
+    a = load_file(lopsided["single"] / "model" / "model.safetensors")
+    b = load_file(lopsided[strategy] / "model" / "model.safetensors")
+    assert set(a) == set(b)
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-5, msg=k)
+
+
 def test_lora_under_sharding_trains_and_saves_the_same_adapter_as_one_process(runs):
     from safetensors.torch import load_file
 
