@@ -114,7 +114,7 @@ class MogaoModel(nn.Module):
         if cfg.timestep_conditioning not in ("adaln", "additive"):
             raise ConfigError(f"timestep_conditioning must be 'adaln' or 'additive', got '{cfg.timestep_conditioning}'")
         adaln = cfg.timestep_conditioning == "adaln"
-        self.time_embed = TimestepEmbedder(hidden)
+        self.time_embed = TimestepEmbedder(hidden)  # AdaLN's σ embedding (kept but unused with "additive")
         self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None)
         self.additive_time = None if adaln else AdditiveTimestep(hidden)
         self.vit = vit
@@ -282,10 +282,9 @@ class MogaoModel(nn.Module):
         if noisy:
             rows = torch.cat((rows, inputs.sigmas.float()))
             index[inputs.noisy_index - n_und] = inputs.noisy_target.to(x.device) + 1
-        mod = GenerationModulation(self.time_embed(rows).to(x.dtype), index)
         if self.additive_time is None:
-            return x, mod
-        add = self.additive_time(mod.cond).index_select(0, mod.index)
+            return x, GenerationModulation(self.time_embed(rows).to(x.dtype), index)
+        add = self.additive_time(rows).to(x.dtype).index_select(0, index)  # the embedding of each token's σ
         return torch.cat((x[:n_und], x[n_und:] + add)), None
 
     def _no_vit_features(self, like: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ vit: the SigLIP encoder; connector: the ViT→LLM MLP. The autoencoder is always
 def part_parameters(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """{part: {qualified parameter name: parameter}} covering every parameter outside the autoencoder."""
     names = {id(p): n for n, p in model.named_parameters()}
-    gen = list(model.backbone.generation_parameters()) + list(model.time_embed.parameters())
-    gen += list(model.latent_proj.parameters())
-    if getattr(model, "additive_time", None) is not None:
+    gen = list(model.backbone.generation_parameters()) + list(model.latent_proj.parameters())
+    if getattr(model, "additive_time", None) is not None:  # (AdaLN's σ embedding is then not used)
         gen += list(model.additive_time.parameters())
+    else:
+        gen += list(model.time_embed.parameters())
     groups = {
         "und": list(model.backbone.understanding_parameters()),
         "gen": gen,

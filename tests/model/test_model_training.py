@@ -140,6 +140,35 @@ def test_additive_timestep_and_pixel_autoencoder_options(tiny_parts, shapes_dict
     assert sum(float(p.grad.abs().sum()) for p in model.backbone.layers[0].gen.parameters()) > 0
 
 
+def test_additive_timestep_adds_each_noisy_tokens_own_sigma(tiny_parts):
+    """With additive conditioning a noisy token's input gains the embedding of its own target's σ (and clean
+    VAE tokens that of σ = 0); AdaLN's σ embedding is not used, and trains in no part."""
+    from mogao.model.mogao import SequenceInputs
+    from mogao.training.parts import part_parameters
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder="pixel", latent_patch=4,
+                      timestep_conditioning="additive")
+    model = load_model(cfg)
+    torch.nn.init.normal_(model.additive_time.embedder.mlp.linear_2.weight)  # no longer the no-op it starts as
+    n_und, n_noisy = 3, 4
+    sigmas = torch.tensor([0.2, 0.9])
+    inputs = SequenceInputs(input_ids=torch.zeros(n_und + n_noisy, dtype=torch.long),
+                            position_ids=torch.zeros(3, n_und + n_noisy, dtype=torch.long), n_und=n_und,
+                            noisy_tokens=torch.zeros(n_noisy, model.token_dim),
+                            noisy_index=torch.arange(n_und, n_und + n_noisy), noisy_target=torch.tensor([0, 0, 1, 1]),
+                            sigmas=sigmas)
+    with torch.no_grad():
+        x, mod = model.embed_inputs(inputs)
+        plain = model.embed_latents(inputs.noisy_tokens, inputs.position_ids[:, n_und:])
+        want = plain + model.additive_time(sigmas)[inputs.noisy_target]
+    assert mod is None
+    torch.testing.assert_close(x[n_und:], want)
+    assert not torch.allclose(x[n_und], x[n_und + 2])  # two σ, two embeddings
+    gen = part_parameters(model)["gen"]
+    assert not any(k.startswith("time_embed.") for k in gen) and any(k.startswith("additive_time.") for k in gen)
+
+
 def test_unknown_timestep_conditioning_is_refused(tiny_parts):
     from mogao.errors import ConfigError
 

@@ -106,16 +106,49 @@ def _rows(run: Path, kind: str) -> list[dict]:
 
 # ---- every tiny recipe, both strategies ------------------------------------------------------------------
 
+def _steps_to_meet_every_source(recipe: str) -> tuple[int, set[str]]:
+    """The number of training steps after which a run of `recipe` has drawn a batch from each source of its
+    first mixture (the source of batch b is a function of the seed and b alone, the same on every rank), and
+    those sources."""
+    import types
+
+    import yaml
+
+    from mogao.training.datamodule import MixtureStream
+
+    cfg = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+    schedules = [c["init_args"]["milestones"] for c in cfg["trainer"].get("callbacks", [])
+                 if isinstance(c, dict) and c["class_path"].endswith("CurriculumSchedule")]
+    mix = ({k: v for k, v in schedules[0][0]["mixture"].items() if v > 0} if schedules
+           else {s["name"]: s.get("weight", 1.0) for s in cfg["data"]["sources"]})
+    stream = MixtureStream({k: types.SimpleNamespace(config=None) for k in mix}, mix,
+                           seed=cfg["data"].get("data", {}).get("seed", 0))
+    seen: set[str] = set()
+    steps = 0
+    while seen != set(mix):
+        seen.add(stream.source_of(steps))
+        steps += 1
+    return steps, seen
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("recipe", ["understanding", "t2i", "interleaved"])
 def test_fit_tiny_recipe_on_two_processes(recipe, strategy, parts, tmp_path):
+    """Under DDP long enough to meet every source of the mixture (batches of questions leave the generation
+    expert without input, text-to-image batches have no question: DDP stopped at the first such batch, step
+    9 of tiny/t2i); under FSDP2 a few steps (tests/training/test_distributed.py has lopsided batches)."""
     run = tmp_path / "run"
+    steps, sources = (3, set()) if strategy == "fsdp2" else _steps_to_meet_every_source(f"tiny/{recipe}")
+    steps = max(steps, 3)
     torchrun(["fit", "--config", f"tiny/{recipe}", "--trainer.devices=2", f"--trainer.strategy={STRATEGIES[strategy]}",
-              "--trainer.max_steps=3", "--trainer.val_check_interval=2", f"--trainer.default_root_dir={run}",
-              f"--model.init_args.save_dir={run / 'model'}", *_part_args(parts)],
+              f"--trainer.max_steps={steps}", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+              f"--trainer.default_root_dir={run}", f"--model.init_args.save_dir={run / 'model'}",
+              *(["--model.init_args.exact_match_samples=2"] if recipe != "t2i" else []), *_part_args(parts)],
              tmp_path, tmp_path / "trace", detail=strategy == "fsdp2")
     assert (run / "model" / "model.safetensors").is_file()
-    assert [r["step"] for r in _rows(run, "train")] == [1, 2, 3]
+    rows = _rows(run, "train")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert {r["source"] for r in rows} >= sources
     val = _rows(run, "val")
     assert [r["step"] for r in val][:1] == [2] and len(val) >= 1
     if recipe == "understanding":  # greedy answers generated on both ranks in lockstep during validation
@@ -236,14 +269,34 @@ def base_model(parts, tmp_path_factory) -> Path:
     return d / "model"
 
 
-def test_lora_recipe_on_two_processes(base_model, tmp_path):
-    run = tmp_path / "run"
-    torchrun(["fit", "--config", "lora/tiny-t2i", "--trainer.devices=2", "--trainer.strategy=ddp",
-              "--trainer.max_steps=3", "--trainer.val_check_interval=2", f"--trainer.default_root_dir={run}",
+def _mixed_user_data(tmp_path: Path) -> Path:
+    """One JSONL of a user's mixed samples (questions about images, text-to-image, edits and stories) with the
+    image folder beside it: the packed batches of the two ranks hold different kinds."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "img").symlink_to(ROOT / "tests" / "data" / "lora" / "img")
+    lines = []
+    for task in ("understanding", "t2i", "interleaved"):
+        lines += (ROOT / "tests" / "data" / "lora" / f"{task}.jsonl").read_text().splitlines()
+    (d / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "mixed.jsonl"
+
+
+@pytest.mark.parametrize("recipe", ["tiny-understanding", "tiny-t2i", "tiny-interleaved"])
+def test_lora_recipe_on_two_processes(recipe, base_model, tmp_path):
+    """Every tiny LoRA recipe under DDP on a user's mixed JSONL, in batches of one or two samples, for 8 steps:
+    batches without a generation target or without an image come on one rank while the other has one."""
+    run, data = tmp_path / "run", _mixed_user_data(tmp_path)
+    torchrun(["fit", "--config", f"lora/{recipe}", "--trainer.devices=2", "--trainer.strategy=ddp",
+              "--trainer.max_steps=8", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+              f"--trainer.default_root_dir={run}", "--data.data.token_budget=160",
               f"--model.init_args.init_from={base_model}", f"--model.init_args.tokenizer={base_model}",
-              f"--data.path={ROOT / 'tests/data/lora/t2i.jsonl'}", f"--data.val_path={ROOT / 'tests/data/lora/t2i.jsonl'}"],
+              f"--data.path={data}", f"--data.val_path={data}"],
              tmp_path, tmp_path / "trace")
-    assert [r["step"] for r in _rows(run, "train")] == [1, 2, 3]
+    rows = _rows(run, "train")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # rank 0 alone met batches with and without image targets (its metrics are logged)
+    assert {r["image_loss"] > 0 for r in rows} == {True, False}
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
