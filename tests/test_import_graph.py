@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     {"mogao.errors", "mogao._recipes"},
     {"mogao.sequence"},
-    {"mogao.data", "mogao.attention", "mogao.diffusion"},
+    {"mogao.data", "mogao.attention", "mogao.diffusion", "mogao.bagel"},
     {"mogao.model"},
     {"mogao.lora"},
     {"mogao.inference"},

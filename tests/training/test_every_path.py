@@ -10,8 +10,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from conftest import make_batch
+
 from mogao.model.config import ModelConfig
 from mogao.training.module import InterleavedModule
 
