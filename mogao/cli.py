@@ -27,7 +27,7 @@ import argparse
 import signal
 import sys
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, MogaoError, printable
 from mogao.recipes import TRAINER_VERBS, build_cli, list_recipes, resolve_recipe, rewrite_config_args
 
 # verbs served by their own module's `main(argv) -> int` (imported only when used): verb -> (module, help)
@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except ConfigError as e:
-        print(f"mogao: error: {e}", file=sys.stderr)
+        print(f"mogao: error: {printable(e)}", file=sys.stderr)
         return 2
+    except MogaoError as e:  # bad data, a diverged run: the message says what and where (escaped: it quotes files)
+        print(f"mogao: error: {printable(e)}", file=sys.stderr)
+        return 1
     except SystemExit as e:
         status = _signal_exit_status(e)
         if status is None:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         lightning_exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
         if lightning_exceptions is None or not isinstance(e, lightning_exceptions.MisconfigurationException):
             raise
-        print(f"mogao: error: {e}", file=sys.stderr)
+        print(f"mogao: error: {printable(e)}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 
 RECIPES_DIR = Path(str(files("mogao._recipes")))
 TRAINER_VERBS = ("fit", "validate")
@@ -268,8 +268,9 @@ def report_checkpoint_hparams(ckpt_path: str | Path, model_config: Any) -> list[
     keys = checkpoint_hparam_differences(hparams, model_config)
     if keys and rank_zero_only.rank == 0:
         shown = ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
-        print(f"[mogao] {ckpt_path} was saved with other hyper-parameters than the config in {shown}: the "
-              "config's values are used (a checkpoint restores state only)", flush=True)
+        # (the key names come from the checkpoint: escaped before they reach the terminal)
+        print(printable(f"[mogao] {ckpt_path} was saved with other hyper-parameters than the config in {shown}: "
+                        "the config's values are used (a checkpoint restores state only)"), flush=True)
     return keys
 
 

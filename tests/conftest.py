@@ -100,3 +100,22 @@ def shrunk_recipe(directory, name: str = "t2i", n: int = 8, val_n: int = 2):
     out = Path(directory) / f"{name}.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out
+
+
+LARGE_ALLOCATION = 64 * 2**20  # bytes: far above any tensor of the tiny test models
+
+
+@pytest.fixture
+def no_large_allocation(monkeypatch):
+    """Fail (MemoryError) as soon as a tensor of more than LARGE_ALLOCATION bytes is allocated outside the meta
+    device by `torch.empty` / `torch.empty_like` (how modules create their parameters and `to_empty` moves them):
+    the allocation is only reserved, never written, so a test that catches one costs no memory."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_meta and t.numel() * t.element_size() > LARGE_ALLOCATION:
+            raise MemoryError(f"a tensor of {tuple(t.shape)} ({t.numel() * t.element_size()} bytes) was allocated")
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: check(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: check(empty_like(*a, **k)))

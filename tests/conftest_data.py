@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from mogao.data import DataConfig, train_tokenizer
@@ -44,3 +47,33 @@ def write_jsonl(path: Path, lines: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return path
+
+
+TIME_LIMIT = 5.0  # seconds a read may take before it counts as hung
+
+
+def run_with_time_limit(fn, fifos: tuple[Path, ...] = ()):
+    """`fn()`'s result (or its exception, raised here); fails when it is still running after TIME_LIMIT - a
+    reader blocked on one of `fifos` is then released by opening the FIFO's other end, so no thread is left."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(TIME_LIMIT)
+    if t.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+            except OSError:
+                pass
+        t.join(TIME_LIMIT)
+        pytest.fail(f"the read was still running after {TIME_LIMIT} s (blocked on a FIFO?)")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

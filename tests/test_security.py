@@ -7,6 +7,11 @@ record of a shard, an adapter's weights file, a saved model's weights file - and
 that loads such a thing (`fit`/`validate --ckpt_path`, `checkpoint consolidate`, `generate`, `lora merge`, and
 a resume under `MoTFSDP2Strategy` on gloo, with 1 and 2 processes). None may write the marker; each must fail
 with the project's error naming the file. Checkpoints the project writes itself still load.
+
+Further down: `checkpoint consolidate` never follows the tokenizer path a checkpoint names; what the commands
+print from files is escaped; a checkpoint member that would inflate, or a shard record that reaches past its
+file, is refused. Prepared data folders, image files, model folders, adapters and weight indexes have their own
+files (tests/<package>/test_security_*.py).
 """
 
 from __future__ import annotations
@@ -188,7 +193,7 @@ def test_check_checkpoint_reads_the_shard_index_and_records_without_running_them
 def test_own_sharded_and_whole_checkpoints_still_consolidate(own_sharded, tiny_model, tiny_parts, tmp_path):
     whole = whole_checkpoint(tiny_model, tiny_parts["root"] / "tokenizer", tmp_path / "w.ckpt")
     for ckpt in (own_sharded, whole):
-        out = consolidate(ckpt, tmp_path / f"{ckpt.stem}-out")
+        out = consolidate(ckpt, tmp_path / f"{ckpt.stem}-out", str(tiny_parts["root"] / "tokenizer"))
         saved = load_file(str(out / "model.safetensors"))
         own = tiny_model.state_dict()
         assert all(torch.equal(saved[k], own[k]) for k in saved)
@@ -526,7 +531,7 @@ def test_generate_and_chat_escape_what_the_model_wrote(tmp_path, monkeypatch, ca
 # ---- 11: no silent overwrites ------------------------------------------------------------------------------
 
 
-def test_outputs_refuse_a_folder_that_is_not_empty(saved_model, own_sharded, tmp_path, capsys):
+def test_outputs_refuse_a_folder_that_is_not_empty(saved_model, own_sharded, tiny_parts, tmp_path, capsys):
     from mogao.inference.cli import chat_main, generate_main
 
     full = tmp_path / "full"
@@ -549,10 +554,11 @@ def test_outputs_refuse_a_folder_that_is_not_empty(saved_model, own_sharded, tmp
     assert "--overwrite" in capsys.readouterr().err
     assert (full / "mine.png").read_text() == "keep"
     # --overwrite replaces a model saved there before, never another folder
-    consolidate(own_sharded, tmp_path / "m")
-    consolidate(own_sharded, tmp_path / "m", overwrite=True)
+    tok = str(tiny_parts["root"] / "tokenizer")
+    consolidate(own_sharded, tmp_path / "m", tok)
+    consolidate(own_sharded, tmp_path / "m", tok, overwrite=True)
     with pytest.raises(ConfigError, match="not a folder this project saved"):
-        consolidate(own_sharded, full, overwrite=True)
+        consolidate(own_sharded, full, tok, overwrite=True)
     assert (full / "mine.png").read_text() == "keep"
 
 
@@ -596,3 +602,130 @@ def _saved(model, tmp_path: Path) -> Path:
     if not d.exists():
         model.save_pretrained(d)
     return d
+
+
+# ---- a checkpoint chooses no tokenizer path ----------------------------------------------------------------
+
+
+def _other_tokenizer(tiny_parts, d: Path) -> Path:
+    """A tokenizer folder the checkpoint names that is not the run's: the tiny one with one token more."""
+    import copy
+
+    tok = copy.deepcopy(tiny_parts["tokenizer"])
+    tok.add_tokens(["<private>"])
+    tok.save_pretrained(d)
+    return d
+
+
+def test_consolidate_never_follows_the_tokenizer_path_a_checkpoint_names(tiny_model, tiny_parts, tmp_path,
+                                                                          capsys):
+    private = _other_tokenizer(tiny_parts, tmp_path / "private")
+    (tmp_path / "elsewhere").mkdir()
+    ckpt = whole_checkpoint(tiny_model, private, tmp_path / "elsewhere" / "w.ckpt")
+    rc = main(["checkpoint", "consolidate", str(ckpt), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tokenizer" in err and str(private) in err and str(ckpt) in err
+    assert not (tmp_path / "out").exists()
+    # with --tokenizer, that folder is used: the user chose it
+    out = consolidate(ckpt, tmp_path / "out", tokenizer=str(private))
+    assert "<private>" in (out / "tokenizer.json").read_text()
+
+
+def test_consolidate_takes_the_tokenizer_the_run_saved_in_its_folder(tiny_model, tiny_parts, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    tiny_parts["tokenizer"].save_pretrained(run / "model")  # what a fit saves at its end
+    private = _other_tokenizer(tiny_parts, tmp_path / "private")
+    ckpt = whole_checkpoint(tiny_model, private, run / "checkpoints" / "last.ckpt")
+    for source in (ckpt, run):
+        out = consolidate(source, tmp_path / f"out-{source.name}")
+        text = (out / "tokenizer.json").read_text()
+        assert "<private>" not in text and text == (run / "model" / "tokenizer.json").read_text()
+
+
+# ---- what the command line prints from files is escaped ----------------------------------------------------
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202e"
+ESCAPED = "\\x1b]0;pwned\\x07\\x1b[2J\\u202e"
+
+
+def _no_raw_escapes(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text
+
+
+@pytest.mark.parametrize("error, status", [(ConfigError, 2), (DataError, 1)])
+def test_the_mogao_command_escapes_the_errors_it_prints(monkeypatch, capsys, error, status):
+    import mogao.cli as cli
+
+    def fail(argv):
+        raise error(f"bad file {HOSTILE}.json")
+
+    monkeypatch.setattr(cli, "_main", fail)
+    assert cli.main(["fit"]) == status
+    err = capsys.readouterr().err
+    _no_raw_escapes(err)
+    assert f"bad file {ESCAPED}.json" in err
+
+
+def test_consolidate_escapes_the_errors_it_prints(tmp_path, capsys):
+    bad = tmp_path / f"{HOSTILE}.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["checkpoint", "consolidate", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    _no_raw_escapes(err)
+    assert f"{ESCAPED}.ckpt" in err
+
+
+def test_the_hyper_parameter_names_a_checkpoint_holds_are_escaped(tmp_path, capsys):
+    from mogao.recipes import report_checkpoint_hparams
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"global_step": 0, "state_dict": {}, "hyper_parameters": {HOSTILE: 1, "lr": 2}}, ckpt)
+    keys = report_checkpoint_hparams(ckpt, {"class_path": "x", "init_args": {"lr": 2}})
+    out = capsys.readouterr().out
+    assert keys == [f"model.init_args.{HOSTILE}"]
+    _no_raw_escapes(out)
+    assert f"model.init_args.{ESCAPED}" in out
+
+
+# ---- checkpoints whose records would inflate or reach past their files -------------------------------------
+
+
+def _deflated(src: Path, dst: Path) -> Path:
+    """`src` (a torch.save archive) with every member compressed: a few kilobytes of zeros inflate a
+    thousandfold, so a small file could ask for far more memory than it holds."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            out.writestr(info, z.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    return dst
+
+
+def test_a_checkpoint_with_compressed_members_is_refused_by_every_loader(tiny_model, tiny_parts, tmp_path):
+    from mogao.model.checkpoint_files import load_checkpoint_file
+    from mogao.training.checkpointing import AtomicCheckpointIO
+
+    whole = whole_checkpoint(tiny_model, tiny_parts["root"] / "tokenizer", tmp_path / "w.ckpt")
+    bad = _deflated(whole, tmp_path / "bad.ckpt")
+    for load in (check_checkpoint, load_model, load_checkpoint_file, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError, match="compressed member") as e:
+            load(bad)
+        assert str(bad) in str(e.value)
+    assert check_checkpoint(whole) == 2
+
+
+def test_a_shard_index_record_reaching_past_its_file_is_refused(own_sharded, tmp_path):
+    import dataclasses
+    import shutil
+
+    from mogao.model.checkpoint_files import read_shard_index
+
+    d = Path(shutil.copytree(own_sharded, tmp_path / "s.ckpt"))
+    index = read_shard_index(d / ".metadata")
+    key = next(iter(index.storage_data))
+    index.storage_data[key] = dataclasses.replace(index.storage_data[key], length=2**40)
+    (d / ".metadata").write_bytes(pickle.dumps(index))
+    with pytest.raises(CheckpointError, match="lies outside the file") as e:
+        check_checkpoint(d)
+    assert "__0_0.distcp" in str(e.value)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from mogao.data.images import MAX_IMAGE_BYTES, open_image_file
 from mogao.data.samples import (
     MAX_FILE_BYTES,
     MAX_LINE_BYTES,
@@ -32,21 +32,7 @@ from mogao.data.samples import (
     iter_samples,
 )
 from mogao.errors import DataError
-
-
-def printable(text: object, keep: str = "") -> str:
-    """`str(text)` with control and format characters (terminal escape sequences, bidirectional overrides,
-    ...) shown as escapes, except those in `keep` (e.g. "\\n\\t" for multi-line model output): what a data
-    file or a model wrote must not drive the terminal it is printed on."""
-    out = []
-    for ch in str(text):
-        if ch not in keep and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
-                       else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+from mogao.errors import printable as printable  # (importable from here too)
 
 
 @dataclass
@@ -78,9 +64,12 @@ class Summary:
         return out + [f"  {n}" for n in self.notes]
 
 
-def _image_size(seg: ImageSegment) -> str:
+def _image_size(seg: ImageSegment, max_image_bytes: int = MAX_IMAGE_BYTES) -> str:
     if isinstance(seg.image, Image.Image):
         w, h = seg.image.size
+    elif isinstance(seg.image, (str, Path)):  # (a regular file within the limit only: never a FIFO or device)
+        with open_image_file(seg.image, max_bytes=max_image_bytes) as f, Image.open(f) as img:
+            w, h = img.size
     else:
         with Image.open(seg.image) as img:
             w, h = img.size
@@ -88,7 +77,8 @@ def _image_size(seg: ImageSegment) -> str:
 
 
 def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool = True,
-              max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> Summary:
+              max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES,
+              max_image_bytes: int = MAX_IMAGE_BYTES) -> Summary:
     """Read every line of `path`; count the valid samples' images, targets, (with a tokenizer) text tokens, and
     histogram images per sample and image resolutions; collect every problem. A prepared folder is read row by
     row (see `summarise_prepared`)."""
@@ -96,11 +86,11 @@ def summarise(path: str | Path, tokenizer: Any | None = None, check_images: bool
         return summarise_prepared(path, tokenizer, check_images)
     s = Summary(str(path))
     for item in iter_samples(path, check_images=check_images, max_line_bytes=max_line_bytes,
-                             max_file_bytes=max_file_bytes):
+                             max_file_bytes=max_file_bytes, max_image_bytes=max_image_bytes):
         if isinstance(item, DataError):
             s.problems.append(item)
             continue
-        _count(s, item, tokenizer)
+        _count(s, item, tokenizer, max_image_bytes)
     return s
 
 
@@ -116,7 +106,10 @@ def summarise_prepared(path: str | Path, tokenizer: Any | None = None, check_ima
     s.notes.append(f"prepared from {man['source']}: {man['bad']} bad line(s) left out then, "
                    f"{len(man['shards'])} shard(s)")
     s.notes += [f"  left out: {p}" for p in man["problems"][:20]]
-    for sample in data:
+    for sample in data.checked():
+        if isinstance(sample, DataError):  # a malformed row (it names its shard and row)
+            s.problems.append(sample)
+            continue
         if check_images:
             bad = None
             for i, seg in enumerate(sample.segments):
@@ -134,7 +127,7 @@ def summarise_prepared(path: str | Path, tokenizer: Any | None = None, check_ima
     return s
 
 
-def _count(s: Summary, sample: Sample, tokenizer: Any | None) -> None:
+def _count(s: Summary, sample: Sample, tokenizer: Any | None, max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
     s.samples += 1
     imgs = [g for g in sample.segments if isinstance(g, ImageSegment)]
     s.images += len(imgs)
@@ -142,8 +135,8 @@ def _count(s: Summary, sample: Sample, tokenizer: Any | None) -> None:
     s.images_per_sample[len(imgs)] += 1
     for g in imgs:
         try:
-            s.resolutions[_image_size(g)] += 1
-        except OSError:  # unchecked images (check_images=False) may be missing
+            s.resolutions[_image_size(g, max_image_bytes)] += 1
+        except (OSError, DataError):  # unchecked images (check_images=False) may be missing or not files
             s.resolutions["unreadable"] += 1
     if tokenizer is not None:
         texts = [g.text for g in sample.segments if isinstance(g, TextSegment)]
@@ -163,7 +156,8 @@ def _rebase(raw: dict[str, Any], src_dir: Path, out_dir: Path) -> dict[str, Any]
 
 
 def fix(path: str | Path, out: str | Path | None = None, check_images: bool = True,
-        max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> tuple[Path, Path, int, int]:
+        max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES,
+        max_image_bytes: int = MAX_IMAGE_BYTES) -> tuple[Path, Path, int, int]:
     """Write the valid lines of `path` to `out` (default: `<name>.clean.jsonl` next to it), image paths rebased
     onto the new folder, and `<out>.dropped.json` listing each dropped line with its id, field and reason.
 
@@ -182,7 +176,8 @@ def fix(path: str | Path, out: str | Path | None = None, check_images: bool = Tr
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            _write_kept(path, out, f, counts, dropped, check_images, max_line_bytes, max_file_bytes)
+            _write_kept(path, out, f, counts, dropped, check_images, max_line_bytes, max_file_bytes,
+                        max_image_bytes)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -193,11 +188,12 @@ def fix(path: str | Path, out: str | Path | None = None, check_images: bool = Tr
 
 
 def _write_kept(path: Path, out: Path, f: Any, counts: dict[str, int], dropped: list[dict[str, Any]],
-                check_images: bool, max_line_bytes: int, max_file_bytes: int) -> None:
+                check_images: bool, max_line_bytes: int, max_file_bytes: int,
+                max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
     """Write each valid line of `path` to the open file `f` as it is read; record the dropped ones."""
     rebase = out.parent.resolve() != path.parent.resolve()
     for n, data, item in iter_lines(path, check_images=check_images, max_line_bytes=max_line_bytes,
-                                    max_file_bytes=max_file_bytes):
+                                    max_file_bytes=max_file_bytes, max_image_bytes=max_image_bytes):
         if isinstance(item, DataError):
             dropped.append({"line": item.line, "field": item.field, "reason": item.message})
             continue

@@ -1,11 +1,12 @@
 """`mogao data ...`: data set tools.
 
     mogao data check FILE.jsonl|DATA_DIR [--tokenizer DIR] [--fix [--out CLEAN.jsonl]] [--max-line-bytes N]
+                     [--max-file-bytes N] [--max-image-bytes N]
         validate a data set (a JSONL file or a prepared folder): a summary (samples, images, generation
         targets, text tokens with a tokenizer, images per sample, resolutions) and every problem with file, line
         and field; --fix writes the good samples of a JSONL file to a new file (default FILE.clean.jsonl) and a
         report of what was dropped and why
-    mogao data prepare FILE.jsonl --out DATA_DIR [--shard-size N]
+    mogao data prepare FILE.jsonl --out DATA_DIR [--shard-size N] [--max-image-bytes N]
         a JSONL file (image paths relative to it) -> memory-mapped Arrow shards with the images' bytes, for
         training on large data sets (`--data.path=DATA_DIR`); every line and image checked, bad ones reported and
         left out; resumable: run the same command again after an interruption
@@ -14,8 +15,9 @@
     mogao data import captions DIR --out OUT.jsonl
         a folder of image + caption pairs (cat.png + cat.txt) -> text-to-image samples
 
-Size limits (a line, a file, a caption) are named in the message that reports them; the --max-* flags raise
-them. What is printed from a data file (paths, text) has its control characters escaped.
+Size limits (a line, a file, an image file, a caption) are named in the message that reports them; the --max-*
+flags raise them. Images are read from regular files only (never a FIFO or a device). What is printed from a
+data file (paths, text) has its control characters escaped.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mogao.data.images import MAX_IMAGE_BYTES
 from mogao.data.importers import MAX_CAPTION_BYTES, MAX_IMPORT_BYTES
 from mogao.data.prepared import SHARD_SIZE
 from mogao.data.samples import MAX_FILE_BYTES, MAX_LINE_BYTES
@@ -35,11 +38,9 @@ def _check(path: str, tokenizer: str | None, do_fix: bool, out: str | None, limi
 
     tok = None
     if tokenizer is not None:
-        from transformers import AutoTokenizer
+        from mogao.model.io import load_tokenizer, resolve_checkpoint
 
-        from mogao.model.mogao import resolve_checkpoint
-
-        tok = AutoTokenizer.from_pretrained(resolve_checkpoint(tokenizer, "tokenizer"))
+        tok = load_tokenizer(resolve_checkpoint(tokenizer, "tokenizer"))  # (never runs a folder's own code)
     summary = summarise(path, tokenizer=tok, **limits)
     for p in summary.problems:
         print(printable(p))
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> int:
                        help=f"longest line accepted (default {MAX_LINE_BYTES})")
     check.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
                        help=f"largest file accepted (default {MAX_FILE_BYTES})")
+    check.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES,
+                       help=f"largest image file accepted (default {MAX_IMAGE_BYTES})")
     prep = sub.add_parser("prepare", help="convert a JSONL data set to memory-mapped shards for training at scale")
     prep.add_argument("file", help="the JSONL sample file (also what `mogao data import` writes)")
     prep.add_argument("--out", required=True, help="the folder to write (new, or an unfinished run to resume)")
@@ -110,6 +113,8 @@ def main(argv: list[str]) -> int:
                       help=f"longest line accepted (default {MAX_LINE_BYTES})")
     prep.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
                       help=f"largest file accepted (default {MAX_FILE_BYTES})")
+    prep.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES,
+                      help=f"largest image file accepted (default {MAX_IMAGE_BYTES})")
     imp = sub.add_parser("import", help="convert another data set layout to JSONL samples")
     imp.add_argument("kind", choices=["llava", "captions"])
     imp.add_argument("source", help="llava: the chat JSON file; captions: the folder of image + .txt pairs")
@@ -125,10 +130,12 @@ def main(argv: list[str]) -> int:
             if args.out and not args.fix:
                 ap.error("--out needs --fix")
             return _check(args.file, args.tokenizer, args.fix, args.out,
-                          {"max_line_bytes": args.max_line_bytes, "max_file_bytes": args.max_file_bytes})
+                          {"max_line_bytes": args.max_line_bytes, "max_file_bytes": args.max_file_bytes,
+                           "max_image_bytes": args.max_image_bytes})
         if args.verb == "prepare":
             return _prepare(args.file, args.out, args.shard_size, not args.no_progress,
-                            {"max_line_bytes": args.max_line_bytes, "max_file_bytes": args.max_file_bytes})
+                            {"max_line_bytes": args.max_line_bytes, "max_file_bytes": args.max_file_bytes,
+                             "max_image_bytes": args.max_image_bytes})
         return _import(args.kind, args.source, args.out,
                        {"max_file_bytes": args.max_file_bytes, "max_caption_bytes": args.max_caption_bytes})
     except (DataError, ConfigError) as e:

@@ -8,9 +8,12 @@ That is what lets IL-RoPE give the two copies the same (H, W) positions.
 from __future__ import annotations
 
 import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -25,29 +28,92 @@ _WHITE = (255, 255, 255)
 _PIL_CONVERSION_ERRORS = (ValueError, TypeError, OSError, LookupError, struct.error, SyntaxError)
 
 
-def open_image(path: str | Path, *, file: str | None = None, line: int | None = None,
-               field: str | None = None) -> Image.Image:
-    """Read an image file fully, EXIF orientation applied (truncated or corrupt files raise `DataError` here).
+MAX_IMAGE_BYTES = 256 * 2**20
+"""The largest image file read (`mogao data prepare/check --max-image-bytes`, `data.max_image_bytes` in training):
+far above any image a sample needs, far below what would exhaust memory."""
 
-    Images over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; PIL itself only warns below
-    twice that) are refused before their pixels are decoded.
-    """
+
+def _limit_error(path: str | Path, size: int, max_bytes: int, flag: str, where: dict[str, Any]) -> DataError:
+    return DataError(f"image file {path} is {size} bytes, more than the limit of {max_bytes} bytes; if it is an "
+                     f"image you mean to use, raise the limit ({flag})", **where)
+
+
+def open_image_file(path: str | Path, *, max_bytes: int = MAX_IMAGE_BYTES, flag: str = "--max-image-bytes",
+                    file: str | None = None, line: int | None = None, field: str | None = None) -> BinaryIO:
+    """The image file `path` opened for reading: a regular file (a FIFO would block, a device such as /dev/zero
+    never ends, so neither is ever opened) of at most `max_bytes` bytes (`flag` raises the limit); DataError
+    naming it otherwise. Checked before opening and again on the open file (in case it was swapped)."""
+    where = {"file": file, "line": line, "field": field}
+
+    def check(st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"image {path} is not a regular file (a FIFO, device or folder could block or never "
+                            "end); give an image file", **where)
+        if st.st_size > max_bytes:
+            raise _limit_error(path, st.st_size, max_bytes, flag, where)
+
     try:
-        with Image.open(path) as img:
+        check(os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}", **where) from None
+    except (OSError, ValueError) as e:  # permissions, a name too long, a NUL character
+        raise DataError(f"cannot read image file {path}: {getattr(e, 'strerror', None) or e}", **where) from None
+    try:
+        check(os.fstat(fd))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_image_file(path: str | Path, *, max_bytes: int = MAX_IMAGE_BYTES, flag: str = "--max-image-bytes",
+                    file: str | None = None, line: int | None = None, field: str | None = None) -> bytes:
+    """The bytes of the image file `path`, checked as `open_image_file` checks it (and never more than
+    `max_bytes` of them, should the file grow while it is read)."""
+    where = {"file": file, "line": line, "field": field}
+    with open_image_file(path, max_bytes=max_bytes, flag=flag, **where) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise DataError(f"cannot read image file {path}: {e.strerror or e}", **where) from None
+    if len(data) > max_bytes:
+        raise _limit_error(path, len(data), max_bytes, flag, where)
+    return data
+
+
+def open_image(path: str | Path | BinaryIO, *, file: str | None = None, line: int | None = None,
+               field: str | None = None, max_bytes: int = MAX_IMAGE_BYTES,
+               flag: str = "--max-image-bytes") -> Image.Image:
+    """Read an image fully, EXIF orientation applied (truncated or corrupt files raise `DataError` here).
+
+    `path` is a file path (opened by `open_image_file`: a regular file of at most `max_bytes` bytes, `flag`
+    naming the setting that raises the limit) or a file-like object of encoded bytes. Images over PIL's
+    decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; PIL itself only warns below twice that) are
+    refused before their pixels are decoded.
+    """
+    where = {"file": file, "line": line, "field": field}
+    fp = open_image_file(path, max_bytes=max_bytes, flag=flag, **where) if isinstance(path, (str, Path)) else None
+    try:
+        with Image.open(path if fp is None else fp) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and img.width * img.height > limit:
                 raise DataError(f"image {path} is {img.width}x{img.height} pixels, more than the limit of "
                                 f"{limit} (PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); "
-                                "downscale it", file=file, line=line, field=field)
+                                "downscale it", **where)
             img.load()
             return ImageOps.exif_transpose(img)  # a copy detached from the file
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError(f"image file not found: {path}", file=file, line=line, field=field) from e
+        raise DataError(f"image file not found: {path}", **where) from e
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, struct.error, ...
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", file=file, line=line,
-                        field=field) from e
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", **where) from e
+    finally:
+        if fp is not None:
+            fp.close()
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:

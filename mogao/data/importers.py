@@ -158,10 +158,18 @@ def llava_to_samples(path: str | Path, out: str | Path,
 def captions_to_samples(directory: str | Path, out: str | Path,
                         max_caption_bytes: int = MAX_CAPTION_BYTES) -> list[dict[str, Any]]:
     """Every image in `directory` (recursively, sorted) with a caption file of the same stem (`.txt`) -> a
-    text-to-image sample. An image without a caption, or an empty caption, is a `DataError`."""
+    text-to-image sample. An image without a caption, or an empty caption, is a `DataError`; so is an image or
+    caption that is a link to a file outside the folder (a folder from elsewhere cannot make us read, or copy
+    into the samples, a file it does not hold)."""
     d, out_dir = Path(directory), Path(out).parent
     if not d.is_dir():
         raise DataError(f"caption folder not found: {d}", file=str(d))
+    root = d.resolve()
+
+    def inside(p: Path) -> None:
+        if not p.resolve().is_relative_to(root):
+            raise DataError(f"{p.name} is a link to {p.resolve()}, outside the caption folder; copy the file into "
+                            "the folder if you mean to use it", file=str(p))
     samples = []
     images = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
@@ -171,6 +179,8 @@ def captions_to_samples(directory: str | Path, out: str | Path,
         if not cap.is_file():
             raise DataError(f"image {img.name} has no caption file {cap.name}; add one or remove the image",
                             file=str(img))
+        inside(img)
+        inside(cap)
         _check_size(cap, max_caption_bytes, "the caption", "--max-caption-bytes")
         try:
             text = cap.read_bytes().decode("utf-8-sig").strip()

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from mogao.data.plan import DataConfig, SequencePlan, lower_sample, stable_seed
 from mogao.data.samples import Sample
 from mogao.data.tokenizer import SpecialTokens
-from mogao.errors import ConfigError, DataError
+from mogao.errors import ConfigError, DataError, printable
 from mogao.sequence.batch import PackedBatch
 from mogao.sequence.layout import TokenLayout
 from mogao.sequence.modality import Modality
@@ -323,22 +323,25 @@ class PackedDataset(IterableDataset):
         indices = np.concatenate([i for _, i in parts]) if parts else np.zeros(0, dtype=np.int64)
         return epochs[shard::shards], indices[shard::shards]
 
-    def _lower(self, index: int, epoch: int | None = None, position: int | None = None) -> SequencePlan | None:
-        return lower_sample(self.source[index], self.tokenizer, self.config,
-                            epoch=self.epoch if epoch is None else epoch, special=self.special,
-                            index=index if position is None else position)
-
     def _lower_or_skip(self, index: int, epoch: int | None = None, position: int | None = None,
                        ) -> SequencePlan | None:
         """Lower sample `index`; None when it is dropped on purpose (too_long) or bad (then counted, logged
         and checked against the limit - which raises `DataError` when passed)."""
         try:
-            return self._lower(index, epoch, position)
-        except SAMPLE_FAULTS as e:
-            fault = e
-        record = self.stats.record_bad(self.source[index], fault, self.epoch if epoch is None else epoch)
-        log.warning("skipping bad sample %r at %s%s: %s", record["id"], _where(record),
-                    f" (data source {self.name!r})" if self.name else "", record["reason"])
+            sample = self.source[index]
+        except DataError as e:  # a row of a prepared set that cannot be read (it names its shard and row)
+            sample, fault = Sample(f"<unreadable sample {index}>", (), e.file), e
+        else:
+            try:
+                return lower_sample(sample, self.tokenizer, self.config,
+                                    epoch=self.epoch if epoch is None else epoch, special=self.special,
+                                    index=index if position is None else position)
+            except SAMPLE_FAULTS as e:
+                fault = e
+        record = self.stats.record_bad(sample, fault, self.epoch if epoch is None else epoch)
+        # (ids, paths and reasons come from the data: escaped before they reach a terminal)
+        log.warning("skipping bad sample %r at %s%s: %s", record["id"], printable(_where(record)),
+                    f" (data source {self.name!r})" if self.name else "", printable(record["reason"]))
         stats, cfg = self.stats, self.config
         if stats.bad > cfg.bad_sample_grace and stats.bad > cfg.max_bad_fraction * stats.read:
             raise DataError(too_many_bad_message(stats, cfg, self.name))

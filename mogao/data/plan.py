@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mogao.data.images import ImageTensors, choose_grid, open_image, prepare_image, to_rgb
+from mogao.data.images import MAX_IMAGE_BYTES, ImageTensors, choose_grid, open_image, prepare_image, to_rgb
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.data.tokenizer import SpecialTokens
-from mogao.errors import ConfigError, DataError
+from mogao.errors import ConfigError, DataError, printable
 from mogao.sequence import Modality, Span, il_rope_positions
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class DataConfig:
     bad_sample_grace: int = 10
     """This many bad samples are always tolerated, whatever their share (a few bad samples early in a run are
     not a bad data set)."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """The largest image file read (a larger one is a bad sample); only regular files are read, never a FIFO or
+    a device."""
 
     def __post_init__(self) -> None:
         if self.token_budget < 1:
@@ -101,6 +104,8 @@ class DataConfig:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.bad_sample_grace < 0:
             raise ConfigError(f"data.bad_sample_grace must be >= 0, got {self.bad_sample_grace}")
+        if self.max_image_bytes < 1:
+            raise ConfigError(f"data.max_image_bytes must be >= 1, got {self.max_image_bytes}")
         choose_grid(1, 1, self.max_image_tokens, self.min_grid, self.max_grid)  # raises ConfigError if none fits
 
 
@@ -164,12 +169,13 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _load(seg: ImageSegment, sample: Sample, i: int) -> Image.Image:
-    """The segment's image as RGB; a missing, unreadable or unconvertible image raises `DataError` located at
-    the sample and field."""
+def _load(seg: ImageSegment, sample: Sample, i: int, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """The segment's image as RGB; a missing, unreadable, oversized (`max_bytes`) or unconvertible image raises
+    `DataError` located at the sample and field."""
     field_name = f"segments[{i}].image"
     img = seg.image if isinstance(seg.image, Image.Image) else open_image(
-        seg.image, file=sample.file, line=sample.line, field=field_name)
+        seg.image, file=sample.file, line=sample.line, field=field_name, max_bytes=max_bytes,
+        flag="data.max_image_bytes")
     try:
         return to_rgb(img)
     except DataError as e:
@@ -223,7 +229,7 @@ def lower_sample(
                                    field=f"segments[{i}].text")
             text_ids[i] = ids
         else:
-            rgb[i] = _load(seg, sample, i)
+            rgb[i] = _load(seg, sample, i, config.max_image_bytes)
             grids[i] = _grid(rgb[i], config, sample, i)
     read = _clean_copies(segs, list(range(len(segs))), config.drop_unread_vae)
     costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read) for i, seg in enumerate(segs)]
@@ -244,7 +250,7 @@ def lower_sample(
                 used += costs[keep]
                 keep += 1
         if config.too_long == "skip" or keep == 0:
-            log.warning("skipping: %s", sample.error(msg, field="segments"))
+            log.warning("skipping: %s", printable(sample.error(msg, field="segments")))
             return None
     kept = list(range(keep))
 

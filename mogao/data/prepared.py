@@ -26,9 +26,13 @@ again skips them: the result is byte-identical to one uninterrupted run. The inp
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 import json
+import math
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +40,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from mogao.data.images import open_image, to_rgb
+from mogao.data.images import MAX_IMAGE_BYTES, open_image, read_image_file, to_rgb
 from mogao.data.samples import MAX_FILE_BYTES, MAX_LINE_BYTES, ImageSegment, Sample, TextSegment, iter_lines
-from mogao.errors import ConfigError, DataError
+from mogao.errors import ConfigError, DataError, printable
 
 FORMAT = "mogao-prepared"
 VERSION = 1
@@ -47,6 +51,7 @@ PARAMS = ".prepare.json"  # the options of an unfinished run; a rerun must match
 SHARD_SIZE = 10_000  # input lines per shard
 WRITE_ROWS = 256  # rows per Arrow record batch: a shard is never held in memory whole
 MAX_LISTED_PROBLEMS = 100
+MAX_MANIFEST_BYTES = 16 * 2**20
 
 SEGMENT = pa.struct([("text", pa.string()), ("image", pa.int32()), ("generate", pa.bool_()), ("loss", pa.float64())])
 SCHEMA = pa.schema([("id", pa.string()), ("line", pa.int64()), ("segments", pa.list_(SEGMENT)),
@@ -82,14 +87,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                 else "; make one with `mogao data prepare FILE.jsonl --out DIR`")
         raise DataError(f"not a prepared data directory (no {MANIFEST}){hint}", file=str(root))
     try:
+        size = man.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # (a manifest lists at most MAX_LISTED_PROBLEMS problems: kilobytes)
+            raise DataError(f"the manifest is {size} bytes, more than a manifest of `mogao data prepare` holds "
+                            f"({MAX_MANIFEST_BYTES}); prepare the data again", file=str(man))
         manifest = json.loads(man.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"unreadable manifest: {e}", file=str(man)) from None
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"unreadable manifest: {printable(e)}", file=str(man)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"not a {FORMAT} manifest", file=str(man))
     if manifest.get("version") != VERSION:
-        raise DataError(f"prepared with format version {manifest.get('version')}, this version reads {VERSION}; "
-                        "prepare the data again", file=str(man))
+        raise DataError(f"prepared with format version {_short(manifest.get('version'))}, this version reads "
+                        f"{VERSION}; prepare the data again", file=str(man))
+    check_manifest(manifest, man)
     return manifest
 
 
@@ -128,8 +140,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _row(sample: Sample, raw_paths: list[str]) -> dict[str, Any]:
-    """A valid sample as a table row, its images' bytes read and fully decoded (a `DataError` if one is bad)."""
+def _row(sample: Sample, raw_paths: list[str], max_image_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
+    """A valid sample as a table row, its images' bytes read (regular files of at most `max_image_bytes` only)
+    and fully decoded (a `DataError` if one is bad)."""
     segments, images = [], []
     for i, seg in enumerate(sample.segments):
         if isinstance(seg, TextSegment):
@@ -137,12 +150,9 @@ def _row(sample: Sample, raw_paths: list[str]) -> dict[str, Any]:
             continue
         where = {"file": sample.file, "line": sample.line, "field": f"segments[{i}].image"}
         path = Path(seg.image)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"image file not found: {path} (paths are relative to the JSONL file)", **where) from None
-        except OSError as e:
-            raise DataError(f"cannot read image file {path}: {e.strerror or e}", **where) from None
+        if not path.exists():
+            raise DataError(f"image file not found: {path} (paths are relative to the JSONL file)", **where)
+        data = read_image_file(path, max_bytes=max_image_bytes, **where)
         try:
             to_rgb(open_image(ImageBytes(data, str(path)), **where))
         except DataError as e:
@@ -240,8 +250,11 @@ def _check_out(src: Path, out: Path, params: dict[str, Any]) -> dict[str, Any] |
 
 
 def prepare(source: str | Path, out: str | Path, *, shard_size: int = SHARD_SIZE, progress: bool = True,
-            max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES) -> PrepareSummary:
-    """Prepare the JSONL file `source` into the folder `out` (see the module docstring); resumable."""
+            max_line_bytes: int = MAX_LINE_BYTES, max_file_bytes: int = MAX_FILE_BYTES,
+            max_image_bytes: int = MAX_IMAGE_BYTES) -> PrepareSummary:
+    """Prepare the JSONL file `source` into the folder `out` (see the module docstring); resumable. Images are
+    read from regular files of at most `max_image_bytes` only (a FIFO, a device or a larger file is a bad
+    line, reported)."""
     from tqdm.auto import tqdm
 
     src, dst = Path(source).expanduser(), Path(out).expanduser()
@@ -297,7 +310,7 @@ def prepare(source: str | Path, out: str | Path, *, shard_size: int = SHARD_SIZE
                 writer.bad(item)
                 continue
             try:
-                writer.add(_row(item, _image_paths(data, n)))
+                writer.add(_row(item, _image_paths(data, n), max_image_bytes))
             except DataError as e:
                 writer.bad(e)
         while current < shards - 1:  # the last shards may hold only blank lines
@@ -329,37 +342,133 @@ def prepare(source: str | Path, out: str | Path, *, shard_size: int = SHARD_SIZE
 
 # ---- reading --------------------------------------------------------------------------------------------
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return printable(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse (a DataError naming `path`) a manifest that is not as `prepare` writes it: the shards
+    shard-00000.arrow, shard-00001.arrow, ... each named once and in order with their row counts, the samples
+    their sum, and the fields readers use of the right types."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise DataError("the manifest's 'shards' is not a list; prepare the data again", file=str(path))
+    for k, shard in enumerate(shards):
+        want = f"{_shard_name(k)}.arrow"
+        if not isinstance(shard, dict) or shard.get("file") != want or not _is_count(shard.get("rows")):
+            raise DataError(f"the manifest's shard {k} is {_short(shard)}, expected "
+                            f"{{'file': '{want}', 'rows': N}} (every shard named once, in order); prepare the data "
+                            "again", file=str(path))
+    rows = sum(s["rows"] for s in shards)
+    if not _is_count(manifest.get("samples")) or manifest["samples"] != rows:
+        raise DataError(f"the manifest says {_short(manifest.get('samples'))} samples, its shards hold {rows}; "
+                        "prepare the data again", file=str(path))
+    problems = manifest.get("problems")
+    if (not isinstance(manifest.get("source"), str) or not _is_count(manifest.get("bad"))
+            or not isinstance(problems, list) or not all(isinstance(p, str) for p in problems)):
+        raise DataError("the manifest's 'source', 'bad' or 'problems' is missing or of the wrong type; prepare "
+                        "the data again", file=str(path))
+
+
+def _flatbuffer_field(buf: bytes, table: int, i: int) -> int | None:
+    """Where field `i` of the flatbuffer table at `table` is in `buf` (None: absent)."""
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    if 4 + 2 * i + 2 > struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    offset = struct.unpack_from("<H", buf, vtable + 4 + 2 * i)[0]
+    return table + offset if offset else None
+
+
+def _is_compressed(metadata: bytes) -> bool:
+    """Whether an Arrow IPC message (its flatbuffer `Message` metadata) holds a record batch - or a dictionary
+    batch's record batch - with compressed buffers (the `compression` field of `RecordBatch`, Arrow's
+    format/Message.fbs). pyarrow decompresses such buffers when it reads them, into as much memory as each
+    claims; it gives no other way to ask before."""
+    root = struct.unpack_from("<I", metadata, 0)[0]
+    kind_at, header_at = _flatbuffer_field(metadata, root, 1), _flatbuffer_field(metadata, root, 2)
+    if kind_at is None or header_at is None:
+        return False
+    kind, header = metadata[kind_at], header_at + struct.unpack_from("<I", metadata, header_at)[0]
+    if kind == 2:  # DictionaryBatch: its record batch is field 1
+        data_at = _flatbuffer_field(metadata, header, 1)
+        if data_at is None:
+            return False
+        header, kind = data_at + struct.unpack_from("<I", metadata, data_at)[0], 3
+    return kind == 3 and _flatbuffer_field(metadata, header, 3) is not None
+
+
+def _open_shard(path: Path, rows: int) -> Any:
+    """The memory-mapped table of one shard, its schema checked against `SCHEMA` (names and types of every
+    column, nothing more) and its record batches checked to be uncompressed (as `prepare` writes them: a
+    compressed buffer could decompress to far more memory than the file holds) before any batch is read; a
+    DataError naming the file otherwise."""
+    from datasets.table import MemoryMappedTable
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            schema = pa.ipc.open_stream(source).schema
+            if schema.equals(SCHEMA):
+                source.seek(0)
+                if any(m.type in ("record batch", "dictionary") and _is_compressed(m.metadata.to_pybytes())
+                       for m in pa.ipc.MessageReader.open_stream(source)):
+                    raise DataError("the shard's record batches are compressed (`mogao data prepare` writes them "
+                                    "uncompressed, and decompressing could take far more memory than the file "
+                                    "holds); prepare the data again", file=str(path))
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, struct.error, IndexError) as e:
+        raise DataError(f"not an Arrow stream written by `mogao data prepare` ({type(e).__name__}: "
+                        f"{printable(e)}); prepare the data again", file=str(path)) from None
+    if not schema.equals(SCHEMA):  # (also refuses extension types, dictionaries and extra columns)
+        raise DataError(f"the shard's columns are {printable(_describe_schema(schema))}, not "
+                        f"{_describe_schema(SCHEMA)}; prepare the data again", file=str(path))
+    try:
+        table = MemoryMappedTable.from_file(str(path))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"unreadable shard ({type(e).__name__}: {printable(e)}); prepare the data again",
+                        file=str(path)) from None
+    if len(table) != rows:
+        raise DataError(f"the shard holds {len(table)} rows, the manifest says {rows}; prepare the data again",
+                        file=str(path))
+    return table
+
+
+def _describe_schema(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
 class PreparedSamples(Sequence[Sample]):
     """The samples of a prepared directory as a lazy random-access sequence: `samples[i]` reads row i from the
     memory-mapped shards and builds its `Sample` (images stay encoded until lowered); nothing is read up front.
+
+    The folder may come from someone else: its manifest must name the shards `prepare` writes, each shard must
+    have exactly the columns `prepare` writes (`SCHEMA`), and rows are read as plain Arrow values - never
+    through a library's feature types, which could make a stored value fetch a URL or open a local file. A
+    malformed row is a `DataError` naming its shard and row (training skips and counts it).
 
     `Sample.file` / `.line` are the input JSONL file and line the sample came from (errors point there).
     """
 
     def __init__(self, path: str | Path) -> None:
-        from datasets import Dataset
-        from datasets.table import ConcatenationTable, MemoryMappedTable
-
         self.root = Path(path).expanduser()
         self.manifest = read_manifest(self.root)
-        parts = []
+        self.shards: list[tuple[Path, Any]] = []
         for shard in self.manifest["shards"]:
-            name = shard["file"]
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise DataError(f"manifest names a shard outside the folder: {name!r}", file=str(self.root / MANIFEST))
-            f = self.root / name
+            f = self.root / shard["file"]
             if not f.is_file():
-                raise DataError(f"shard {name} is missing; prepare the data again", file=str(self.root))
+                raise DataError(f"shard {shard['file']} is missing; prepare the data again", file=str(self.root))
             if shard["rows"]:
-                parts.append(MemoryMappedTable.from_file(str(f)))
-        # (one Dataset over the memory-mapped shards: `Dataset.from_file` per shard would fingerprint each,
-        # tens of milliseconds a shard, which would make opening grow with the data set)
-        self.table = Dataset(ConcatenationTable.from_tables(parts)) if parts else None
-        self.length = 0 if self.table is None else len(self.table)
-        if self.length != self.manifest["samples"]:
-            raise DataError(f"the shards hold {self.length} samples, the manifest says {self.manifest['samples']}; "
-                            "prepare the data again", file=str(self.root))
-        self.file = str(self.manifest["source"])
+                self.shards.append((f, _open_shard(f, shard["rows"])))
+        # (a list of memory-mapped tables, pickled by path to DataLoader workers: opening costs the same for
+        # ten thousand samples as for ten million)
+        self.ends = list(itertools.accumulate(len(t) for _, t in self.shards))
+        self.length = self.ends[-1] if self.ends else 0
+        self.file = self.manifest["source"]
 
     def __len__(self) -> int:
         return self.length
@@ -370,26 +479,58 @@ class PreparedSamples(Sequence[Sample]):
             i += self.length
         if not 0 <= i < self.length:
             raise IndexError(f"sample index {index} out of range for {self.length} samples")
-        return self._sample(self.table[i])
+        k = bisect.bisect_right(self.ends, i)
+        row = i - (self.ends[k - 1] if k else 0)
+        path, table = self.shards[k]
+        return self._sample(table.fast_slice(row, 1).to_pylist()[0], path, row)
 
     def __iter__(self) -> Iterator[Sample]:
-        if self.table is None:
-            return
-        for batch in self.table.iter(batch_size=WRITE_ROWS):
-            for j in range(len(batch["id"])):
-                yield self._sample({k: v[j] for k, v in batch.items()})
+        for item in self.checked():
+            if isinstance(item, DataError):
+                raise item
+            yield item
 
-    def _sample(self, row: dict[str, Any]) -> Sample:
+    def checked(self) -> Iterator[Sample | DataError]:
+        """Every row in order: its `Sample`, or the `DataError` saying what is wrong with it (read a batch of
+        rows at a time, for `mogao data check`)."""
+        for path, table in self.shards:
+            row = 0
+            for batch in table.to_batches(max_chunksize=WRITE_ROWS):
+                for values in batch.to_pylist():
+                    try:
+                        yield self._sample(values, path, row)
+                    except DataError as e:
+                        yield e
+                    row += 1
+
+    def _sample(self, row: dict[str, Any], shard: Path, index: int) -> Sample:
+        """The `Sample` of one row; a DataError naming the shard and row when a value is missing or out of range
+        (the schema fixes the types, not that values are present)."""
+
+        def bad(what: str, field: str | None = None) -> DataError:
+            return DataError(f"row {index}: {what}; prepare the data again", file=str(shard), field=field)
+
+        sid, line, segs = row["id"], row["line"], row["segments"]
+        images, paths = row["images"] or [], row["image_paths"] or []
+        if not sid or line is None or not segs:
+            raise bad("no id, line or segments")
         segments: list[TextSegment | ImageSegment] = []
-        for seg in row["segments"]:
-            if seg["image"] is None:
+        for j, seg in enumerate(segs):
+            where = f"segments[{j}]"
+            if (seg is None or seg["loss"] is None or not math.isfinite(seg["loss"]) or seg["loss"] < 0
+                    or (seg["image"] is not None and seg["generate"] is None)):
+                raise bad("a segment without a valid loss or generate flag", where)
+            k = seg["image"]
+            if k is None:
+                if not seg["text"]:
+                    raise bad("a text segment without text", where)
                 segments.append(TextSegment(seg["text"], bool(seg["loss"])))
-            else:
-                k = seg["image"]
-                name = f"{row['image_paths'][k]} (stored in {self.root})"
-                segments.append(ImageSegment(ImageBytes(row["images"][k], name), bool(seg["generate"]),
-                                             float(seg["loss"])))
-        return Sample(row["id"], tuple(segments), self.file, int(row["line"]))
+                continue
+            if not 0 <= k < len(images) or images[k] is None or k >= len(paths) or paths[k] is None:
+                raise bad(f"image {k} is not stored in the row", where)
+            name = f"{paths[k]} (stored in {self.root})"
+            segments.append(ImageSegment(ImageBytes(images[k], name), bool(seg["generate"]), float(seg["loss"])))
+        return Sample(sid, tuple(segments), self.file, int(line))
 
 
 def decoded(sample: Sample) -> Sample | None:

@@ -34,8 +34,8 @@ from typing import Any
 
 from PIL import Image
 
-from mogao.data.images import open_image, to_rgb
-from mogao.errors import DataError
+from mogao.data.images import MAX_IMAGE_BYTES, open_image, to_rgb
+from mogao.errors import DataError, printable
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +136,28 @@ def _check_keys(obj: Mapping[str, Any], allowed: Sequence[str], what: str, where
         )
 
 
-def check_image(path: Path | Image.Image, *, where: dict[str, Any], field: str) -> None:
-    """Open, fully decode (which catches truncated files) and convert an image, so bad files fail at load time."""
+def check_image(path: Path | Image.Image, *, where: dict[str, Any], field: str,
+                max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
+    """Open, fully decode (which catches truncated files) and convert an image, so bad files fail at load time.
+    Only a regular file of at most `max_image_bytes` is read (`open_image`)."""
     if isinstance(path, Image.Image):
         return
     try:
-        found = path.is_file()
+        found = path.exists()
     except OSError as e:  # e.g. a name too long for the file system, or a directory it may not enter
         raise DataError(f"cannot access image file {path}: {e.strerror or e}", field=field, **where) from e
     if not found:
         raise DataError(f"image file not found: {path} (paths are relative to the JSONL file)", field=field, **where)
     try:
-        to_rgb(open_image(path, field=field, **where))
+        to_rgb(open_image(path, field=field, max_bytes=max_image_bytes, **where))
     except DataError as e:
         if e.file is not None:
             raise
         raise DataError(str(e), field=field, **where) from e
 
 
-def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: bool) -> SampleSegment:
+def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: bool,
+             max_image_bytes: int = MAX_IMAGE_BYTES) -> SampleSegment:
     field = f"segments[{i}]"
     if not isinstance(raw, dict):
         raise DataError(f"a segment must be an object, got {_type_name(raw)}", field=field, **where)
@@ -200,12 +203,13 @@ def _segment(raw: Any, i: int, root: Path, where: dict[str, Any], check_images: 
     elif not isinstance(image, Image.Image):
         raise DataError(f"'image' must be a path string, got {_type_name(image)}", field=f"{field}.image", **where)
     if check_images:
-        check_image(image, where=where, field=f"{field}.image")
+        check_image(image, where=where, field=f"{field}.image", max_image_bytes=max_image_bytes)
     return ImageSegment(image, generate, weight if generate else 0.0)
 
 
 def sample_from_dict(
     raw: Any, *, root: str | Path = ".", file: str | None = None, line: int | None = None, check_images: bool = True,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Sample:
     """Validate one sample given as a dict (a parsed JSONL line or built in memory).
 
@@ -229,7 +233,7 @@ def sample_from_dict(
         raise DataError("'segments' is empty; a sample needs at least one text or image segment",
                         field="segments", **where)
     root = Path(root)
-    segments = tuple(_segment(s, i, root, where, check_images) for i, s in enumerate(segs))
+    segments = tuple(_segment(s, i, root, where, check_images, max_image_bytes) for i, s in enumerate(segs))
     return Sample(sid, segments, file, line)
 
 
@@ -287,7 +291,8 @@ def _size_limit_error(what: str, limit: int, flag: str, **where: Any) -> DataErr
 
 
 def iter_lines(path: str | Path, *, check_images: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
-               max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[tuple[int, bytes | None, Sample | DataError]]:
+               max_file_bytes: int = MAX_FILE_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
+               ) -> Iterator[tuple[int, bytes | None, Sample | DataError]]:
     """(line number, the line's bytes (None when too long), its `Sample` or the `DataError` describing what is
     wrong with it) for each line of `path` but blank ones; see `iter_samples`."""
     path = Path(path)
@@ -311,7 +316,8 @@ def iter_lines(path: str | Path, *, check_images: bool = True, max_line_bytes: i
                 continue
             try:
                 raw = _parse_line(data, n, str(path))
-                sample = sample_from_dict(raw, root=path.parent, file=str(path), line=n, check_images=check_images)
+                sample = sample_from_dict(raw, root=path.parent, file=str(path), line=n, check_images=check_images,
+                                          max_image_bytes=max_image_bytes)
             except DataError as e:
                 yield n, data, e
                 continue
@@ -327,12 +333,14 @@ def iter_lines(path: str | Path, *, check_images: bool = True, max_line_bytes: i
 
 
 def iter_samples(path: str | Path, *, check_images: bool = True, max_line_bytes: int = MAX_LINE_BYTES,
-                 max_file_bytes: int = MAX_FILE_BYTES) -> Iterator[Sample | DataError]:
+                 max_file_bytes: int = MAX_FILE_BYTES, max_image_bytes: int = MAX_IMAGE_BYTES,
+                 ) -> Iterator[Sample | DataError]:
     """Yield each line's `Sample`, or the `DataError` describing what is wrong with it (blank lines are skipped).
 
-    A line longer than `max_line_bytes` is such a problem; a file larger than `max_file_bytes` raises one."""
+    A line longer than `max_line_bytes` is such a problem, as is (with `check_images`) an image file larger than
+    `max_image_bytes`; a file larger than `max_file_bytes` raises one."""
     for _, _, item in iter_lines(path, check_images=check_images, max_line_bytes=max_line_bytes,
-                                 max_file_bytes=max_file_bytes):
+                                 max_file_bytes=max_file_bytes, max_image_bytes=max_image_bytes):
         yield item
 
 
@@ -348,11 +356,11 @@ def load_samples(path: str | Path, *, strict: bool = True, check_images: bool = 
             if strict:
                 raise item
             bad += 1
-            log.warning("skipping sample: %s", item)
+            log.warning("skipping sample: %s", printable(item))
         else:
             samples.append(item)
     if bad:
-        log.warning("%s: skipped %d invalid sample(s), kept %d", path, bad, len(samples))
+        log.warning("%s: skipped %d invalid sample(s), kept %d", printable(path), bad, len(samples))
     return samples
 
 

@@ -57,9 +57,9 @@ def load_image(image: str | Path | Image.Image, what: str = "image") -> Image.Im
         name = what
     elif isinstance(image, (str, Path)):
         name = str(image)
-        if not Path(image).is_file():
+        if not Path(image).exists():
             raise DataError(f"{what}: image file not found: {image} (give an existing PNG/JPEG/... file)")
-        img = open_image(image, field=what)
+        img = open_image(image, field=what)  # (a regular file only: a FIFO or a device is refused, never read)
     else:
         raise ConfigError(f"{what} must be a file path or a PIL image, got {type(image).__name__}")
     try:

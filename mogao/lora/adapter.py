@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 from mogao.lora.spec import LoraSpec
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,10 @@ def base_identity(model: nn.Module, path: str | Path | None = None) -> dict[str,
 
 
 def _describe(base: dict[str, Any]) -> str:
-    where = f"'{base['path']}'" if base.get("path") else "an unnamed model"
-    return f"{where} (fingerprint {base.get('fingerprint')})"
+    """The base model an identity names, for messages (what an adapter's config says is escaped: it may come
+    from someone else)."""
+    where = f"'{printable(base['path'])}'" if base.get("path") else "an unnamed model"
+    return f"{where} (fingerprint {printable(base.get('fingerprint'))})"
 
 
 # ---- injecting ----------------------------------------------------------------------------------------
@@ -215,15 +217,55 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     if not cfg.is_file() or not (d / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"'{d}' is not a LoRA adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
                           "(written at the end of a LoRA fit, in <run dir>/adapter)")
+    from mogao.model.checkpoint_files import read_json_config
+
+    meta = read_json_config(cfg, "a mogao LoRA adapter config")
     try:
-        meta = json.loads(cfg.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise KeyError("format")
         meta["spec"] = LoraSpec.from_dict(meta["spec"])
         meta["base"]["fingerprint"]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise ConfigError(f"'{cfg}' is not a valid mogao LoRA adapter config ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"'{cfg}' is not a valid mogao LoRA adapter config ({type(e).__name__}: "
+                          f"{printable(e)})") from e
     return meta
+
+
+def _adapter_shapes(model: nn.Module, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor an adapter of `spec` on `model` saves (as `adapter_state_dict` names
+    them), worked out from the base's layers without building the adapters."""
+    regex = spec.target_regex(len(model.backbone.layers))
+    out: dict[str, tuple[int, ...]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and re.fullmatch(regex, name):
+            out[f"{name}.lora_A.weight"] = (spec.rank, m.in_features)
+            out[f"{name}.lora_B.weight"] = (m.out_features, spec.rank)
+            if spec.dora:
+                out[f"{name}.lora_magnitude_vector.weight"] = (m.out_features,)
+    for part, module in _full_modules(model, spec).items():
+        out.update({f"{part}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    return out
+
+
+def _check_adapter_header(model: nn.Module, spec: LoraSpec, weights_file: Path) -> None:
+    """Before any adapter is built: the weights file's header must hold exactly the tensors `spec` makes on
+    `model`, of their shapes (so a config cannot ask for a rank, and the memory it takes, that its weights do
+    not back); ConfigError naming the file and the differences otherwise."""
+    from mogao.model.io import read_safetensors_header
+
+    try:
+        saved = read_safetensors_header(weights_file)
+    except ConfigError as e:
+        raise ConfigError(f"cannot read adapter weights '{weights_file}' ({printable(e)}); not a safetensors "
+                          "file, or damaged") from e
+    want = _adapter_shapes(model, spec)
+    missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    wrong = [f"{k} {saved[k]} (needs {v})" for k, v in want.items() if k in saved and saved[k] != v]
+    if missing or unexpected or wrong:
+        why = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+               f"{len(wrong)} weight(s) of the wrong shape, e.g. {'; '.join(wrong[:3])}" if wrong else ""]
+        raise ConfigError(f"adapter '{weights_file}' does not fit its own spec (rank {spec.rank}) on this base: "
+                          f"{printable('; '.join(w for w in why if w))} (a damaged or hand-edited adapter?)")
 
 
 def _load_adapter(model: nn.Module, path: str | Path, base_name: str | Path | None = None) -> nn.Module:
@@ -236,9 +278,10 @@ def _load_adapter(model: nn.Module, path: str | Path, base_name: str | Path | No
                           f"{_describe(own)}: load it onto the base model it was made for")
     spec: LoraSpec = meta["spec"]
     plain = LoraSpec.from_dict({**spec.to_dict(), "quantize": "none", "dropout": 0.0})
+    weights_file = Path(path).expanduser() / ADAPTER_WEIGHTS
+    _check_adapter_header(model, plain, weights_file)  # (before the adapters are built)
     apply_lora(model, plain, base_name, quantize=False)
     model.lora_state = LoraState(spec, meta["base"])
-    weights_file = Path(path).expanduser() / ADAPTER_WEIGHTS
     try:
         saved = load_file(str(weights_file))
     except Exception as e:  # noqa: BLE001 - safetensors reports a bad file with several error types

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -31,9 +31,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     model = load_model(base)
     tokenizer = None
     if (base / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        from mogao.model.io import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer = load_tokenizer(base)  # (never runs code the folder holds)
     return save_model_directory(merge_lora(_load_adapter(model, adapter, base_name=base)), tokenizer, out)
 
 
@@ -59,10 +59,10 @@ def main(argv: list[str]) -> int:
     try:
         if args.verb == "merge":
             out = merge(args.base, args.adapter, args.out, args.overwrite)
-            print(f"merged {args.adapter} into {args.base}: {out}")
+            print(printable(f"merged {args.adapter} into {args.base}: {out}"))
         else:
             print(json.dumps(info(args.adapter), indent=2))
     except ConfigError as e:
-        print(f"mogao lora: error: {e}", file=sys.stderr)
+        print(f"mogao lora: error: {printable(e)}", file=sys.stderr)
         return 1
     return 0

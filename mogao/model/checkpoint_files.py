@@ -6,18 +6,84 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 
 StrPath = str | os.PathLike
+
+
+# ---- JSON configs of folders from others -------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 64 * 2**20  # a config or index JSON (a model's are kilobytes, a weight index a few MB)
+
+
+def read_json_config(path: StrPath, what: str, limit: int = MAX_CONFIG_BYTES) -> Any:
+    """The JSON value in `path`, `what` (e.g. "a mogao config") naming it in errors: a regular file of at most
+    `limit` bytes, UTF-8, nested no deeper than Python parses. ConfigError naming the file otherwise."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"'{p}' is not a regular file; expected {what}")
+        if st.st_size > limit:
+            raise ConfigError(f"'{p}' is {st.st_size} bytes, more than the {limit} bytes {what} may have")
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ConfigError(f"'{p}' grew beyond {limit} bytes while it was read; expected {what}")
+        return json.loads(data.decode("utf-8"))
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"'{p}' is not a valid {what.removeprefix('a ').removeprefix('an ')} "
+                          f"({type(e).__name__}: {str(e)[:200]})") from e
+
+
+# ---- weight indexes of sharded component checkpoints ------------------------------------------------------
+
+# model.safetensors.index.json, diffusion_pytorch_model.safetensors.index.json, ...
+WEIGHT_INDEX_SUFFIX = ".index.json"
+
+
+def indexed_weight_files(index: StrPath) -> list[Path]:
+    """The weight files the index `index` (e.g. `model.safetensors.index.json`) names in its `weight_map`,
+    each a file of the index's own folder: a relative path without `..` (read as `transformers` and `diffusers`
+    read it, joined to that folder). An entry that is absolute, climbs out with `..`, or is not a string is
+    refused (ConfigError naming the index and the entry): a folder from elsewhere cannot make us read weights
+    outside it."""
+    p = Path(index)
+    data = read_json_config(p, "a weight index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"'{p}' is not a weight index: it has no 'weight_map' object")
+    files = []
+    for key, name in weight_map.items():
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        inside = (parts and not PurePosixPath(name).is_absolute() and not PureWindowsPath(name).drive
+                  and "\\" not in name and "\0" not in name and not any(x in ("..", ".") for x in parts))
+        if not inside:
+            raise ConfigError(f"'{p}' names the weight file {printable(repr(name))} (for {printable(repr(key))}), "
+                              "which is not a file of its folder; refusing to read it")
+        files.append(p.parent.joinpath(*parts))
+    return sorted(set(files))
+
+
+def check_weight_indexes(directory: StrPath) -> None:
+    """Check every weight index in `directory` and in its immediate subfolders (a pipeline's `vae/`, ...) with
+    `indexed_weight_files`, before a loader follows one."""
+    d = Path(directory)
+    for index in sorted([*d.glob("*" + WEIGHT_INDEX_SUFFIX), *d.glob("*/*" + WEIGHT_INDEX_SUFFIX)]):
+        indexed_weight_files(index)
 
 
 # ---- training checkpoints: read weights-only, never running code ------------------------------------------
@@ -101,8 +167,26 @@ def check_checkpoint(path: StrPath) -> int:
     return validate_checkpoint(checkpoint, p)
 
 
+def refuse_compressed_records(source: Any, path: StrPath, what: str = "the archive") -> None:
+    """Refuse (CheckpointError naming `path`) a `torch.save` archive - `source`, a path or a seekable file -
+    with a compressed member: `torch.save` never compresses, and `torch.load` inflates such a member into as
+    much memory as it claims, far more than the file may hold. Only the zip directory is read; what is not a
+    zip archive is left to the loader (which reports it)."""
+    try:
+        with zipfile.ZipFile(source) as zf:
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    if packed:
+        raise CheckpointError(path, f"{what} holds compressed member(s) ({printable(', '.join(packed[:3]))}), "
+                                    "which torch.save never writes and which could inflate to far more memory "
+                                    "than the file holds; refusing to load it")
+
+
 def _check_records(path: Path) -> None:
-    """Read every record of a zip-format checkpoint, comparing it with its CRC-32."""
+    """Read every record of a zip-format checkpoint, comparing it with its CRC-32 (compressed ones are refused
+    unread: `refuse_compressed_records`)."""
+    refuse_compressed_records(path, path, "the checkpoint")
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -123,6 +207,7 @@ def register_safe_globals() -> None:
 
 def _load(path: Path, mmap: bool = False) -> Any:
     register_safe_globals()
+    refuse_compressed_records(path, path, "the checkpoint")
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except MemoryError:
@@ -185,10 +270,42 @@ def read_shard_index(path: StrPath) -> Any:
     return index
 
 
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of the open file `f`, as a seekable file of its own (a record inside a
+    shard file, for `zipfile` to read its directory from)."""
+
+    def __init__(self, f: Any, start: int, length: int) -> None:
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = min(max(base + offset, 0), self.length)
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(min(len(b), self.length - self.pos))
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
 def check_shard_records(directory: StrPath, index: Any) -> None:
-    """Read every non-tensor record of a sharded checkpoint's shard files weights-only (torch's reader
-    unpickles those records without restriction when the optimizer state is loaded); CheckpointError naming
-    the shard file when one holds anything else or lies outside the checkpoint."""
+    """Check every record the shard index of a sharded checkpoint names, before torch's reader reads it: it
+    lies inside a regular file of the checkpoint folder, is stored as `torch.save` writes it (no transform, no
+    compressed member, which would inflate into as much memory as it claims), and - for a non-tensor record,
+    which torch's reader unpickles without restriction when the optimizer state is loaded - loads weights-only.
+    CheckpointError naming the shard file (or the index) otherwise."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     d = Path(directory)
@@ -196,25 +313,38 @@ def check_shard_records(directory: StrPath, index: Any) -> None:
     kinds = getattr(index, "state_dict_metadata", None) or {}
     if not isinstance(storage, dict) or not isinstance(kinds, dict):
         raise CheckpointError(d / SHARDED_INDEX, "a shard index without its storage tables")
+    sizes: dict[str, int] = {}
     for key, info in storage.items():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
-            raise CheckpointError(d / SHARDED_INDEX, f"names the shard file {rel!r}, which is not a file of the "
-                                                     "checkpoint folder")
-        if not isinstance(kinds.get(getattr(key, "fqn", None)), BytesStorageMetadata):
-            continue  # tensors: torch reads them weights-only
-        shard = d / rel
+            raise CheckpointError(d / SHARDED_INDEX, f"names the shard file {printable(repr(rel))}, which is not "
+                                                     "a file of the checkpoint folder")
+        shard, fqn = d / rel, printable(getattr(key, "fqn", key))
+        if rel not in sizes:
+            try:
+                st = os.stat(shard)
+            except OSError as e:
+                raise CheckpointError(shard, f"cannot be read ({_reason(e)})") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(shard, "is not a regular file")
+            sizes[rel] = st.st_size
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not (type(offset) is int and type(length) is int and 0 <= offset and 0 <= length
+                and offset + length <= sizes[rel]):
+            raise CheckpointError(shard, f"record '{fqn}' lies outside the file ({sizes[rel]} bytes)")
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(shard, "holds a transformed (e.g. compressed) record, which cannot be checked")
         try:
             with open(shard, "rb") as f:
-                f.seek(int(info.offset))
-                data = f.read(int(info.length))
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except MemoryError:
+                record = io.BufferedReader(_Window(f, offset, length))
+                refuse_compressed_records(record, shard, f"record '{fqn}'")
+                if isinstance(kinds.get(getattr(key, "fqn", None)), BytesStorageMetadata):
+                    record.seek(0)
+                    torch.load(io.BytesIO(record.read()), map_location="cpu", weights_only=True)
+        except (MemoryError, CheckpointError):
             raise
         except Exception as e:
-            raise CheckpointError(shard, f"record '{key.fqn}' cannot be loaded weights-only ({_reason(e)}); "
+            raise CheckpointError(shard, f"record '{fqn}' cannot be loaded weights-only ({_reason(e)}); "
                                          "refusing to load it") from e
 
 

@@ -49,6 +49,28 @@ class ModelConfig:
             patches on a 64-wide model): memorising 8 edits went from 0/8 to 5-6/8 in the same 700 steps.
         min_sigma_x0: the smallest σ the x0 parameterisation divides by.
 
+    Options a BAGEL checkpoint needs (`mogao.bagel.features.bagel_model_options`); their defaults leave the model
+    as it is without them:
+        qk_norm: add a per-head RMSNorm (weight of size head_dim, the LLM's rms_norm_eps) of queries and keys,
+            after the projections and before RoPE, to both experts of an LLM that has none (Qwen2): BAGEL's
+            `q_norm` / `k_norm` (and their `_moe_gen` copies).
+        timestep_embedding: "mogao": σ·1000 into the sinusoid (the AdaLN embedder `time_embed`; with additive
+            conditioning a second, zero-initialised embedder `additive_time` gives the added term). "bagel"
+            (additive conditioning only): BAGEL's timestep embedder - the sinusoid of σ itself (256 frequencies,
+            cos before sin), then Linear-SiLU-Linear - held in `time_embed` and added to every VAE token (clean
+            copies at σ = 0); no second embedder. Mogao's σ is BAGEL's t (σ = 1 is pure noise).
+        latent_position_table: side S of a frozen stored table (S*S, hidden) whose row `row * S + column` is added
+            to every VAE token (clean and noisy) after the in-projection (BAGEL's `latent_pos_embed`, S =
+            max_latent_size); a buffer, initialised to BAGEL's 2-D sin-cos code, saved with the weights, never
+            trained. None: no table. Excludes `latent_position_embedding`.
+        vit_position_table: side S of the same kind of table added to the connector output of every ViT token
+            (BAGEL's `vit_pos_embed`, S = vit_max_num_patch_per_side). None: no table.
+        vit_positions: how the ViT's learned position embedding meets an image of another grid than its native
+            one: "interpolate" (bicubic resize of the whole table, HF's) or "navit" (rows `row * S + column`
+            of the table, S its native side: the top-left part, no interpolation - BAGEL's NaViT indexing).
+        vae_sample_posterior: encode images with a sample of the diffusers VAE's posterior instead of its mean
+            (BAGEL samples); in training each image's draw comes from its own seed.
+
     The loss weights are not part of the model: they are the training module's `lambda_text` / `lambda_image`.
     """
 
@@ -66,6 +88,12 @@ class ModelConfig:
     latent_position_embedding: bool = True
     prediction: Literal["velocity", "x0"] = "velocity"
     min_sigma_x0: float = 0.05
+    qk_norm: bool = False
+    timestep_embedding: Literal["mogao", "bagel"] = "mogao"
+    latent_position_table: int | None = None
+    vit_position_table: int | None = None
+    vit_positions: Literal["interpolate", "navit"] = "interpolate"
+    vae_sample_posterior: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): every field, `timestep_sampling` as a dict."""
@@ -109,9 +137,17 @@ def architecture_record(cfg: ModelConfig, llm_config: dict, vit_config: dict,
                         autoencoder_config: dict | None) -> dict[str, Any]:
     """The architecture record: the `ModelConfig` (`to_dict`) and the LLM, ViT and autoencoder configs (None:
     the pixel autoencoder). A saved model's `mogao_config.json` and a training checkpoint's `mogao_architecture`
-    entry hold it; `mogao.model.io.load_model` builds the model from it."""
-    return {"model": cfg.to_dict(), "llm_config": llm_config, "vit_config": vit_config,
-            "autoencoder_config": autoencoder_config}
+    entry hold it; `mogao.model.io.load_model` builds the model from it. A component config's `auto_map` (the
+    code a hub checkpoint may name, never run here) is left out: a record that holds one is refused."""
+
+    def without_auto_map(config: Any) -> Any:  # (sub-configs too: a record that holds one anywhere is refused)
+        if isinstance(config, dict):
+            return {k: without_auto_map(v) for k, v in config.items() if k != "auto_map"}
+        return [without_auto_map(v) for v in config] if isinstance(config, list) else config
+
+    return {"model": cfg.to_dict(), "llm_config": without_auto_map(llm_config),
+            "vit_config": without_auto_map(vit_config),
+            "autoencoder_config": without_auto_map(autoencoder_config)}
 
 
 def model_architecture(model: Any) -> dict[str, Any]:
@@ -127,17 +163,24 @@ def resolve_checkpoint(path: str, what: str) -> Path:
     """A local checkpoint directory: the path itself, or a hub id ("org/name") already in the local HF cache.
 
     Nothing is ever downloaded here; a missing checkpoint is a ConfigError naming it and saying how to get it.
+    The weight indexes the folder holds are checked (`check_weight_indexes`): none may name a file outside it.
     """
+    from mogao.model.checkpoint_files import check_weight_indexes
+
     p = Path(path).expanduser()
     if p.is_dir():
+        check_weight_indexes(p)
         return p
     if path.count("/") == 1 and not path.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(path, local_files_only=True))
+            cached = Path(snapshot_download(path, local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached (or no hub library): report below
             pass
+        else:
+            check_weight_indexes(cached)
+            return cached
         raise ConfigError(f"{what} checkpoint '{path}' is neither a local directory nor in the local Hugging Face "
                           f"cache; fetch it first (`huggingface-cli download {path}`) or give a local directory")
     raise ConfigError(f"{what} checkpoint directory not found: '{path}' (give a local directory saved with "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import secrets
 import shutil
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 from mogao.model.checkpoint_files import (
     SHARDED_INDEX,
     SHARDED_META,
@@ -34,6 +33,7 @@ from mogao.model.checkpoint_files import (
     StrPath,
     check_checkpoint,
     load_checkpoint_file,
+    read_json_config,
 )
 from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, architecture_record, resolve_checkpoint
 from mogao.model.config import model_architecture as model_architecture  # (the record load_model reads)
@@ -154,7 +154,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def load_tokenizer(directory: StrPath) -> Any:
-    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none."""
+    """The `transformers` tokenizer saved in `directory`; ConfigError when there is none. Code the folder
+    holds is never run, nor asked about (`trust_remote_code=False`): a folder that needs its own code to load
+    is a ConfigError."""
     from transformers import AutoTokenizer
 
     d = Path(directory)
@@ -162,15 +164,35 @@ def load_tokenizer(directory: StrPath) -> Any:
         raise ConfigError(f"no tokenizer in '{d}' (expected {' or '.join(_TOKENIZER_FILES)}); save the tokenizer "
                           "next to the model (`tokenizer.save_pretrained(dir)`) or pass --tokenizer DIR")
     try:
-        return AutoTokenizer.from_pretrained(d)
+        return AutoTokenizer.from_pretrained(d, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer directory
         raise ConfigError(f"could not load the tokenizer in '{d}' ({type(e).__name__}: {e}); save it again "
                           "with `tokenizer.save_pretrained(dir)` or pass --tokenizer DIR") from e
 
 
+def _auto_map_at(config: Any, path: str) -> str | None:
+    """Where in `config` (a JSON-like value) an `auto_map` entry is - what asks `transformers` to import code
+    named by the file - or None."""
+    if isinstance(config, Mapping):
+        for k, v in config.items():
+            if k == "auto_map":
+                return f"{path}.auto_map"
+            found = _auto_map_at(v, f"{path}.{k}")
+            if found:
+                return found
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            found = _auto_map_at(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _record_parts(record: Any, overrides: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict, dict, dict | None]:
     """(config with `overrides`, LLM, ViT and autoencoder configs) of an architecture record; ConfigError
-    naming `where` when it is not one. The LLM config holds the final vocabulary (`vocab_size` is dropped)."""
+    naming `where` when it is not one, or when a part's config holds an `auto_map` (code to import: a saved
+    record never does, `architecture_record` leaves it out). The LLM config holds the final vocabulary
+    (`vocab_size` is dropped)."""
     try:
         if not isinstance(record, Mapping):
             raise TypeError(f"a {type(record).__name__}, not a mapping")
@@ -179,7 +201,12 @@ def _record_parts(record: Any, overrides: Mapping[str, Any], where: str) -> tupl
         if parts[2] is not None:
             parts = (parts[0], parts[1], dict(parts[2]))
     except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise ConfigError(f"'{where}' is not a valid mogao config ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"'{where}' is not a valid mogao config ({type(e).__name__}: {printable(e)})") from e
+    for name, part in zip(("llm_config", "vit_config", "autoencoder_config"), parts):
+        found = _auto_map_at(part, name)
+        if found:
+            raise ConfigError(f"'{where}' holds {printable(found)}, which asks to import code the folder "
+                              "names; a model folder may not choose code to run: refusing it")
     return (cfg, *parts)
 
 
@@ -189,11 +216,7 @@ def _saved_record(directory: Path) -> dict[str, Any]:
         raise ConfigError(f"'{directory}' is not a saved mogao model: {CONFIG_NAME} missing")
     if not (directory / WEIGHTS_NAME).is_file():
         raise ConfigError(f"'{directory}' has {CONFIG_NAME} but no {WEIGHTS_NAME}: an incomplete save?")
-    try:
-        return json.loads((directory / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"'{directory / CONFIG_NAME}' is not a valid mogao config ({type(e).__name__}: {e})"
-                          ) from e
+    return read_json_config(directory / CONFIG_NAME, "a mogao config")
 
 
 def _parts_record(cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -201,7 +224,8 @@ def _parts_record(cfg: ModelConfig, dtype: torch.dtype | None) -> dict[str, Any]
     (the LLM config with the grown vocabulary)."""
     from transformers import AutoConfig, SiglipVisionConfig
 
-    llm_config = AutoConfig.from_pretrained(resolve_checkpoint(cfg.llm, "LLM")).to_dict()
+    llm_dir = resolve_checkpoint(cfg.llm, "LLM")
+    llm_config = AutoConfig.from_pretrained(llm_dir, trust_remote_code=False).to_dict()
     llm_config["dtype"] = str(dtype or torch.float32).removeprefix("torch.")  # as the components are loaded
     if cfg.vocab_size is not None and cfg.vocab_size > int(llm_config["vocab_size"]):
         llm_config["vocab_size"] = int(cfg.vocab_size)
@@ -254,7 +278,7 @@ def _from_record(cfg: ModelConfig, llm_config: dict, vit_config: dict, ae_config
     from mogao.model.vision import VisionEncoder
 
     with empty_parameters() if meta else contextlib.nullcontext():
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm_config), trust_remote_code=False)
         vit = VisionEncoder.from_config(SiglipVisionConfig(**vit_config), feature_layer=cfg.vit_feature_layer)
         ae = PixelAutoencoder() if ae_config is None else DiffusersVAE.from_config(ae_config)
         model = MogaoModel(cfg, llm, vit, ae)
@@ -271,7 +295,8 @@ def _from_parts(cfg: ModelConfig, dtype: torch.dtype | None) -> MogaoModel:
     from mogao.model.mogao import MogaoModel
     from mogao.model.vision import VisionEncoder
 
-    llm = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.llm, "LLM"), dtype=dtype or torch.float32)
+    llm = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.llm, "LLM"), dtype=dtype or torch.float32,
+                                               trust_remote_code=False)
     vit = VisionEncoder.from_pretrained(str(resolve_checkpoint(cfg.vit, "ViT")), feature_layer=cfg.vit_feature_layer)
     if cfg.autoencoder == "pixel":
         ae = PixelAutoencoder()
@@ -281,34 +306,73 @@ def _from_parts(cfg: ModelConfig, dtype: torch.dtype | None) -> MogaoModel:
     return MogaoModel(cfg, llm, vit, ae)
 
 
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in the safetensors file `path`, from its header alone (safetensors checks
+    that the header's offsets and sizes fit the file's length); ConfigError naming an unreadable file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"cannot read weights '{path}': {printable(e)} (truncated or not a safetensors file?)"
+                          ) from e
+
+
+def _differences(model: torch.nn.Module, saved: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """How the saved tensors' names and shapes differ from `model`'s state dict (tied weights - one parameter
+    under several names - may be saved under any one of them); [] when they fit. `model` may be on the meta
+    device."""
+    own = model.state_dict(keep_vars=True)
+    names_of: dict[int, set[str]] = {}
+    for k, v in own.items():
+        names_of.setdefault(id(v), set()).add(k)
+    missing = sorted(k for k, v in own.items() if not (names_of[id(v)] & set(saved)))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [f"{k}: saved {tuple(saved[k])}, model {tuple(own[k].shape)}" for k in sorted(set(own) & set(saved))
+              if tuple(saved[k]) != tuple(own[k].shape)]
+
+    def few(xs: list[str]) -> str:
+        return printable(", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else ""))
+
+    why = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+           f"shape mismatch {few(shapes)}" if shapes else ""]
+    return [w for w in why if w]
+
+
+def _architecture_error(path: Path, why: list[str]) -> ConfigError:
+    return ConfigError(f"weights '{path}' are for another architecture than its config describes: "
+                       + "; ".join(why))
+
+
 def load_checked(model: torch.nn.Module, path: Path) -> None:
     """Load safetensors weights into `model`, refusing (with the differences named) weights of another
     architecture, and reporting an unreadable file as such."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    why = _differences(model, read_safetensors_header(path))
+    if why:
+        raise _architecture_error(path, why)
     try:
         saved = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read weights '{path}': {e} (truncated or not a safetensors file?)") from e
-    own = model.state_dict()
-    by_storage: dict[tuple[int, int], set[str]] = {}
-    for k, v in own.items():  # tied weights are saved once (e.g. embeddings and LM head)
-        by_storage.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), set()).add(k)
-    tied = {k: names for names in by_storage.values() for k in names}
-    missing = sorted(k for k in set(own) - set(saved) if not (tied[k] & set(saved)))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = [f"{k}: saved {tuple(saved[k].shape)}, model {tuple(own[k].shape)}" for k in sorted(set(own) & set(saved))
-              if saved[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(xs: list[str]) -> str:
-            return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "")
-
-        why = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
-               f"shape mismatch {few(shapes)}" if shapes else ""]
-        raise ConfigError(f"weights '{path}' are for another architecture than its config describes: "
-                          + "; ".join(w for w in why if w))
+        raise ConfigError(f"cannot read weights '{path}': {printable(e)} (truncated or not a safetensors file?)"
+                          ) from e
     model.load_state_dict(saved, strict=False)  # keys checked above; tied duplicates are filled by their twin
+
+
+def _meta_model(parts: tuple[ModelConfig, dict, dict, dict | None]) -> MogaoModel:
+    """The architecture `parts` describe with every tensor, buffers included, on the meta device: its names and
+    shapes cost no memory, however large the config says it is."""
+    with torch.device("meta"):
+        return _from_record(*parts, meta=False)
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s state dict (tied tensors once)."""
+    tensors = {id(v): v for v in model.state_dict(keep_vars=True).values()}
+    return sum(v.numel() * v.element_size() for v in tensors.values())
 
 
 MODEL_PREFIX = "model."  # the MogaoModel's keys inside the LightningModule's state dict
@@ -329,6 +393,39 @@ def read_checkpoint_metadata(ckpt: StrPath) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(path, f"holds a {type(meta).__name__}, not a Lightning checkpoint")
     return meta
+
+
+def _check_checkpoint_fits(parts: tuple[ModelConfig, dict, dict, dict | None], ckpt: Path,
+                           meta: dict[str, Any]) -> None:
+    """Before any memory is allocated for the model: the architecture the checkpoint records must have the
+    names and shapes of the weights it holds (a whole file: its state dict, memory-mapped; a sharded folder: its
+    shard index), and need no more memory than its files could hold; CheckpointError otherwise."""
+    model = _meta_model(parts)
+    own = {MODEL_PREFIX + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if ckpt.is_dir():
+        from mogao.model.checkpoint_files import read_shard_index
+
+        index = read_shard_index(ckpt / SHARDED_INDEX)
+        saved = {k.removeprefix("state_dict."): tuple(getattr(v, "size", ()))
+                 for k, v in (getattr(index, "state_dict_metadata", None) or {}).items()
+                 if isinstance(k, str) and k.startswith("state_dict." + MODEL_PREFIX)}
+        on_disk = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
+    else:
+        state = meta.get("state_dict", {})
+        saved = {k: tuple(v.shape) for k, v in state.items() if isinstance(k, str) and k.startswith(MODEL_PREFIX)
+                 and torch.is_tensor(v)}
+        on_disk = ckpt.stat().st_size
+    missing = sorted(k for k in own if k not in saved)
+    if missing:
+        raise CheckpointError(ckpt, f"lacks model weights its architecture has, e.g. {printable(missing[:3])}")
+    wrong = [f"{k} {saved[k]} (the architecture needs {v})" for k, v in own.items() if saved[k] != v]
+    if wrong:
+        shown = printable("; ".join(wrong[:3]))
+        raise CheckpointError(ckpt, f"{len(wrong)} weight(s) of the wrong shape, e.g. {shown}")
+    # (weights may be saved in a narrower dtype than they are built in: up to 4 bytes for each one on disk)
+    if _state_bytes(model) > 4 * on_disk + 2**26:
+        raise CheckpointError(ckpt, f"its architecture needs {_state_bytes(model)} bytes, far more than its "
+                                    f"{on_disk} bytes of files hold")
 
 
 def _load_checkpoint_weights(model: MogaoModel, ckpt: Path, meta: dict[str, Any]) -> None:
@@ -408,15 +505,22 @@ def load_model(source: ModelConfig | Mapping[str, Any] | StrPath, *, device: tor
                 raise ConfigError(f"'{origin}' has no '{ARCHITECTURE_KEY}' entry: it was not written by a mogao "
                                   "sharding strategy (MoTFSDP2Strategy / MoTFSDPStrategy); a model trained "
                                   "without one is saved as a model directory at the end of fit (<run>/model)")
-            model = _from_record(*_record_parts(record, overrides, str(origin)), meta=True)
+            parts = _record_parts(record, overrides, str(origin))
+            _check_checkpoint_fits(parts, origin, checkpoint)  # (before any memory is allocated)
+            model = _from_record(*parts, meta=True)
             if not meta:
                 allocate(model, device)
                 _load_checkpoint_weights(model, origin, checkpoint)
         else:
-            model = _from_record(*_record_parts(_saved_record(origin), overrides, str(origin / CONFIG_NAME)),
-                                 meta=meta)
-            if not meta:
-                load_checked(model, origin / WEIGHTS_NAME)
+            parts = _record_parts(_saved_record(origin), overrides, str(origin / CONFIG_NAME))
+            weights = origin / WEIGHTS_NAME
+            why = _differences(_meta_model(parts), read_safetensors_header(weights))
+            if why:  # (before any memory is allocated: the header's shapes fit the file's length)
+                raise _architecture_error(weights, why)
+            model = _from_record(*parts, meta=True)
+            if not meta:  # every weight is read from the file: nothing to initialise
+                allocate(model)
+                load_checked(model, weights)
         model.source_path = str(origin)  # where it came from, for messages (e.g. a LoRA adapter's base)
     if dtype is not None:
         model.to(dtype)

@@ -48,7 +48,7 @@ def save_tiny_llm(
     else:
         raise ValueError(f"unknown family '{family}': qwen2, qwen3 or llama")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     with torch.no_grad():  # HF init is tiny; a larger spread makes parity tests meaningful
         for p in model.parameters():
             if p.dim() > 1:
@@ -172,7 +172,7 @@ def _build_tiny_components(spec: TinySpec, *, tokenizer: str | Path, llm: str | 
 
     tokenizer, llm, vit = Path(tokenizer), Path(llm), Path(vit)
     _build_atomically(tokenizer, lambda d: train_tokenizer(builtin_corpus(), vocab_size=spec.vocab_size).save_pretrained(d))
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False))
     _build_atomically(llm, lambda d: save_tiny_llm(d, vocab_size=vocab, hidden_size=spec.hidden_size,
                                                    layers=spec.layers, heads=spec.heads, kv_heads=spec.kv_heads,
                                                    family=spec.family, seed=spec.seed,

@@ -55,6 +55,7 @@ from mogao.model.checkpoint_files import (
     CheckpointError,
     _unloadable,
     check_checkpoint,
+    refuse_compressed_records,
     register_safe_globals,
     validate_checkpoint,
 )
@@ -134,6 +135,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         register_safe_globals()
+        if isinstance(get_filesystem(path), LocalFileSystem):  # (no compressed member to inflate)
+            refuse_compressed_records(strip_protocol(str(path)), path, "the checkpoint")
         try:  # weights only whatever is asked: a checkpoint from elsewhere must not run code
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except MemoryError:

@@ -5,6 +5,11 @@ written by `MoTFSDP2Strategy`/`MoTFSDPStrategy`, or a full `.ckpt` file - into a
 
     mogao checkpoint consolidate RUN_OR_CKPT --out DIR [--tokenizer DIR] [--dtype bfloat16] [--overwrite]
 
+Without --tokenizer, the tokenizer is the one the run saved in its own folder (`<run>/model`, written at the end
+of fit; the run folder is the one holding `checkpoints/`, or the checkpoint's own folder); a checkpoint never
+chooses where it is read from (its hyper-parameters name a path that may be anywhere): without one there,
+consolidating is refused with the path the checkpoint names, to pass as --tokenizer if you trust it.
+
 RUN_OR_CKPT is a checkpoint (directory or file) or a run directory, whose newest valid checkpoint is used
 (`<run>/checkpoints/`, as `--ckpt_path=last` picks). Runs on one process, no GPU and no process group: the
 model is built on the meta device from the architecture the strategy stored in the checkpoint, allocated once
@@ -12,9 +17,9 @@ on the CPU, and the shards are read into it (`torch.distributed.checkpoint`, res
 memory is one copy of the weights in their saved dtype; the optimizer state is never read.
 
 A checkpoint may come from elsewhere: it is read weights-only and its shard index is checked before torch
-opens it (`mogao.model.io.check_checkpoint`), so it cannot run code; every weight must have the
-shape the stored architecture gives it. `--out` must be new or empty (`--overwrite` replaces a model folder
-saved there before), and the folder is written as one unit.
+opens it (`mogao.model.io.check_checkpoint`), so it cannot run code; every weight must have the shape the
+stored architecture gives it, and it chooses no path that is read. `--out` must be new or empty (`--overwrite`
+replaces a model folder saved there before), and the folder is written as one unit.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from mogao.errors import ConfigError
+from mogao.errors import ConfigError, printable
 from mogao.model.checkpoint_files import SHARDED_META, CheckpointError, check_checkpoint, load_checkpoint_file
-from mogao.model.io import load_model, resolve_checkpoint, save_model_directory
+from mogao.model.io import load_model, load_tokenizer, resolve_checkpoint, save_model_directory
 from mogao.training.checkpointing import checkpoint_candidates
 
 __all__ = ["consolidate", "find_checkpoint", "main"]
@@ -69,28 +74,38 @@ def check_output_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
                           "saved there")
 
 
+def run_tokenizer(ckpt: Path) -> Path | None:
+    """The tokenizer folder a run saved in its own folder - `<run>/model` with tokenizer files, where the run
+    folder holds `checkpoints/CKPT`, or else is CKPT's own folder - or None."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    d = run / "model"
+    return d if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else None
+
+
 def consolidate(source: str | Path, out: str | Path, tokenizer: str | None = None,
                 dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write the model of checkpoint (or run) `source` as a saved model directory `out`; returns `out`.
 
-    The tokenizer is the one the run trained with (`model.init_args.tokenizer` in the checkpoint's
-    hyper-parameters) unless `tokenizer` names another directory. `out` must be new or empty unless
-    `overwrite` (which replaces a model folder saved there, never another folder).
+    The tokenizer is `tokenizer` (a directory, or a hub id in the local cache), else the one the run saved in its
+    own folder (`run_tokenizer`); the path a checkpoint's hyper-parameters name is never followed (it is only
+    quoted when there is no tokenizer in the run's folder). `out` must be new or empty unless `overwrite` (which
+    replaces a model folder saved there, never another folder).
     """
-    from transformers import AutoTokenizer
-
     d = Path(out).expanduser()
     ckpt = find_checkpoint(source)
     check_output_dir(d, overwrite, [ckpt] + ([Path(tokenizer).expanduser()] if tokenizer else []))
     model = load_model(ckpt, dtype=dtype).eval()  # checked and read weights-only
-    # (checked above: its hyper-parameters only, the file memory-mapped)
-    meta = load_checkpoint_file(ckpt / SHARDED_META if ckpt.is_dir() else ckpt, mmap=not ckpt.is_dir())
-    tok_path = tokenizer or (meta.get("hyper_parameters") or {}).get("tokenizer")
-    if tok_path is None:
-        raise ConfigError(f"'{ckpt}' does not name its tokenizer: give --tokenizer DIR")
-    tok_dir = resolve_checkpoint(str(tok_path), "tokenizer")
+    tok_dir = resolve_checkpoint(tokenizer, "tokenizer") if tokenizer else run_tokenizer(ckpt)
+    if tok_dir is None:
+        # (checked: its hyper-parameters only, the file memory-mapped)
+        meta = load_checkpoint_file(ckpt / SHARDED_META if ckpt.is_dir() else ckpt, mmap=not ckpt.is_dir())
+        named = (meta.get("hyper_parameters") or {}).get("tokenizer") if isinstance(meta, dict) else None
+        hint = (f" (it names '{printable(named)}': a checkpoint does not choose what is read, so pass "
+                "--tokenizer with it if you trust that folder)" if named else "")
+        raise ConfigError(f"no tokenizer in the run folder of '{ckpt}' (a fit saves one in <run>/model at its "
+                          f"end): give --tokenizer DIR{hint}")
     check_output_dir(d, overwrite, [ckpt, tok_dir])
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)  # (never runs code the folder holds)
     return save_model_directory(model, tok, d)
 
 
@@ -111,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("source", help="checkpoint directory/file, or a run directory (its newest valid checkpoint)")
     c.add_argument("--out", required=True, help="directory to write model.safetensors, mogao_config.json and "
                                                 "the tokenizer to")
-    c.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
+    c.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the one the run saved in <run>/model; the path a "
+                        "checkpoint names is not followed)")
     c.add_argument("--dtype", default=None, help="cast the weights, e.g. bfloat16 (default: as saved)")
     c.add_argument("--overwrite", action="store_true", help="replace the model saved in --out before (a folder "
                                                             "that is not empty is refused otherwise)")
@@ -119,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = consolidate(args.source, args.out, args.tokenizer, _dtype(args.dtype), args.overwrite)
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
-    print(f"saved the consolidated model to {out}")
+    print(printable(f"saved the consolidated model to {out}"))
     return 0
 
 

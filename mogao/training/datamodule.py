@@ -291,7 +291,8 @@ class MogaoDataModule(pl.LightningDataModule):
         if self.tokenizer is None:
             from mogao.model.mogao import resolve_checkpoint
 
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer_path, "tokenizer"))
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer_path, "tokenizer"),
+                                                           trust_remote_code=False)
         cfg = self.data
         rank, world = self._rank()
         if stage == "fit" and self._train is None:

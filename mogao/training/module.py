@@ -125,7 +125,8 @@ class MogaoModule(pl.LightningModule):
             ensure_tiny_components(tiny, tokenizer=tokenizer, llm=model.llm, vit=model.vit)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"),
+                                                       trust_remote_code=False)
         self.model = self._build_model(model, init_from).train()  # checkpoints load in eval mode
         if lora is not None and train is not None:
             raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "

@@ -26,7 +26,6 @@ head): those two tensors are then read whole on every rank, once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from mogao.errors import ConfigError
+from mogao.model.checkpoint_files import indexed_weight_files
 from mogao.model.config import ModelConfig
 from mogao.model.io import CONFIG_NAME, WEIGHTS_NAME, allocate, empty_parameters, resolve_checkpoint
 from mogao.model.mogao import MogaoModel
@@ -80,7 +80,8 @@ def plan_weights(model: MogaoModel, init_from: str | Path | None = None,
         return WeightPlan(model.cfg, Path(init_from).expanduser(), rng, llm_config, int(llm_config["vocab_size"]))
     from transformers import AutoConfig
 
-    vocab = int(AutoConfig.from_pretrained(resolve_checkpoint(model.cfg.llm, "LLM")).vocab_size)
+    llm = resolve_checkpoint(model.cfg.llm, "LLM")
+    vocab = int(AutoConfig.from_pretrained(llm, trust_remote_code=False).vocab_size)
     return WeightPlan(model.cfg, None, rng, llm_config, vocab)
 
 
@@ -95,13 +96,16 @@ class _Safetensors:
         self.report = report
         index = directory / (names[0] + ".index.json")
         files = [directory / n for n in names if (directory / n).is_file()]
-        if index.is_file():
-            files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        if index.is_file():  # (every file it names inside `directory`)
+            files = indexed_weight_files(index)
         if not files:
             raise ConfigError(f"{what} checkpoint '{directory}' has no {names[0]} (or its index): per-shard "
                               "loading reads safetensors only; convert the checkpoint or set model.meta_init: false")
         self.handles, self.where = [], {}
         for f in files:
+            if not f.is_file():  # (missing, or a FIFO or device, which would block or never end)
+                raise ConfigError(f"{what} checkpoint '{directory}': its weight file '{f}' is missing or not a "
+                                  "regular file")
             h = safe_open(str(f), framework="pt")
             self.handles.append(h)
             for k in h.keys():
@@ -190,7 +194,8 @@ def _grown_rows(plan: WeightPlan, llm: _Safetensors) -> dict[str, torch.Tensor]:
 
     old = plan.checkpoint_vocab
     with empty_parameters():
-        stand_in = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**plan.llm_config, "vocab_size": old}))
+        stand_in = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**plan.llm_config, "vocab_size": old}),
+                                                    trust_remote_code=False)
     emb = stand_in.get_input_embeddings()
     emb.weight = nn.Parameter(llm.rows("model.embed_tokens.weight", 0, old, whole=True).float())
     tied = "lm_head.weight" not in llm
