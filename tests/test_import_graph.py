@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [
     {"mogao.errors", "mogao._recipes"},
     {"mogao.sequence"},
-    {"mogao.data", "mogao.attention", "mogao.diffusion", "mogao.bagel"},
+    {"mogao.data", "mogao.attention", "mogao.diffusion"},
     {"mogao.model"},
+    {"mogao.bagel"},
     {"mogao.lora"},
     {"mogao.inference"},
     {"mogao.training"},

@@ -5,6 +5,7 @@
 - `configs`: `llm_config.json` / `vit_config.json` parsed under a no-code policy into a `BagelArchitecture`;
 - `folder`: a whole BAGEL folder checked, loaded and written;
 - `keymap`: every BAGEL tensor's place in a MogaoModel (exact transforms both ways);
-- `features`: what MogaoModel still lacks to run a BAGEL checkpoint, as data;
+- `features`: BAGEL's features, the `ModelConfig` options that give them and what MogaoModel still lacks;
+- `load`: a BAGEL folder as a working MogaoModel (`load_bagel_model`) and back (`save_bagel_model`);
 - `files`: reading untrusted JSON and safetensors headers.
 """

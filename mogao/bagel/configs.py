@@ -229,8 +229,8 @@ class BagelArchitecture:
         return self.settings.latent_patch_size**2 * self.latent_channels
 
     def mogao_llm_config(self) -> dict:
-        """`transformers.Qwen2Config` fields of the understanding expert's LLM (untied head; BAGEL's q/k norms
-        are not expressible in a Qwen2 config: see `keymap.missing_features`)."""
+        """`transformers.Qwen2Config` fields of the understanding expert's LLM (untied head; BAGEL's q/k norms,
+        which a Qwen2 config cannot express, come from `ModelConfig.qk_norm`)."""
         m = self.llm
         return {"model_type": "qwen2", "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
                 "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,

@@ -20,12 +20,14 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mogao.bagel import rules
 from mogao.bagel.configs import BagelArchitecture, BagelSettings, parse_llm_config, parse_vit_config
 from mogao.bagel.files import (
+    MAX_CONFIG_BYTES,
     MAX_TOKENIZER_BYTES,
     BagelFormatError,
     TensorInfo,
@@ -164,7 +166,8 @@ def check_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None =
 class BagelCheckpoint:
     """The contents of a BAGEL folder: configs (as JSON dicts), tensors under BAGEL's names (`ema`) and in
     the original FLUX layout (`ae`), and the tokenizer and other carried files as bytes.
-    `keymap.to_mogao_state(ckpt.ema, ckpt.ae, ckpt.arch)` gives them MogaoModel's names."""
+    `keymap.to_mogao_state(ckpt.ema, ckpt.ae, ckpt.arch)` gives them MogaoModel's names. `config_bytes`: the
+    two config files as read, written back verbatim where they still hold `llm_config` / `vit_config`."""
 
     arch: BagelArchitecture
     llm_config: dict
@@ -174,6 +177,7 @@ class BagelCheckpoint:
     files: dict[str, bytes] = field(default_factory=dict)
     ema_metadata: dict[str, str] | None = None
     ae_metadata: dict[str, str] | None = None
+    config_bytes: dict[str, bytes] = field(default_factory=dict)
 
 
 def load_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None = None) -> BagelCheckpoint:
@@ -181,10 +185,11 @@ def load_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None = 
     info = check_bagel_folder(path, settings)
     folder = info.path
     files = {n: read_bytes(file_inside(folder, n), MAX_TOKENIZER_BYTES) for n in (TOKENIZER_FILE, *info.carried_files)}
+    configs = {n: read_bytes(file_inside(folder, n), MAX_CONFIG_BYTES) for n in (LLM_CONFIG, VIT_CONFIG)}
     return BagelCheckpoint(info.arch, info.llm_config, info.vit_config,
                            load_tensors(file_inside(folder, EMA_FILE), info.ema),
                            load_tensors(file_inside(folder, AE_FILE), info.ae), files,
-                           info.ema_metadata, info.ae_metadata)
+                           info.ema_metadata, info.ae_metadata, configs)
 
 
 def load_bagel_tokenizer(path: str | os.PathLike):
@@ -200,9 +205,26 @@ def load_bagel_tokenizer(path: str | os.PathLike):
     return _tokenizer(read_bytes(tok_path, MAX_TOKENIZER_BYTES), cfg, tok_path)
 
 
+def tokenizer_from_files(files: dict[str, bytes], where: str | os.PathLike = "tokenizer") -> Any:
+    """The tokenizer `load_bagel_tokenizer` builds, from a folder's files as bytes (`BagelCheckpoint.files`)."""
+    cfg = None
+    if "tokenizer_config.json" in files:
+        cfg = parse_json(files["tokenizer_config.json"], Path(where) / "tokenizer_config.json")
+        _check_code_fields(cfg, Path(where) / "tokenizer_config.json")
+    return _tokenizer(files[TOKENIZER_FILE], cfg, Path(where) / TOKENIZER_FILE)
+
+
 def _infos(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
     names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
     return {k: TensorInfo(tuple(t.shape), names.get(t.dtype, str(t.dtype))) for k, t in tensors.items()}
+
+
+def _same_json(raw: bytes, cfg: dict) -> bool:
+    """Whether `raw` holds exactly `cfg` (types included: JSON's 1 is not true, nor 1.0)."""
+    try:
+        return json.dumps(parse_json(raw, "config"), sort_keys=True) == json.dumps(cfg, sort_keys=True)
+    except (BagelFormatError, TypeError, ValueError):
+        return False
 
 
 def write_bagel_folder(directory: str | os.PathLike, ckpt: BagelCheckpoint) -> Path:
@@ -229,7 +251,11 @@ def write_bagel_folder(directory: str | os.PathLike, ckpt: BagelCheckpoint) -> P
     tmp.mkdir()
     try:
         for name, cfg in ((LLM_CONFIG, ckpt.llm_config), (VIT_CONFIG, ckpt.vit_config)):
-            (tmp / name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            raw = ckpt.config_bytes.get(name)
+            if raw is not None and _same_json(raw, cfg):
+                (tmp / name).write_bytes(raw)
+            else:
+                (tmp / name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         save_file({k: t.detach().cpu().contiguous() for k, t in ckpt.ema.items()}, str(tmp / EMA_FILE),
                   metadata=ckpt.ema_metadata)
         save_file({k: t.detach().cpu().contiguous() for k, t in ckpt.ae.items()}, str(tmp / AE_FILE),

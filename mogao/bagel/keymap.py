@@ -1,11 +1,12 @@
-"""Every tensor of a BAGEL checkpoint, where it goes in a `MogaoModel`, and what the model still lacks.
+"""Every tensor of a BAGEL checkpoint and where it goes in a `MogaoModel`.
 
 - `expected_ema_shapes`: the keys and shapes `ema.safetensors` must hold for a `BagelArchitecture` (BAGEL's
   module tree: bagel.py 57-94, qwen2_navit.py 381-398 / 687-705 / 943-959, siglip_navit.py 145-372).
-- `key_mappings`: one `KeyMapping` per BAGEL tensor (ema and ae files): the MogaoModel parameter it becomes
-  (None where MogaoModel has none today), the exact transform between the two, and the missing feature it
-  waits for. `to_mogao_state` / `from_mogao_state` apply it both ways, bit-exactly.
-- `missing_features`: what MogaoModel / ModelConfig must add to compute what BAGEL computes, as data.
+- `key_mappings`: one `KeyMapping` per BAGEL tensor (ema and ae files): the MogaoModel parameter or buffer it
+  becomes in a model built with given `ModelConfig` options (None where such a model has no place for it: with
+  the default options, BAGEL's q/k norms, timestep MLP and position tables), the exact transform between the
+  two, and the BAGEL feature (`features`) it needs. `to_mogao_state` / `from_mogao_state` apply it both ways,
+  bit-exactly. With `features.bagel_model_options` every tensor has its place.
 
 Three tensors change shape or order on the way, exactly (pure permutations and reshapes):
 - the ViT patch embedding is a Linear over BAGEL's patchified pixels, features ordered (row, column, channel)
@@ -18,11 +19,14 @@ Three tensors change shape or order on the way, exactly (pure permutations and r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from mogao.bagel.configs import BagelArchitecture
+from mogao.bagel.features import BAGEL_FEATURES, MissingFeature, provides
 from mogao.bagel.flux_ae import diffusers_key, expected_flux_shapes
 
 EMA_FILE = "ema.safetensors"
@@ -86,13 +90,14 @@ class KeyMapping:
     """Where one BAGEL tensor goes in a MogaoModel.
 
     file: the BAGEL file holding it (EMA_FILE or AE_FILE); bagel: its key there.
-    mogao: the MogaoModel parameter (as `MogaoModel.state_dict` names it) holding the same numbers, or None
-        where MogaoModel has none today.
+    mogao: the MogaoModel parameter or buffer (as `MogaoModel.state_dict` names it) holding the same numbers,
+        or None where a model of the options asked for has none.
     transform: how the tensor changes between the two (None: unchanged); see the constants above.
-    feature: the `MissingFeature` (by name) the tensor waits for: with mogao None, the feature that would give
-        it a place; with mogao set, one the model needs to USE the tensor as BAGEL does.
-    proposed: the parameter name the tensor would take once its feature exists (None: a frozen table, or no
-        obvious place).
+    feature: the BAGEL feature (`features.BAGEL_FEATURES`, by name) the tensor needs: with mogao None, the
+        feature (option) that would give it a place; with mogao set, one the model needs to USE the tensor as
+        BAGEL does.
+    proposed: the parameter name the tensor takes in a model with its feature, where that is a parameter
+        (None: a frozen table - a buffer, `TABLES` - or no obvious place).
     """
 
     file: str
@@ -114,6 +119,10 @@ def _llm_layer(n: str, rest: str) -> tuple[str | None, str | None, str | None]:
     if re.fullmatch(r"self_attn\.[qk]_norm\.weight", plain):
         return None, "qk_norm", target
     return target, None, None
+
+
+# the MogaoModel buffers BAGEL's frozen position tables become (`ModelConfig.latent_position_table` / ...)
+TABLES = {"latent_pos_embed.pos_embed": "latent_position_table", "vit_pos_embed.pos_embed": "vit_position_table"}
 
 
 def _ema_mapping(key: str) -> KeyMapping:
@@ -151,10 +160,22 @@ def _ema_mapping(key: str) -> KeyMapping:
     raise KeyError(f"'{key}' is not a key of a BAGEL checkpoint")
 
 
-def key_mappings(arch: BagelArchitecture) -> list[KeyMapping]:
-    """One `KeyMapping` per tensor of `ema.safetensors` and `ae.safetensors`, in the files' expected order."""
+def _placed(m: KeyMapping, features: dict[str, MissingFeature], options: Mapping[str, Any] | Any | None) -> KeyMapping:
+    """`m` in a model built with `options`: a tensor without a place gets the one its feature gives, when the
+    options provide the feature."""
+    if m.mogao is not None or m.feature is None or not provides(features[m.feature], options):
+        return m
+    return replace(m, mogao=m.proposed if m.proposed is not None else TABLES[m.bagel])
+
+
+def key_mappings(arch: BagelArchitecture, options: Mapping[str, Any] | Any | None = None) -> list[KeyMapping]:
+    """One `KeyMapping` per tensor of `ema.safetensors` and `ae.safetensors`, in the files' expected order, for
+    a MogaoModel built with `options` (`ModelConfig` fields as a mapping, or a ModelConfig; None: the defaults,
+    which have no place for BAGEL's q/k norms, timestep MLP and position tables). With
+    `features.bagel_model_options(arch)` every tensor has its place."""
     levels = arch.settings.autoencoder.levels
-    out = [_ema_mapping(k) for k in expected_ema_shapes(arch)]
+    by_name = {f.name: f for f in BAGEL_FEATURES}
+    out = [_placed(_ema_mapping(k), by_name, options) for k in expected_ema_shapes(arch)]
     for k in expected_flux_shapes(arch.settings.autoencoder):
         name = diffusers_key(k, levels)
         attn = re.search(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", name)
@@ -212,18 +233,20 @@ def to_bagel_tensor(mapping: KeyMapping, t: torch.Tensor, arch: BagelArchitectur
 
 @dataclass
 class MogaoState:
-    """A BAGEL checkpoint in MogaoModel terms: `state` (MogaoModel parameter -> tensor, autoencoder included)
-    and `unmapped` (BAGEL ema key -> tensor, the tensors MogaoModel has no place for today)."""
+    """A BAGEL checkpoint in MogaoModel terms: `state` (MogaoModel parameter or buffer -> tensor, autoencoder
+    included) and `unmapped` (BAGEL ema key -> tensor, the tensors the model of the options asked for has no
+    place for)."""
 
     state: dict[str, torch.Tensor]
     unmapped: dict[str, torch.Tensor]
 
 
-def to_mogao_state(ema: dict[str, torch.Tensor], ae: dict[str, torch.Tensor],
-                   arch: BagelArchitecture) -> MogaoState:
-    """BAGEL's tensors (ema and ae files, checked) under MogaoModel names; see `key_mappings`."""
+def to_mogao_state(ema: dict[str, torch.Tensor], ae: dict[str, torch.Tensor], arch: BagelArchitecture,
+                   options: Mapping[str, Any] | Any | None = None) -> MogaoState:
+    """BAGEL's tensors (ema and ae files, checked) under the names of a MogaoModel built with `options`; see
+    `key_mappings`."""
     state, unmapped = {}, {}
-    for mp in key_mappings(arch):
+    for mp in key_mappings(arch, options):
         t = (ema if mp.file == EMA_FILE else ae)[mp.bagel]
         if mp.mogao is None:
             unmapped[mp.bagel] = t
@@ -232,12 +255,12 @@ def to_mogao_state(ema: dict[str, torch.Tensor], ae: dict[str, torch.Tensor],
     return MogaoState(state, unmapped)
 
 
-def from_mogao_state(converted: MogaoState, arch: BagelArchitecture) -> tuple[dict[str, torch.Tensor],
-                                                                                dict[str, torch.Tensor]]:
-    """(ema tensors, ae tensors) under BAGEL's names: the exact inverse of `to_mogao_state`. KeyError naming
-    the first tensor the state lacks."""
+def from_mogao_state(converted: MogaoState, arch: BagelArchitecture, options: Mapping[str, Any] | Any | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(ema tensors, ae tensors) under BAGEL's names: the exact inverse of `to_mogao_state` with the same
+    `options`. KeyError naming the first tensor the state lacks."""
     ema, ae = {}, {}
-    for mp in key_mappings(arch):
+    for mp in key_mappings(arch, options):
         src = converted.unmapped if mp.mogao is None else converted.state
         name = mp.bagel if mp.mogao is None else mp.mogao
         if name not in src:

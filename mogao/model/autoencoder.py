@@ -11,9 +11,10 @@ unit variance - the scale the flow objective's noise assumes.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +40,11 @@ def _check_image(i: int, img: torch.Tensor, multiple: int) -> tuple[int, int]:
 
 
 def _by_size(
-    items: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+    items: list[torch.Tensor], fn: Callable[..., torch.Tensor], batch_size: int,
+    extra: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Apply `fn` to stacks of equal-size tensors (at most `batch_size` at a time); results in input order."""
+    """Apply `fn` to stacks of equal-size tensors (at most `batch_size` at a time); results in input order.
+    With `extra` (one tensor per item, of equal size where the items are), `fn` gets the stack of those too."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, t in enumerate(items):
         groups[tuple(t.shape)].append(i)
@@ -49,7 +52,8 @@ def _by_size(
     for idx in groups.values():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            res = fn(torch.stack([items[i] for i in chunk]))
+            stack = torch.stack([items[i] for i in chunk])
+            res = fn(stack) if extra is None else fn(stack, torch.stack([extra[i] for i in chunk]))
             for j, i in enumerate(chunk):
                 out[i] = res[j]
     return out  # type: ignore[return-value]
@@ -158,22 +162,38 @@ class DiffusersVAE(LatentAutoencoder):
 
     @torch.no_grad()
     def encode(
-        self, pixels: list[torch.Tensor], generator: torch.Generator | None = None
+        self, pixels: list[torch.Tensor], generator: torch.Generator | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """I images (3, H, W) in [0, 1] -> I normalised float32 latents (C, H/ds, W/ds).
 
-        `generator` is used only with `sample_posterior=True`.
+        With `sample_posterior=True` the latent is z = mean + std·ε of the posterior: ε from `generator` (or
+        torch's global one), or, given `seeds` (one per image), drawn on the CPU from each image's own stream
+        (`posterior_generator`), so that an image encodes the same way whatever batch, rank or device it is in.
+        Without `sample_posterior` both are ignored.
         """
         for i, img in enumerate(pixels):
             _check_image(i, img, self.downsample)
+        if seeds is not None and len(seeds) != len(pixels):
+            raise ValueError(f"DiffusersVAE.encode: {len(seeds)} seeds for {len(pixels)} images")
         p = next(self.vae.parameters())
 
-        def run(x: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
             post = self.vae.encode((x.float() * 2 - 1).to(p.device, p.dtype)).latent_dist
-            z = post.sample(generator=generator) if self.sample_posterior else post.mode()
+            if not self.sample_posterior:
+                z = post.mode()
+            elif eps is None:
+                z = post.sample(generator=generator)
+            else:
+                z = post.mean + post.std * eps.to(post.mean.device, post.mean.dtype)
             return self.normalise(z)
 
-        return _by_size(pixels, run, self.batch_size)
+        if not self.sample_posterior or seeds is None:
+            return _by_size(pixels, run, self.batch_size)
+        ds, c = self.downsample, self.latent_channels
+        eps = [torch.randn((c, img.shape[1] // ds, img.shape[2] // ds), generator=posterior_generator(seed),
+                           dtype=torch.float32) for img, seed in zip(pixels, seeds)]
+        return _by_size(pixels, run, self.batch_size, eps)
 
     @torch.no_grad()
     def decode(self, latents: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -185,6 +205,12 @@ class DiffusersVAE(LatentAutoencoder):
             return ((x.float() + 1) / 2).clamp(0, 1)
 
         return _by_size(latents, run, self.batch_size)
+
+
+def posterior_generator(seed: int) -> torch.Generator:
+    """The CPU generator of an image's posterior sample: seeded from the image's seed through an LCG step, a
+    stream of its own (the image's σ and noise are drawn from the seed itself, `draw_sigmas_and_noise`)."""
+    return torch.Generator(device="cpu").manual_seed((int(seed) * 6364136223846793005 + 1442695040888963407) % 2**64)
 
 
 class PixelAutoencoder(LatentAutoencoder):
@@ -253,6 +279,38 @@ def grid_position_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int) ->
         parts += [angles.sin(), angles.cos()]
     out = torch.cat(parts, dim=1)
     return F.pad(out, (0, dim - out.shape[1]))  # dim not a multiple of 4: zero channels at the end
+
+
+def sincos_position_table(side: int, dim: int) -> torch.Tensor:
+    """The (side * side, dim) float32 2-D sin-cos table BAGEL stores as its frozen position tables: row
+    `r * side + c` holds, with q = dim / 4 and w_k = 10000^(-k / q),
+
+        [sin(c·w_0..q-1), cos(c·w_0..q-1), sin(r·w_0..q-1), cos(r·w_0..q-1)]   (the column first)
+
+    computed in float64 and rounded to float32. The initial value of `ModelConfig.latent_position_table` and
+    `vit_position_table` (a checkpoint's table replaces it); `grid_position_embedding` is another code."""
+    if side <= 0 or dim <= 0 or dim % 4:
+        raise ValueError(f"a position table needs side > 0 and a width that is a multiple of 4, got {side}, {dim}")
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    idx = torch.arange(side, dtype=torch.float64)
+    parts = []
+    for coord in (idx.repeat(side), idx.repeat_interleave(side)):  # column c, then row r of row r * side + c
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def position_table_rows(table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, what: str) -> torch.Tensor:
+    """Rows `row * S + column` (n, width) of a position table of S*S rows for tokens at cells (rows, cols),
+    each (n,); DataError when a cell lies outside the table (`what` names the tokens in the message)."""
+    side = math.isqrt(table.shape[0])
+    if rows.numel() and not table.is_meta:
+        furthest = int(torch.maximum(rows.max(), cols.max()))
+        if furthest >= side:
+            raise DataError(f"a {what} token grid reaches row/column {furthest}, beyond the {side}x{side} position "
+                            "table: use smaller images, or a larger table side")
+    return table.index_select(0, (rows * side + cols).to(table.device))
 
 
 class LatentProjector(nn.Module):

@@ -115,21 +115,43 @@ class MoTDecoderLayer(nn.Module):
         return x + expert.mlp(h)
 
 
+def add_qk_norms(layers: nn.ModuleList, eps: float) -> None:
+    """Give the attention of each decoder layer a per-head RMSNorm of queries (`q_norm`) and keys (`k_norm`),
+    weight (head_dim,) at one: `MoTDecoderLayer._qkv` applies them after the projections and before RoPE.
+    This is Qwen3's attention on a Qwen2 LLM (q/k/v biases, no o_proj bias): BAGEL's `qk_norm`. The norm is
+    Qwen2's RMSNorm (float32 statistics, weight applied in the input's dtype), the one BAGEL builds. An LLM
+    that has q/k norms already is refused: the option would add nothing."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            raise ConfigError(f"qk_norm: layer {i} of the LLM ({type(attn).__name__}) has q/k norms already; the "
+                              "option adds them to LLMs without (Qwen2, Llama) - leave it off for this LLM")
+        like = layer.input_layernorm.weight  # (a norm: never quantised, unlike the projections)
+        dim = int(attn.head_dim)
+        attn.q_norm = Qwen2RMSNorm(dim, eps=eps).to(device=like.device, dtype=like.dtype)
+        attn.k_norm = Qwen2RMSNorm(dim, eps=eps).to(device=like.device, dtype=like.dtype)
+
+
 class MoTBackbone(nn.Module):
     """Embeddings, MoT layers, per-expert final norms and the LM head of a decoder LLM.
 
     `llm` is a `transformers` causal LM (Qwen2/Qwen3/Llama-style). Its modules are reused as the
     understanding expert (tied embeddings stay tied); the generation expert is a deep copy.
     `adaln_cond_dim` adds AdaLN timestep modulation to the generation expert (None: no modulation).
+    `qk_norm` adds per-head q/k RMSNorms to an LLM without them (`add_qk_norms`), in both experts.
     """
 
-    def __init__(self, llm: nn.Module, adaln_cond_dim: int | None = None) -> None:
+    def __init__(self, llm: nn.Module, adaln_cond_dim: int | None = None, qk_norm: bool = False) -> None:
         super().__init__()
         decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", None)
         if decoder is None or not hasattr(decoder, "layers") or not hasattr(llm, "lm_head"):
             raise ConfigError(f"{type(llm).__name__} is not a decoder-only causal LM with .model.layers and .lm_head")
         self.config = llm.config
         hidden = int(self.config.hidden_size)
+        if qk_norm:  # before the generation expert is copied, so that it gets its own
+            add_qk_norms(decoder.layers, float(getattr(self.config, "rms_norm_eps", 1e-6)))
         self.hidden_size = hidden
         self.embed_tokens = decoder.embed_tokens
         self.layers = nn.ModuleList(

@@ -21,10 +21,13 @@ from mogao.diffusion.flow import (
 )
 from mogao.errors import ConfigError
 from mogao.model.autoencoder import (
+    DiffusersVAE,
     LatentAutoencoder,
     LatentProjector,
     grid_position_embedding,
     patchify,
+    position_table_rows,
+    sincos_position_table,
     unpatchify,
 )
 from mogao.model.backbone import GenerationModulation, MoTBackbone
@@ -113,15 +116,27 @@ class MogaoModel(nn.Module):
         hidden = int(llm.config.hidden_size)
         if cfg.timestep_conditioning not in ("adaln", "additive"):
             raise ConfigError(f"timestep_conditioning must be 'adaln' or 'additive', got '{cfg.timestep_conditioning}'")
+        _check_options(cfg, hidden, autoencoder)
         adaln = cfg.timestep_conditioning == "adaln"
-        self.time_embed = TimestepEmbedder(hidden)  # AdaLN's σ embedding (kept but unused with "additive")
-        self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None)
-        self.additive_time = None if adaln else AdditiveTimestep(hidden)
+        bagel_time = cfg.timestep_embedding == "bagel"
+        # the σ embedding: AdaLN's input; with BAGEL's embedder, the additive term itself; with Mogao's additive
+        # conditioning kept but unused (`additive_time` gives the term)
+        self.time_embed = TimestepEmbedder(hidden, scale=1.0 if bagel_time else 1000.0)
+        self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None, qk_norm=cfg.qk_norm)
+        self.additive_time = None if adaln or bagel_time else AdditiveTimestep(hidden)
         self.vit = vit
+        vit.positions = cfg.vit_positions
         self.connector = MLPConnector(vit.hidden_size, hidden)
         self.autoencoder = autoencoder
+        if cfg.vae_sample_posterior:
+            autoencoder.sample_posterior = True
         self.token_dim = autoencoder.latent_channels * cfg.latent_patch**2
         self.latent_proj = LatentProjector(self.token_dim, hidden)
+        # BAGEL's frozen position tables: buffers (saved and loaded with the weights, never trained)
+        if cfg.latent_position_table is not None:
+            self.register_buffer("latent_position_table", sincos_position_table(cfg.latent_position_table, hidden))
+        if cfg.vit_position_table is not None:
+            self.register_buffer("vit_position_table", sincos_position_table(cfg.vit_position_table, hidden))
         self.flow_loss = FlowMatchingLoss()
         self.attention = get_attention_backend(cfg.attention)
         # every path runs in a training forward (see `forward`); False only to measure what that costs
@@ -161,9 +176,15 @@ class MogaoModel(nn.Module):
         return int(self.autoencoder.downsample * self.cfg.latent_patch)
 
     # ---- forward ------------------------------------------------------------------------------
-    def image_tokens(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Images (3, H, W) in [0, 1] -> their latent tokens (gh*gw, token_dim): the x₀ of flow matching."""
-        return [patchify(lat, self.cfg.latent_patch) for lat in self.autoencoder.encode(pixels)]
+    def image_tokens(self, pixels: list[torch.Tensor], seeds: list[int] | None = None) -> list[torch.Tensor]:
+        """Images (3, H, W) in [0, 1] -> their latent tokens (gh*gw, token_dim): the x₀ of flow matching.
+        seeds: one per image, the stream of its posterior sample with `vae_sample_posterior` (None: torch's
+        global generator)."""
+        if self.cfg.vae_sample_posterior:
+            latents = self.autoencoder.encode(pixels, seeds=seeds)
+        else:
+            latents = self.autoencoder.encode(pixels)
+        return [patchify(lat, self.cfg.latent_patch) for lat in latents]
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -177,10 +198,26 @@ class MogaoModel(nn.Module):
 
     def embed_latents(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """VAE tokens (n, token_dim) at IL-RoPE positions (3, n) -> their input embeddings (n, hidden): the
-        in-projection plus, with `latent_position_embedding`, the fixed code of each token's (row, column)."""
+        in-projection plus, with `latent_position_embedding`, the fixed code of each token's (row, column), or
+        with `latent_position_table`, that table's row `row * S + column`."""
         h = self.latent_proj.proj_in(tokens)
         if self.cfg.latent_position_embedding:
             h = h + grid_position_embedding(position_ids[1], position_ids[2], h.shape[-1]).to(h.dtype)
+        if self.cfg.latent_position_table is not None:
+            h = h + position_table_rows(self.latent_position_table, position_ids[1], position_ids[2], "VAE").to(h.dtype)
+        return h
+
+    def embed_vit(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """ViT copies (3, gh*vit_patch, gw*vit_patch) -> their input embeddings (sum gh*gw, hidden), image
+        after image, row-major: the ViT, the connector and, with `vit_position_table`, that table's row
+        `row * S + column` of each token."""
+        h = self.connector(torch.cat(self.vit(pixels), dim=0))
+        if self.cfg.vit_position_table is not None:
+            p = self.vit_patch
+            cells = [(torch.arange(img.shape[1] // p).repeat_interleave(img.shape[2] // p),
+                      torch.arange(img.shape[2] // p).repeat(img.shape[1] // p)) for img in pixels]
+            rows, cols = (torch.cat(c).to(h.device) for c in zip(*cells))
+            h = h + position_table_rows(self.vit_position_table, rows, cols, "ViT").to(h.dtype)
         return h
 
     def predict_velocity(self, h: torch.Tensor, noisy_tokens: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -208,7 +245,8 @@ class MogaoModel(nn.Module):
         has_clean = batch.image_has_clean.tolist()
         target_ids = batch.image_is_target.nonzero().flatten().tolist()
         encode = batch.encoded_images.nonzero().flatten().tolist()
-        tokens = self.image_tokens([batch.vae_pixels[i] for i in encode]) if encode else []
+        seeds = batch.image_seed[encode].tolist() if self.cfg.vae_sample_posterior else None
+        tokens = self.image_tokens([batch.vae_pixels[i] for i in encode], seeds) if encode else []
         x0 = {i: t.to(dtype) for i, t in zip(encode, tokens)}  # per image (gh*gw, C*p*p)
         if batch.vae_clean_index.numel():
             inputs.clean_tokens = torch.cat([x0[i] for i in encode if has_clean[i]], dim=0)
@@ -257,8 +295,7 @@ class MogaoModel(nn.Module):
         x = self.backbone.embed_tokens(inputs.input_ids)
         none = torch.zeros(0, dtype=torch.long, device=x.device)
         if inputs.vit_pixels:
-            vit_tokens = self.connector(torch.cat(self.vit(inputs.vit_pixels), dim=0)).to(x.dtype)
-            x = x.index_copy(0, inputs.vit_index, vit_tokens)
+            x = x.index_copy(0, inputs.vit_index, self.embed_vit(inputs.vit_pixels).to(x.dtype))
         elif all_paths:
             x = x.index_copy(0, none, self.connector(self._no_vit_features(x)).to(x.dtype))
         clean = inputs.clean_tokens
@@ -282,9 +319,10 @@ class MogaoModel(nn.Module):
         if noisy:
             rows = torch.cat((rows, inputs.sigmas.float()))
             index[inputs.noisy_index - n_und] = inputs.noisy_target.to(x.device) + 1
-        if self.additive_time is None:
+        if self.cfg.timestep_conditioning == "adaln":
             return x, GenerationModulation(self.time_embed(rows).to(x.dtype), index)
-        add = self.additive_time(rows).to(x.dtype).index_select(0, index)  # the embedding of each token's σ
+        embedder = self.additive_time if self.additive_time is not None else self.time_embed  # (BAGEL's)
+        add = embedder(rows).to(x.dtype).index_select(0, index)  # the embedding of each token's σ
         return torch.cat((x[:n_und], x[n_und:] + add)), None
 
     def _no_vit_features(self, like: torch.Tensor) -> torch.Tensor:
@@ -361,6 +399,29 @@ class MogaoModel(nn.Module):
             velocity = self.predict_velocity(h_gen.index_select(0, inputs.noisy_index - inputs.n_und),
                                              inputs.noisy_tokens.to(x.device), sigma_tok)
         return ModelOutput(terms=None, velocity=velocity, text_logits=logits)
+
+
+def _check_options(cfg: ModelConfig, hidden: int, autoencoder: LatentAutoencoder) -> None:
+    """ConfigError naming the field for a combination of the BAGEL options that cannot work."""
+    if cfg.timestep_embedding not in ("mogao", "bagel"):
+        raise ConfigError(f"timestep_embedding must be 'mogao' or 'bagel', got '{cfg.timestep_embedding}'")
+    if cfg.timestep_embedding == "bagel" and cfg.timestep_conditioning != "additive":
+        raise ConfigError("timestep_embedding 'bagel' is BAGEL's additive conditioning: it needs "
+                          "timestep_conditioning 'additive'")
+    if cfg.vit_positions not in VisionEncoder.POSITIONS:
+        raise ConfigError(f"vit_positions must be one of {', '.join(VisionEncoder.POSITIONS)}, got "
+                          f"'{cfg.vit_positions}'")
+    for name in ("latent_position_table", "vit_position_table"):
+        side = getattr(cfg, name)
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side <= 0 or hidden % 4):
+            raise ConfigError(f"{name} must be a positive table side (or None), and the LLM width a multiple of 4; "
+                              f"got {side!r} for width {hidden}")
+    if cfg.latent_position_table is not None and cfg.latent_position_embedding:
+        raise ConfigError("latent_position_table replaces latent_position_embedding: set "
+                          "latent_position_embedding false")
+    if cfg.vae_sample_posterior and not isinstance(autoencoder, DiffusersVAE):
+        raise ConfigError(f"vae_sample_posterior needs a diffusers VAE (autoencoder '{cfg.autoencoder}' has no "
+                          "posterior to sample)")
 
 
 def _target_token_counts(batch: PackedBatch) -> torch.Tensor:

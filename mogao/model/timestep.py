@@ -2,10 +2,11 @@
 
 - `AdaLNModulation` (Mogao): the generation expert's layers scale/shift their normalised inputs and gate their
   residual branches per token, from the token's σ embedding.
-- `AdditiveTimestep` (BAGEL): the σ embedding is added to the noisy VAE tokens' inputs once.
+- `AdditiveTimestep`: the σ embedding is added to the VAE tokens' inputs once (BAGEL's way; BAGEL's own
+  embedder is a `TimestepEmbedder` of scale 1, added as it is: `ModelConfig.timestep_embedding`).
 
 Both start as no-ops, so a freshly built generation expert (a copy of the LLM layers) computes exactly what
-the LLM layer computes.
+the LLM layer computes. (BAGEL's embedder, added as it is, does not: its weights come from a checkpoint.)
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from torch import nn
 
 
 class TimestepEmbedder(nn.Module):
-    """σ in [0, 1] (M,) -> embedding (M, hidden): sinusoidal features of 1000·σ, then an MLP (diffusers).
+    """σ in [0, 1] (M,) -> embedding (M, hidden): sinusoidal features of scale·σ, then an MLP (diffusers).
 
-    The 1000 scale puts σ on the timestep range the sinusoidal frequencies were designed for (SD3/FLUX do
-    the same). The sinusoid is computed in float32; the MLP runs in its own dtype.
+    With h = freq_dim / 2 and f_k = 10000^(-k/h), the features are [cos(scale·σ·f_k), sin(scale·σ·f_k)]
+    (cos first), then Linear(freq_dim, hidden) -> SiLU -> Linear(hidden, hidden). The default scale 1000 puts
+    σ on the timestep range the frequencies were designed for (SD3/FLUX do the same); BAGEL embeds σ itself
+    (scale 1: `ModelConfig.timestep_embedding = "bagel"`). The sinusoid is computed in float32; the MLP runs in
+    its own dtype.
     """
 
-    def __init__(self, hidden: int, freq_dim: int = 256):
+    def __init__(self, hidden: int, freq_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.freq = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = TimestepEmbedding(freq_dim, hidden)
+        self.scale = float(scale)
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        feats = self.freq(sigma.reshape(-1).float() * 1000.0)  # (M, freq_dim)
+        feats = self.freq(sigma.reshape(-1).float() * self.scale)  # (M, freq_dim)
         return self.mlp(feats.to(self.mlp.linear_1.weight.dtype))
 
 

@@ -50,7 +50,14 @@ class VisionEncoder(nn.Module):
     removed for the same reason - the features are identical to `hidden_states[-2]` of the full model.
     `config` stays the source checkpoint's (not edited), so `from_config(config, feature_layer)` rebuilds
     the same trimmed module.
+
+    `positions` (`ModelConfig.vit_positions`, set by the model): how the learned position embedding meets a
+    grid other than the native one - "interpolate" (HF's bicubic resize of the whole table) or "navit" (each
+    patch takes row `row * S + column` of the table, S the native side: BAGEL's NaViT indexing). On the native
+    grid both give the table itself.
     """
+
+    POSITIONS = ("interpolate", "navit")
 
     def __init__(
         self,
@@ -70,6 +77,7 @@ class VisionEncoder(nn.Module):
             model.post_layernorm = nn.Identity()
         self.model = model
         self.feature_layer = feature_layer
+        self.positions = "interpolate"
         # Plain floats, not buffers: nothing to restore after a meta-device init or `to_empty`.
         self.image_mean = tuple(float(v) for v in (image_mean or SiglipImageProcessorPil.image_mean))
         self.image_std = tuple(float(v) for v in (image_std or SiglipImageProcessorPil.image_std))
@@ -122,12 +130,32 @@ class VisionEncoder(nn.Module):
             batch = torch.stack([pixels[i] for i in idx]).to(device, torch.float32)
             batch = (batch - mean) / std
             grid = (h // self.patch_size, w // self.patch_size)
-            feats = self.model(
-                pixel_values=batch, interpolate_pos_encoding=grid != self.native_grid
-            ).last_hidden_state  # (B, gh*gw, hidden)
+            if self.positions == "navit":
+                feats = self._navit_features(batch, grid)
+            else:
+                feats = self.model(
+                    pixel_values=batch, interpolate_pos_encoding=grid != self.native_grid
+                ).last_hidden_state  # (B, gh*gw, hidden)
             for j, i in enumerate(idx):
                 out[i] = feats[j]
         return out  # type: ignore[return-value]
+
+    def _navit_features(self, batch: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, gh*gw, hidden) features of normalised images (B, 3, H, W) whose patches take the rows
+        `row * S + column` of the position table (S its native side): SigLIP's own forward (patch embedding,
+        encoder, final norm) with that one change."""
+        side = self.native_grid[0]
+        gh, gw = grid
+        if gh > side or gw > side:
+            raise DataError(f"a {gh}x{gw} ViT token grid does not fit the ViT's {side}x{side} position table "
+                            f"(vit_positions 'navit' does not interpolate): resize the image to at most "
+                            f"{side * self.patch_size} pixels a side")
+        emb = self.model.embeddings
+        x = emb.patch_embedding(batch.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        rows = torch.arange(gh, device=x.device)[:, None] * side + torch.arange(gw, device=x.device)[None, :]
+        x = x + emb.position_embedding(rows.flatten())[None]
+        h = self.model.encoder(inputs_embeds=x).last_hidden_state
+        return self.model.post_layernorm(h)
 
     def _check(self, i: int, img: torch.Tensor) -> tuple[int, int]:
         p = self.patch_size
