@@ -12,6 +12,7 @@ variant (and "both": all paths and the search) in rotation, and prints the media
 run's metrics.jsonl, validation and the first steps left out) as a markdown table naming the machine.
 
     python benchmarks/ddp_unused.py --steps 60 --repeats 2 --recipes t2i interleaved understanding
+    python benchmarks/ddp_unused.py --in-process 20     # one process: what running every path costs per batch
 """
 
 from __future__ import annotations
@@ -68,13 +69,59 @@ def run(recipe: str, variant: str, steps: int, out: Path) -> list[float]:
     return [b - a for a, b in zip(t[5:], t[6:])]
 
 
+def in_process(recipe: str, reps: int) -> dict[str, tuple[float, float]]:
+    """Forward + backward time (s, median of `reps`, alternating) of one batch of each source of `recipe` in one
+    process, with every path run and without: {source: (all paths, only the batch's paths)}."""
+    import time
+
+    from mogao.recipes import build_cli, resolve_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = build_cli(["--config", str(resolve_recipe(f"tiny/{recipe}")), f"--trainer.default_root_dir={tmp}"],
+                        run=False)
+        module, dm = cli.model, cli.datamodule
+        dm.connect(module.model)
+        dm.setup("fit")
+        batches: dict[str, object] = {}
+        for b in dm.train_dataloader():
+            batches.setdefault(b.data_state["source"], b)
+            if len(batches) >= 8:
+                break
+    model = module.model.train()
+    out: dict[str, tuple[float, float]] = {}
+    for source, batch in sorted(batches.items()):
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(reps):
+            for on in (True, False):
+                model.all_paths_in_training = on
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                terms = model(batch).terms
+                (terms.text_sum + terms.image_sum).backward()
+                times[on].append(time.perf_counter() - t0)
+        out[source] = (statistics.median(times[True]), statistics.median(times[False]))
+    model.all_paths_in_training = True
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="+", default=["t2i", "interleaved", "understanding"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--in-process", type=int, default=0, metavar="REPS",
+                    help="instead: one process, forward+backward of one batch per source, every path run or not, "
+                         "REPS alternating repetitions")
     args = ap.parse_args()
+    if args.in_process:
+        print(f"1 process, {os.cpu_count()} cores, {platform.processor() or platform.machine()}; forward+backward "
+              f"of one batch per source, median of {args.in_process}\n")
+        print("| recipe | source | every path | the batch's paths only | ratio |\n|---|---|---|---|---|")
+        for recipe in args.recipes:
+            for source, (on, off) in in_process(recipe, args.in_process).items():
+                print(f"| tiny/{recipe} | {source} | {on * 1e3:.1f} ms | {off * 1e3:.1f} ms | {on / off:.3f} |")
+        return
     times: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes:

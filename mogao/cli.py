@@ -7,7 +7,7 @@
     mogao demo [--out DIR]                                  the tiny curriculum on CPU with an HTML report
     mogao data check FILE.jsonl                             validate a data set: every problem with file, line, field
     mogao data prepare FILE.jsonl --out DATA_DIR            memory-mapped shards for large data sets (--data.path=DIR)
-    mogao generate | chat | eval | lora | checkpoint ...    see `mogao VERB --help`
+    mogao generate | chat | eval | lora | checkpoint | export ...   see `mogao VERB --help`
 
 A recipe may be given as a path or by its name under recipes/ (e.g. `tiny/t2i`).
 
@@ -38,6 +38,7 @@ MODULE_VERBS = {
     "lora": ("mogao.lora.cli:main", "LoRA adapters: merge into full weights, inspect"),
     "checkpoint": ("mogao.training.consolidate:main", "checkpoint tools: consolidate a sharded checkpoint"),
     "data": ("mogao.data.cli:main", "data set tools: check (validate, summarise, --fix), prepare, import"),
+    "export": ("mogao.bagel.cli:main", "write a model in BAGEL's published layout (LoRA merged if given)"),
 }
 
 

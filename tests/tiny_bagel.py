@@ -246,7 +246,7 @@ def write_tiny_bagel(path: Path, seed: int = 0) -> TinyBagel:
            "bos_token_id": 1, "eos_token_id": 2, "is_causal": True, "_attn_implementation": "flash_attention_2",
            "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer", "freeze_und": False}
     tiny = TinyBagel(path, llm, dict(TINY_VIT), latent_patch=2, max_latent=4, vit_max=4, ae_channels=(8, 16),
-                     ae_res_blocks=1, latent_channels=4, ae_groups=4)
+                     ae_res_blocks=1, latent_channels=4, ae_groups=8)
     (path / "llm_config.json").write_text(json.dumps(llm, indent=2))
     (path / "vit_config.json").write_text(json.dumps(tiny.vit, indent=2))
     state = bagel_state(llm, tiny.vit, tiny.latent_patch, tiny.max_latent, tiny.vit_max, tiny.latent_channels)

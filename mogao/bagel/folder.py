@@ -117,17 +117,73 @@ def _tokenizer(data: bytes, config: dict | None, where: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
+def _side(shape: tuple[int, ...] | None, what: str, where: Path) -> int | None:
+    if shape is None:
+        return None
+    side = int(round(shape[0] ** 0.5))
+    if side * side != shape[0]:
+        raise BagelFormatError(where, f"{what} has {shape[0]} rows, not a square number (side x side)")
+    return side
+
+
+def infer_settings(path: str | os.PathLike) -> BagelSettings:
+    """The `BagelSettings` a folder's weight headers record (nothing else is read): the position tables' sides
+    (`latent_pos_embed`, `vit_pos_embed`: rows = side x side), the latent patch (`vae2llm` reads latent
+    channels x patch x patch features) and the FLUX autoencoder's channels, blocks and latent channels (from
+    `ae.safetensors`). What no weight records keeps BAGEL-7B-MoT's value: the connector's activation and the
+    autoencoder's 32 norm groups (channels not divisible by 32 use the largest divisor of 32 that divides them).
+    A folder whose headers lack a tensor falls back to the default for that setting; `check_bagel_folder` then
+    names what is missing."""
+    import dataclasses
+
+    from mogao.bagel.flux_ae import FluxAEConfig
+
+    folder = Path(path)
+    default = BagelSettings()
+    ema, _ = read_header(file_inside(folder, EMA_FILE))
+    ae, _ = read_header(file_inside(folder, AE_FILE))
+    shape = {k: v.shape for k, v in {**ema, **{"ae." + k: v for k, v in ae.items()}}.items()}.get
+    latent_side = _side(shape("latent_pos_embed.pos_embed"), "latent_pos_embed.pos_embed", folder)
+    vit_side = _side(shape("vit_pos_embed.pos_embed"), "vit_pos_embed.pos_embed", folder)
+    ae_cfg = default.autoencoder
+    conv_out = shape("ae.encoder.conv_out.weight")
+    levels = sorted({int(k.split(".")[2]) for k in ae if k.startswith("encoder.down.") and k.split(".")[2].isdigit()})
+    blocks = {int(k.split(".")[4]) for k in ae if k.startswith("encoder.down.0.block.") and k.split(".")[4].isdigit()}
+    if conv_out is not None and levels and levels == list(range(len(levels))) and blocks:
+        channels = []
+        for i in levels:
+            w = shape(f"ae.encoder.down.{i}.block.0.conv2.weight")
+            if w is None:
+                break
+            channels.append(int(w[0]))
+        if len(channels) == len(levels):
+            groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+            ae_cfg = FluxAEConfig(block_out_channels=tuple(channels), layers_per_block=max(blocks) + 1,
+                                  latent_channels=int(conv_out[0]) // 2, norm_num_groups=groups)
+    patch = default.latent_patch_size
+    proj = shape("vae2llm.weight")
+    if proj is not None and len(proj) == 2:
+        p = int(round((proj[1] / ae_cfg.latent_channels) ** 0.5))
+        if p >= 1 and p * p * ae_cfg.latent_channels == proj[1]:
+            patch = p
+    return dataclasses.replace(default, latent_patch_size=patch,
+                               max_latent_size=latent_side or default.max_latent_size,
+                               vit_max_num_patch_per_side=vit_side or default.vit_max_num_patch_per_side,
+                               autoencoder=ae_cfg)
+
+
 def check_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None = None) -> BagelFolderInfo:
     """Read and check a BAGEL folder's configs, tokenizer and weight headers, allocating no tensor.
 
     BagelFormatError (a ConfigError) naming the file and the field or keys at fault: a missing file, a file
     outside the folder, a field that picks code, a size out of bounds, and every missing, unexpected or wrongly
-    shaped tensor. `settings` are what BAGEL's loader hard-codes (default: BAGEL-7B-MoT's).
+    shaped tensor. `settings` are what BAGEL's loader hard-codes (default: what the weight headers record,
+    `infer_settings`, BAGEL-7B-MoT's where they record nothing).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise BagelFormatError(folder, "is not a folder")
-    settings = settings or BagelSettings()
+    settings = settings or infer_settings(folder)
     llm_config = read_json(file_inside(folder, LLM_CONFIG))
     vit_config = read_json(file_inside(folder, VIT_CONFIG))
     arch, ignored = _architecture(llm_config, vit_config, settings, folder)
@@ -190,6 +246,13 @@ def load_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None = 
                            load_tensors(file_inside(folder, EMA_FILE), info.ema),
                            load_tensors(file_inside(folder, AE_FILE), info.ae), files,
                            info.ema_metadata, info.ae_metadata, configs)
+
+
+def is_bagel_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is laid out as a published BAGEL folder (`llm_config.json` and `ema.safetensors`, no
+    mogao `mogao_config.json`): what `load.load_any_model` dispatches on. Nothing is read."""
+    d = Path(path).expanduser()
+    return d.is_dir() and (d / LLM_CONFIG).is_file() and (d / EMA_FILE).is_file() and not (d / "mogao_config.json").exists()
 
 
 def load_bagel_tokenizer(path: str | os.PathLike):

@@ -122,7 +122,8 @@ def _assign(model: MogaoModel, state: dict[str, torch.Tensor], where: Path) -> N
 
 
 def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                     settings: BagelSettings | None = None) -> tuple[MogaoModel, Any]:
+                     settings: BagelSettings | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[MogaoModel, Any]:
     """(MogaoModel, tokenizer) of a BAGEL folder (e.g. BAGEL-7B-MoT), in training mode as built.
 
     The folder is checked before any tensor is read (BagelFormatError naming the file and keys otherwise); the
@@ -130,13 +131,18 @@ def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cp
     are (no second copy; transformed where the layouts differ, `keymap`). dtype: cast the whole model (None: the
     files' dtypes - BAGEL's are bfloat16 for the model, float32 for the autoencoder). settings: what BAGEL's
     loader hard-codes (default: BAGEL-7B-MoT's). The model keeps the folder's configs and tokenizer files as
-    `bagel_source`, for `save_bagel_model`.
+    `bagel_source`, for `save_bagel_model`. overrides: runtime `ModelConfig` fields to set (as `load_model`
+    takes them: `attention`, `text_sees_vae`, `timestep_sampling`).
     """
     where = Path(folder)
     _check_supported(check_bagel_folder(where, settings).arch, where)  # (headers only: before any tensor is read)
     ckpt = load_bagel_folder(where, settings)
     arch = ckpt.arch
     cfg = bagel_model_config(arch, where)
+    if overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **overrides)
     model = build_bagel_model(arch, cfg)
     converted = to_mogao_state(ckpt.ema, ckpt.ae, arch, cfg)
     if converted.unmapped:  # (every BAGEL feature with tensors is an option set above)
@@ -149,6 +155,17 @@ def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cp
     model.bagel_source = BagelSource(arch.settings, ckpt.llm_config, ckpt.vit_config, dict(ckpt.config_bytes),
                                      dict(ckpt.files), ckpt.ema_metadata, ckpt.ae_metadata)
     return model, load_bagel_tokenizer(where)
+
+
+def load_any_model(source: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MogaoModel:
+    """A saved mogao model folder (`mogao.model.io.load_model`) or a published BAGEL folder (`load_bagel_model`,
+    told apart by `folder.is_bagel_folder`): what `--ckpt`, `init_from` and `lora merge` read."""
+    from mogao.bagel.folder import is_bagel_folder
+    from mogao.model.io import load_model
+
+    if is_bagel_folder(source):
+        return load_bagel_model(Path(source).expanduser(), overrides=overrides)[0]
+    return load_model(source, overrides=overrides)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

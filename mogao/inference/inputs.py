@@ -16,19 +16,25 @@ from PIL import Image
 
 from mogao.data.images import ImageTensors, open_image, prepare_image, to_rgb
 from mogao.errors import ConfigError, DataError
-from mogao.model.io import load_model, load_tokenizer
+from mogao.model.io import load_tokenizer
 
 _ALLOWED_CONTROL = {"\n", "\t", "\r"}
 
 
 def load_model_dir(directory: str | Path, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` (the tokenizer from
-    the same directory unless `tokenizer` names another): `mogao.model.io.load_model` and `load_tokenizer`."""
+    """(model in eval mode, tokenizer) of a directory saved with `MogaoModel.save_pretrained` or of a published
+    BAGEL folder (the tokenizer from the same directory unless `tokenizer` names another):
+    `mogao.bagel.load.load_any_model` and `load_tokenizer`."""
+    from mogao.bagel.folder import is_bagel_folder, load_bagel_tokenizer
+    from mogao.bagel.load import load_any_model
+
     d = Path(directory).expanduser()
     if not d.exists():
         raise ConfigError(f"checkpoint directory not found: '{d}' (give --ckpt a directory saved with "
-                          "save_pretrained, e.g. runs/demo/2-t2i/model)")
-    return load_model(d).eval(), load_tokenizer(tokenizer if tokenizer is not None else d)
+                          "save_pretrained, e.g. runs/demo/2-t2i/model, or a BAGEL folder)")
+    if tokenizer is None and is_bagel_folder(d):
+        return load_any_model(d).eval(), load_bagel_tokenizer(d)
+    return load_any_model(d).eval(), load_tokenizer(tokenizer if tokenizer is not None else d)
 
 
 def check_prompt(text: object, what: str = "prompt") -> str:

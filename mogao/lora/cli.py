@@ -21,14 +21,15 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, overwrite: boo
     """Load `base`, put `adapter` on it, merge and save the full model to `out` (with the base's tokenizer
     files, when the base directory has them), written as one unit. `out` must be new or empty unless
     `overwrite` (which replaces a model saved there before, never another folder)."""
+    from mogao.bagel.load import load_any_model
     from mogao.lora.adapter import _load_adapter, merge_lora
-    from mogao.model.io import load_model, save_model_directory
+    from mogao.model.io import save_model_directory
 
     base, adapter, out = Path(base).expanduser(), Path(adapter).expanduser(), Path(out).expanduser()
     from mogao.training.consolidate import check_output_dir
 
     check_output_dir(out, overwrite, [base, adapter])
-    model = load_model(base)
+    model = load_any_model(base)
     tokenizer = None
     if (base / "tokenizer_config.json").is_file():
         from mogao.model.io import load_tokenizer

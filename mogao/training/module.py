@@ -157,6 +157,15 @@ class MogaoModule(pl.LightningModule):
             overrides = {} if cfg is None else {"attention": cfg.attention, "text_sees_vae": cfg.text_sees_vae,
                                                 "timestep_sampling": cfg.timestep_sampling}
         rng = torch.get_rng_state()  # the new layers' draws start here (per-shard loading draws them again)
+        from mogao.bagel.folder import is_bagel_folder
+
+        if init_from is not None and is_bagel_folder(source):  # a published BAGEL folder, read as it is
+            if self.meta_init:
+                raise ConfigError(f"model.meta_init: a BAGEL folder ('{init_from}') is read whole in each process; "
+                                  "set model.meta_init: false (with FSDP2, broadcast_from_rank0 then shards it)")
+            from mogao.bagel.load import load_any_model
+
+            return load_any_model(source, overrides=overrides)
         model = load_model(source, meta=self.meta_init, tokenizer=self.tokenizer, overrides=overrides)
         if self.meta_init:
             from mogao.training.shard_load import plan_weights
