@@ -127,7 +127,7 @@ class MogaoModule(pl.LightningModule):
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"),
                                                        trust_remote_code=False)
-        self.model = self._build_model(model, init_from).train()  # checkpoints load in eval mode
+        self.model = self._build_model(model, init_from, full=lora is None).train()  # (checkpoints load in eval mode)
         if lora is not None and train is not None:
             raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "
                               "list parts to train in full alongside them in model.lora.full")
@@ -148,7 +148,7 @@ class MogaoModule(pl.LightningModule):
         self._skip_update = False  # the coming optimizer step must make no update
         self._batch_info: dict[str, Any] = {"sample_ids": [], "source": ""}
 
-    def _build_model(self, cfg: ModelConfig | None, init_from: str | None) -> MogaoModel:
+    def _build_model(self, cfg: ModelConfig | None, init_from: str | None, full: bool = True) -> MogaoModel:
         source, overrides = cfg, None
         if init_from is not None:
             source = Path(init_from).expanduser()
@@ -165,7 +165,9 @@ class MogaoModule(pl.LightningModule):
                                   "set model.meta_init: false (with FSDP2, broadcast_from_rank0 then shards it)")
             from mogao.bagel.load import load_any_model
 
-            return load_any_model(source, overrides=overrides)
+            model = load_any_model(source, overrides=overrides)  # (in the files' dtypes: bf16, the VAE fp32)
+            # trained in full: fp32 master weights (mixed precision computes in bf16); a LoRA base stays as read
+            return model.float() if full else model
         model = load_model(source, meta=self.meta_init, tokenizer=self.tokenizer, overrides=overrides)
         if self.meta_init:
             from mogao.training.shard_load import plan_weights
