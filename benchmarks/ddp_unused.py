@@ -83,9 +83,9 @@ def in_process(recipe: str, reps: int) -> dict[str, tuple[float, float]]:
         dm.connect(module.model)
         dm.setup("fit")
         batches: dict[str, object] = {}
-        for b in dm.train_dataloader():
+        for i, b in enumerate(dm.train_dataloader()):  # (endless: until every source has given a batch)
             batches.setdefault(b.data_state["source"], b)
-            if len(batches) >= 8:
+            if len(batches) == len(dm.sources) or i >= 200:
                 break
     model = module.model.train()
     out: dict[str, tuple[float, float]] = {}

@@ -58,7 +58,9 @@ class SequenceInputs:
     (understanding tokens first). Index tensors name rows of the sequence.
 
     input_ids: (N,) text ids; rows of image tokens may hold any id (their embedding is replaced).
-    position_ids: (3, N) IL-RoPE positions.
+    position_ids: (3, N) rotary positions (the model's scheme, `ModelConfig.positions`).
+    grid_cells: (2, N) the (row, column) of each image token in its image's token grid (any value elsewhere);
+        None: rows 1 and 2 of position_ids, which hold them under IL-RoPE only (BAGEL's positions need them).
     n_und: rows [0, n_und) are understanding tokens (text, ViT), the rest generation tokens (VAE copies).
     vit_pixels: the ViT copy (3, gh*vit_patch, gw*vit_patch) of each image; vit_index: the rows of their tokens,
         image after image, row-major.
@@ -71,6 +73,7 @@ class SequenceInputs:
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     n_und: int
+    grid_cells: torch.Tensor | None = None
     vit_pixels: list[torch.Tensor] = field(default_factory=list)
     vit_index: torch.Tensor | None = None
     clean_tokens: torch.Tensor | None = None
@@ -139,9 +142,10 @@ class MogaoModel(nn.Module):
             self.register_buffer("vit_position_table", sincos_position_table(cfg.vit_position_table, hidden))
         self.flow_loss = FlowMatchingLoss()
         self.attention = get_attention_backend(cfg.attention)
-        # every path runs in a training forward (see `forward`); False only to measure what that costs
-        # (benchmarks/ddp_unused.py), where DDP must then be told to find unused parameters itself
-        self.all_paths_in_training = True
+        # whether every path runs in a training forward (see `forward`): "data_parallel" (when a process group
+        # of more than one rank is up), True (always) or False (never: DDP must then be told to find unused
+        # parameters itself; benchmarks/ddp_unused.py measures both)
+        self.all_paths_in_training: bool | str = "data_parallel"
 
     # ---- saving -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -196,15 +200,18 @@ class MogaoModel(nn.Module):
         latent = unpatchify(tokens.float(), grid, p, self.autoencoder.latent_channels)
         return self.autoencoder.decode([latent])[0]
 
-    def embed_latents(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """VAE tokens (n, token_dim) at IL-RoPE positions (3, n) -> their input embeddings (n, hidden): the
+    def embed_latents(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                      cells: torch.Tensor | None = None) -> torch.Tensor:
+        """VAE tokens (n, token_dim) at positions (3, n) -> their input embeddings (n, hidden): the
         in-projection plus, with `latent_position_embedding`, the fixed code of each token's (row, column), or
-        with `latent_position_table`, that table's row `row * S + column`."""
+        with `latent_position_table`, that table's row `row * S + column`. cells: (2, n) the tokens' (row,
+        column); None: rows 1 and 2 of `position_ids` (IL-RoPE's H, W)."""
+        rows, cols = (position_ids[1], position_ids[2]) if cells is None else (cells[0], cells[1])
         h = self.latent_proj.proj_in(tokens)
         if self.cfg.latent_position_embedding:
-            h = h + grid_position_embedding(position_ids[1], position_ids[2], h.shape[-1]).to(h.dtype)
+            h = h + grid_position_embedding(rows, cols, h.shape[-1]).to(h.dtype)
         if self.cfg.latent_position_table is not None:
-            h = h + position_table_rows(self.latent_position_table, position_ids[1], position_ids[2], "VAE").to(h.dtype)
+            h = h + position_table_rows(self.latent_position_table, rows, cols, "VAE").to(h.dtype)
         return h
 
     def embed_vit(self, pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -237,7 +244,9 @@ class MogaoModel(nn.Module):
         and σ; there are then no flow targets (None).
         """
         lay = batch.layout
-        inputs = SequenceInputs(batch.input_ids, batch.position_ids, lay.n_und)
+        # under IL-RoPE the cells are rows 1 and 2 of the positions (read there, as they always were)
+        cells = None if self.cfg.positions == "il_rope" else batch.grid_cells
+        inputs = SequenceInputs(batch.input_ids, batch.position_ids, lay.n_und, grid_cells=cells)
         if not batch.num_images:
             return inputs, None
         dtype, dev = self.backbone.embed_tokens.weight.dtype, batch.input_ids.device
@@ -294,6 +303,14 @@ class MogaoModel(nn.Module):
         pos = inputs.position_ids
         x = self.backbone.embed_tokens(inputs.input_ids)
         none = torch.zeros(0, dtype=torch.long, device=x.device)
+        has_vae = any(i is not None and i.numel() for i in (inputs.clean_index, inputs.noisy_index))
+        if inputs.grid_cells is None and self.cfg.positions != "il_rope" and has_vae:
+            raise ValueError(f"positions '{self.cfg.positions}' do not hold the grid cells of image tokens: give "
+                             "SequenceInputs.grid_cells (a PackedBatch gives its own)")
+
+        def cells(index: torch.Tensor) -> torch.Tensor | None:
+            return None if inputs.grid_cells is None else inputs.grid_cells[:, index]
+
         if inputs.vit_pixels:
             x = x.index_copy(0, inputs.vit_index, self.embed_vit(inputs.vit_pixels).to(x.dtype))
         elif all_paths:
@@ -302,12 +319,13 @@ class MogaoModel(nn.Module):
         if clean is None and inputs.clean_pixels:
             clean = torch.cat(self.image_tokens(inputs.clean_pixels), dim=0)
         if clean is not None and inputs.clean_index is not None and inputs.clean_index.numel():
-            x = x.index_copy(0, inputs.clean_index,
-                             self.embed_latents(clean.to(x.dtype), pos[:, inputs.clean_index]))
+            x = x.index_copy(0, inputs.clean_index, self.embed_latents(
+                clean.to(x.dtype), pos[:, inputs.clean_index], cells(inputs.clean_index)))
         noisy = inputs.noisy_index is not None and inputs.noisy_index.numel() > 0
         if noisy:
             x = x.index_copy(0, inputs.noisy_index, self.embed_latents(inputs.noisy_tokens.to(x.device, x.dtype),
-                                                                       pos[:, inputs.noisy_index]))
+                                                                       pos[:, inputs.noisy_index],
+                                                                       cells(inputs.noisy_index)))
         elif all_paths:
             x = x.index_copy(0, none, self.embed_latents(x.new_zeros(0, self.token_dim), pos[:, none]))
         n_und = inputs.n_und
@@ -324,6 +342,13 @@ class MogaoModel(nn.Module):
         embedder = self.additive_time if self.additive_time is not None else self.time_embed  # (BAGEL's)
         add = embedder(rows).to(x.dtype).index_select(0, index)  # the embedding of each token's σ
         return torch.cat((x[:n_und], x[n_und:] + add)), None
+
+    def _all_paths(self) -> bool:
+        if self.all_paths_in_training == "data_parallel":
+            import torch.distributed as dist
+
+            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return bool(self.all_paths_in_training)
 
     def _no_vit_features(self, like: torch.Tensor) -> torch.Tensor:
         """Zero rows of ViT features (0, vit_hidden), in the graph of the ViT: the features of one blank
@@ -350,11 +375,13 @@ class MogaoModel(nn.Module):
             return self._step(batch, attention, logit_rows)
         lay = batch.layout
         n_und = lay.n_und
-        # Training: every path runs, on zero rows where the batch has nothing for it (a batch of questions has
-        # no generation token, a text-to-image batch no ViT image), so every parameter is in the graph of every
-        # step - with a zero gradient where the batch has nothing for it. Data-parallel training needs that:
-        # DDP and FSDP2 reduce the gradients of the parameters each rank used, and ranks must agree.
-        all_paths = self.all_paths_in_training and self.training and torch.is_grad_enabled()
+        # Data-parallel training: every path runs, on zero rows where the batch has nothing for it (a batch of
+        # questions has no generation token, a text-only batch no ViT image), so every parameter is in the graph
+        # of every step - with a zero gradient where the batch has nothing for it: DDP and FSDP2 reduce the
+        # gradients of the parameters each rank used, and ranks must agree. (One process needs none of it: a
+        # parameter without a gradient, and one whose gradient is zero, are both left out of the update -
+        # `MogaoModule.on_before_optimizer_step` - so the two give the same training.)
+        all_paths = self.training and torch.is_grad_enabled() and self._all_paths()
         inputs, flow = self.batch_inputs(batch, noisy)
         x, mod = self.embed_inputs(inputs, all_paths)
         sigmas, x_sigma = inputs.sigmas, inputs.noisy_tokens
@@ -419,6 +446,13 @@ def _check_options(cfg: ModelConfig, hidden: int, autoencoder: LatentAutoencoder
     if cfg.latent_position_table is not None and cfg.latent_position_embedding:
         raise ConfigError("latent_position_table replaces latent_position_embedding: set "
                           "latent_position_embedding false")
+    if cfg.positions not in ("il_rope", "bagel"):
+        raise ConfigError(f"positions must be 'il_rope' or 'bagel', got '{cfg.positions}'")
+    if cfg.sequence_format not in ("mogao", "bagel"):
+        raise ConfigError(f"sequence_format must be 'mogao' or 'bagel', got '{cfg.sequence_format}'")
+    if cfg.sequence_format == "bagel" and cfg.attention == "flash_varlen":
+        raise ConfigError("sequence_format 'bagel' puts marker tokens inside image blocks, which the flash_varlen "
+                          "decomposition has no place for: use attention 'sdpa_dense' or 'flex'")
     if cfg.vae_sample_posterior and not isinstance(autoencoder, DiffusersVAE):
         raise ConfigError(f"vae_sample_posterior needs a diffusers VAE (autoencoder '{cfg.autoencoder}' has no "
                           "posterior to sample)")

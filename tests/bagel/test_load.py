@@ -117,6 +117,7 @@ def _batches(tok, model) -> dict:
 def test_a_training_forward_on_every_batch_kind_trains_every_parameter(loaded):
     model, tok = loaded
     model.train()
+    model.all_paths_in_training = True  # (as under data-parallel training)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and not [n for n in trainable if n.startswith("autoencoder.") or "position_table" in n]
     gen = [n for n in trainable if ".gen." in n or n.startswith(("time_embed.", "latent_proj."))]

@@ -260,6 +260,7 @@ def test_every_option_together_keeps_every_trainable_parameter_in_the_graph(tiny
     from mogao.training.parts import part_parameters
 
     model = _model(tiny_parts, **ALL).train()
+    model.all_paths_in_training = True  # (as under data-parallel training)
     covered = {n for part in part_parameters(model).values() for n in part}
     assert covered == {n for n, _ in model.named_parameters() if not n.startswith("autoencoder.")}
     assert not [n for n, p in model.named_parameters() if "position_table" in n or (p.requires_grad and

@@ -27,6 +27,7 @@ def module_and_batches(tiny_parts):
     module = InterleavedModule(model=cfg, tokenizer=str(tiny_parts["root"] / "tokenizer"),
                                train=["und", "gen", "connector"],
                                optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1))
+    module.model.all_paths_in_training = True  # (as under data-parallel training: one process needs none of it)
     dicts = lopsided_samples(len(LOPSIDED))
     kinds = [k for pair in LOPSIDED for ranks in zip(*pair) for k in ranks]  # the order lopsided_samples uses
     by_kind = {k: dicts[kinds.index(k)] for k in set(kinds)}
@@ -108,3 +109,27 @@ def test_a_part_without_data_in_a_step_is_not_updated(module_and_batches, tmp_pa
     # (a generated image is read back through the ViT for what follows it: text-to-image batches train it too)
     assert parts["connector"] <= vqa and not (parts["connector"] & text) and parts["connector"] <= edit
     assert parts["und"] & vqa and parts["und"] & text
+
+
+def test_one_process_trains_the_same_with_every_path_or_only_the_batchs(tiny_parts, module_and_batches, tmp_path):
+    """Without a process group a training forward runs only the batch's paths (the default, "data_parallel");
+    with every path the unused parts get zero gradients instead of none, and are left out of the update all the
+    same: the weights after the same steps are identical."""
+    _, batches = module_and_batches
+    seq = [batches[k] for k in ("t2i", "t2i", "vqa", "text", "edit")]
+    weights = []
+    for every in (True, "data_parallel"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], autoencoder=tiny_parts["vae"], latent_patch=2)
+        module = InterleavedModule(model=cfg, tokenizer=str(tiny_parts["root"] / "tokenizer"),
+                                   train=["und", "gen", "connector"], save_dir=str(tmp_path / str(every)),
+                                   optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1))
+        module.model.all_paths_in_training = every
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=len(seq), logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp_path))
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(seq, batch_size=None,
+                                                                          collate_fn=lambda b: b))
+        weights.append({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
