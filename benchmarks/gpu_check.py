@@ -5,15 +5,17 @@
     python benchmarks/gpu_check.py --wheels                          # what to pip-download for a bare machine
 
 Parts, most valuable first, each with its own time budget (seconds):
-  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          90
+  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          80
   attention   flash_varlen vs flex vs sdpa_dense vs plain causal FA2: fwd+bwd time, peak memory,
               error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets      95
   train       training throughput and MFU, 0.5b and 1.5b presets, bf16, 8k tokens, act. ckpt
-              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                 95
+              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                 70
   ectf        ECTF one pass vs naive teacher forcing at 1/2/4/8 targets                           30
   generation  cached vs recomputed image step at 256/1024/4096 context, batched 3-branch CFG vs
-              sequential, text tokens/s                                                           40
+              sequential, text tokens/s                                                           35
   lora        QLoRA vs LoRA vs full fine-tuning on the 1.5b preset: peak memory, step time        85
+  export      `mogao eval --export geneval` on the 0.5b preset, bf16, 256 px: images/s at batch 1 and
+              8, batched vs one-at-a-time pixel difference                                        40
   fsdp2       with 2+ GPUs: the 2-rank FSDP2 equivalence run (tests/dist_child.py) on NCCL        45
 
 Each part runs in its own process (a crash, an OOM or a hang costs that part only; it is killed at its budget)
@@ -48,6 +50,7 @@ from gpu_check_parts import (
     gpu_test_files,
     part_attention,
     part_ectf,
+    part_export,
     part_fsdp2,
     part_generation,
     part_lora,
@@ -85,7 +88,7 @@ class Part:
 _MS = dict(fmt="{:.2f}", scale=1e3)
 BASE = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "diffusers", "PIL")
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 90,
+    Part("tests", "GPU tests (pytest -m gpu)", 80,
          (Col("test", "test"), Col("outcome", "outcome"), Col("seconds", "s", "{:.1f}"), Col("message", "message")),
          ("test",), ("pytest", "hypothesis", *BASE, "peft", "bitsandbytes", "lightning")),
     Part("attention", "ECTF attention backends, bf16, same tokens", 95,
@@ -95,7 +98,7 @@ PARTS = (
           Col("err_dq", "err dq", "{:.2e}"), Col("err_dk", "err dk", "{:.2e}"), Col("err_dv", "err dv", "{:.2e}"),
           Col("ratio", "ratio (<=1 ok)", "{:.2f}")),
          ("tokens", "backend"), ("torch",)),
-    Part("train", "Training throughput and MFU", 95,
+    Part("train", "Training throughput and MFU", 70,
          (Col("preset", "preset"), Col("ckpt", "act. ckpt"), Col("attention", "attention"), Col("params", "params (M)", "{:.1f}", 1e-6),
           Col("tokens_per_step", "tokens/step", "{:.0f}"), Col("step_s", "step ms", **_MS),
           Col("tokens_per_s", "tokens/s", "{:.0f}"), Col("tflops", "TFLOP/s", "{:.1f}"),
@@ -107,7 +110,7 @@ PARTS = (
           Col("ectf_s", "ECTF ms", **_MS), Col("naive_s", "naive ms", **_MS),
           Col("naive_over_ectf", "naive/ECTF", "{:.2f}")),
          ("targets",), BASE),
-    Part("generation", "Generation: KV cache vs recompute, batched vs sequential CFG", 40,
+    Part("generation", "Generation: KV cache vs recompute, batched vs sequential CFG", 35,
          (Col("measurement", "measurement"), Col("fast", "cached / batched"), Col("slow", "recompute / sequential"),
           Col("speedup", "speed-up", "{:.2f}x")),
          ("measurement",), BASE),
@@ -116,6 +119,11 @@ PARTS = (
           Col("trainable", "trainable (M)", "{:.1f}", 1e-6), Col("tokens", "tokens"),
           Col("peak_gib", "peak GiB", "{:.2f}"), Col("second_step_s", "step ms", **_MS)),
          ("mode",), (*BASE, "peft", "bitsandbytes")),
+    Part("export", "Benchmark export (mogao eval --export geneval)", 40,
+         (Col("batch", "batch"), Col("images", "images"), Col("wall_s", "s", "{:.2f}"),
+          Col("images_per_s", "images/s", "{:.2f}"), Col("max_diff", "max pixel diff vs batch 1"),
+          Col("complete", "complete")),
+         ("batch",), BASE),
     Part("fsdp2", "FSDP2 on NCCL, 2 ranks vs 1 process (same global batches)", 45,
          (Col("step", "step"), Col("single", "1 process loss", "{:.6f}"), Col("sharded", "2-rank loss", "{:.6f}"),
           Col("diff", "abs diff", "{:.1e}"), Col("within", "within 1e-5")),
@@ -136,6 +144,8 @@ SIZES = {  # GPU sizes, then the dry run's toy sizes
                    {"contexts": [16, 32], "repeat": 1, "n_new": 2, "hidden": 64, "layers": 2}),
     "lora": ({"preset": "1.5b", "hidden": 0, "layers": 0, "tokens": 2048, "modes": ["qlora", "lora", "full"]},
              {"preset": None, "hidden": 64, "layers": 2, "tokens": 512, "modes": ["qlora", "lora", "full"]}),
+    "export": ({"preset": "0.5b", "resolution": 256, "steps": 30, "prompts": 4, "samples": 4, "batch_sizes": [1, 8]},
+               {"preset": "tiny", "resolution": 32, "steps": 2, "prompts": 2, "samples": 2, "batch_sizes": [1, 3]}),
     "fsdp2": ({"steps": 4}, {"steps": 4}),
     "tests": ({}, {}),
 }
@@ -163,6 +173,8 @@ def skeleton(part: str, dry: bool) -> list[dict]:
         return [{"mode": m} for m in s["modes"]]
     if part == "fsdp2":
         return [{"step": k} for k in range(1, s["steps"] + 1)]
+    if part == "export":
+        return [{"batch": b} for b in s["batch_sizes"]]
     return [{"test": "(the tests marked gpu in " + ", ".join(gpu_test_files()) + ")"}]
 
 
@@ -231,6 +243,14 @@ def estimate(part: str) -> tuple[float, str]:
             f"3 processes; QLoRA's base built on the host at {a['host_init_gb_s']:.0f} GB/s"
     if part == "fsdp2":
         return 2 * a["startup_s"] + 20, "tiny model, 4 steps, 1 + 2 processes; only with 2+ GPUs"
+    if part == "export":
+        params, active = _qwen_params(s["preset"])
+        images = s["prompts"] * s["samples"]
+        tokens = (s["resolution"] // 8) ** 2  # (the pixel autoencoder, latent patch 8)
+        flops = len(s["batch_sizes"]) * (images + 1) * s["steps"] * 2 * 2 * active * tokens
+        forwards = sum(-(-images // b) for b in s["batch_sizes"]) * (s["steps"] + 2) + s["steps"]
+        return a["startup_s"] + 8 + flops / (a["bf16_tflops"] * 1e12) + 0.004 * forwards, \
+            "2 branches x steps x 2 x active params x image tokens per image; ~4 ms per forward; 8 s build"
     raise KeyError(part)
 
 
@@ -284,7 +304,7 @@ def wheels_text() -> str:
 
 
 RUNNERS = {"tests": part_tests, "attention": part_attention, "train": part_train, "ectf": part_ectf,
-           "generation": part_generation, "lora": part_lora, "fsdp2": part_fsdp2}
+           "generation": part_generation, "lora": part_lora, "export": part_export, "fsdp2": part_fsdp2}
 
 
 def run_part(name: str, out: Path, dry: bool, budget: float, fail: bool = False, on_write=None) -> None:

@@ -24,8 +24,9 @@ BENCH = ROOT / "benchmarks"
 def gpu_test_files() -> list[str]:
     """Test files holding tests marked `gpu` (relative to the repository root). The attention suite goes last:
     it is the longest (flex compiles), so a budget cut falls on it rather than on the quick checks."""
-    files = [p.name for p in (ROOT / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text(encoding="utf-8")]
-    return [f"tests/{f}" for f in sorted(files, key=lambda f: (f == "test_attention_gpu.py", f))]
+    files = [p for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.gpu" in p.read_text(encoding="utf-8")]
+    files.sort(key=lambda p: (p.name == "test_attention_gpu.py", p.relative_to(ROOT).as_posix()))
+    return [p.relative_to(ROOT).as_posix() for p in files]  # (tests/<package>/test_*.py)
 
 
 # ------------------------------------------------------------------------------------------- recording
@@ -240,6 +241,39 @@ def part_generation(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
         rec.add(r)
         if _over(rec):
             return
+
+
+def part_export(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
+    """`mogao eval --export geneval` (its `export_benchmark`) on a random model of a preset: images/s at each batch
+    size, and how far batched images lie from one-at-a-time ones (the same per-image seeds)."""
+    import shutil
+
+    import torch
+    from export_speed import measure
+    from train_throughput import build_model
+
+    from mogao.data import train_tokenizer
+    from mogao.data.shapes_mini import caption_corpus
+
+    dev = _device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_model(s["preset"], "sdpa_dense", dev if dev.type == "cuda" else None)
+    model = model.to(device=dev, dtype=dtype).eval()
+    tok = train_tokenizer(caption_corpus(), vocab_size=300)
+    tokens = (s["resolution"] // model.vae_patch) ** 2
+    rec.note(f"random {s['preset']} preset, {str(dtype).split('.')[-1]}, GenEval layout, {s['prompts']} prompts x "
+             f"{s['samples']} samples, {s['resolution']} px ({tokens} tokens an image), {s['steps']} Euler steps, "
+             "2-branch CFG; after a one-image warm-up")
+    root = Path(tempfile.mkdtemp(prefix="export_", dir=out / "parts"))
+    try:
+        for r in measure(model, tok, root, prompts=s["prompts"], samples=s["samples"], steps=s["steps"],
+                         resolution=s["resolution"], batch_sizes=tuple(s["batch_sizes"]),
+                         run_info={"device": str(dev), "dtype": str(dtype)}):
+            rec.add(r)
+            if _over(rec):
+                return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def part_lora(rec: Recorder, s: dict, dry: bool, out: Path) -> None:

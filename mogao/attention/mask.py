@@ -2,6 +2,12 @@
 
 Efficient Complete Teacher Forcing (Mogao): every generation target of an interleaved sample is trained in one
 forward pass. Its noisy copy sees the clean past; everything after it sees only its clean copies.
+
+The rules hold for both sequence formats (`mogao.sequence.formats`): the markers of a wrapped copy (BAGEL's
+format) carry their copy's modality and block id (`TokenLayout`), so they are part of the copy - bidirectional
+inside it and, for a noisy copy, unseen by anything after it. With `text_sees_vae` these rules are then BAGEL's
+own mask (data/data_utils.py `prepare_attention_mask_per_sample`: a text chunk causal, a clean copy full, a noisy
+copy full and hidden from every other token).
 """
 
 from __future__ import annotations

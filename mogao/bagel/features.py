@@ -2,8 +2,8 @@
 
 `BAGEL_FEATURES` lists every model or sampling feature a BAGEL checkpoint needs beyond what a MogaoModel does
 with its default options, with the BAGEL tensors it involves (key patterns, `{N}` a layer index), the rule in
-`mogao.bagel.rules` that defines it and the `ModelConfig` fields that provide it (`option`); `MISSING_FEATURES`
-are those no option provides yet. `missing_features(options)` gives what a model built with some options
+`mogao.bagel.rules` that defines it and the `ModelConfig` fields that provide it (`option`) - or, for a way of
+sampling, the sampler's option that does (`sampling`); `MISSING_FEATURES` are those nothing provides yet. `missing_features(options)` gives what a model built with some options
 lacks; `key_mappings` points BAGEL tensors at these features by name. `mogao_model_settings()` and
 `bagel_model_options()` give the `ModelConfig` values a BAGEL checkpoint needs.
 """
@@ -24,7 +24,8 @@ class MissingFeature:
     name: the id `KeyMapping.feature` uses. what: what it is, precisely (and the option giving it). where: the
     part of mogao it touches. bagel_keys: the BAGEL tensors involved (patterns; empty for a behaviour without
     weights). source: the BAGEL code that defines it. option: the `ModelConfig` fields that provide it, at the
-    values `bagel_model_options` / `mogao_model_settings` give (empty: no option provides it yet).
+    values `bagel_model_options` / `mogao_model_settings` give (empty: no model option provides it). sampling:
+    the sampler's option that provides a way of sampling (any model has it; empty: none).
     """
 
     name: str
@@ -33,6 +34,7 @@ class MissingFeature:
     bagel_keys: tuple[str, ...]
     source: str
     option: tuple[str, ...] = ()
+    sampling: str = ""
 
 
 _LAYER = "language_model.model.layers.{N}.self_attn."
@@ -104,35 +106,38 @@ BAGEL_FEATURES: tuple[MissingFeature, ...] = (
     MissingFeature(
         "one_position_per_image",
         "a position scheme where every token of an image copy (markers included) takes ONE 1-D position, i.e. "
-        "IL-RoPE positions (p, p, p), laid out by rules.position_ids (text +len, ViT/clean VAE copy +1, noisy "
-        "copy +0); ModelConfig has no such scheme (DESIGN §2 asks for the scheme to be a named option). The "
-        "position tables (`latent_position_table`, and `latent_position_embedding`) read a VAE token's (row, "
-        "column) from its IL-RoPE (H, W) today: under this scheme they need the cells from the batch instead.",
-        "mogao.sequence / mogao.data plan lowering / ModelConfig",
+        "positions (p, p, p), laid out by rules.position_ids (text +len, ViT/clean VAE copy +1, noisy copy +0): "
+        "`ModelConfig.positions = 'bagel'` (`mogao.sequence.positions.bagel_positions`, used by the lowering "
+        "and the KV cache). The position code and tables then read each VAE token's (row, column) from the "
+        "batch's `grid_cells` (`SequenceInputs.grid_cells`), not from its positions.",
+        "mogao.sequence.positions / mogao.data.plan / mogao.inference.cache / ModelConfig.positions",
         (),
         "dataset_base.py 349-458; bagel.py 340-343, 462-465, 592",
+        ("positions",),
     ),
     MissingFeature(
         "bagel_sequence_format",
         "BAGEL's lowering: every text chunk [<|im_start|>] + text + [<|im_end|>] (rules.wrap_text); every "
         "image copy (noisy VAE, clean VAE, ViT - in that order) wrapped in ITS OWN <|vision_start|> ... "
         "<|vision_end|> (rules.wrap_image), the markers inside the copy's bidirectional block and routed to "
-        "the understanding expert; mogao wraps all copies of an image in one marker pair, ordered noisy, ViT, "
-        "clean VAE.",
-        "mogao.data.plan",
+        "the understanding expert: `ModelConfig.sequence_format = 'bagel'` (`mogao.sequence.formats`; the "
+        "lowering of mogao.data.plan and the generation loop follow it).",
+        "mogao.sequence.formats / mogao.data.plan / mogao.inference.session / ModelConfig.sequence_format",
         (),
         "dataset_base.py 316-458; interleave_t2i_dataset.py 36-86; bagel.py 232-264",
+        ("sequence_format",),
     ),
     MissingFeature(
         "bagel_guidance",
         "BAGEL's CFG branches and formula (rules.combine_cfg): the unconditional branches are 'without the last "
         "text' and 'without the condition images (text kept)', nested as image(text(v)), renorm 'global', "
         "'channel' or 'text_channel', applied only when text_scale > 1, and the interval lo < t <= hi on the "
-        "shifted t (rules.cfg_applies); mogao's Guidance uses branches full / image-only / none, one global "
-        "renorm and lo <= σ <= hi.",
-        "mogao.inference.guidance",
+        "shifted t (rules.cfg_applies): `Guidance(mode='bagel', renorm_type=...)` (`mogao generate "
+        "--cfg-mode bagel --cfg-renorm-type ...`), a way of sampling any model has.",
+        "mogao.inference.guidance / mogao.inference.session",
         (),
-        "bagel.py 693-746, 873-907; inferencer.py 242-282",
+        "bagel.py 693-746, 873-907; inferencer.py 226-282",
+        sampling="Guidance.mode = 'bagel'",
     ),
     MissingFeature(
         "vae_posterior_sample",
@@ -147,13 +152,14 @@ BAGEL_FEATURES: tuple[MissingFeature, ...] = (
 )
 
 
-MISSING_FEATURES: tuple[MissingFeature, ...] = tuple(f for f in BAGEL_FEATURES if not f.option)
-"""What MogaoModel lacks for a BAGEL checkpoint whatever its options (the position scheme, the sequence format,
-guidance)."""
+MISSING_FEATURES: tuple[MissingFeature, ...] = tuple(f for f in BAGEL_FEATURES if not f.option and not f.sampling)
+"""What MogaoModel lacks for a BAGEL checkpoint whatever its options: nothing, now that the position scheme, the
+sequence format (model options) and the guidance (a sampling option) are there."""
 
 # the values BAGEL needs of the option fields that do not depend on the checkpoint's sizes
 _BAGEL_VALUES: dict[str, Any] = {"qk_norm": True, "timestep_conditioning": "additive", "timestep_embedding": "bagel",
-                                 "vit_positions": "navit", "vae_sample_posterior": True}
+                                 "vit_positions": "navit", "vae_sample_posterior": True, "positions": "bagel",
+                                 "sequence_format": "bagel"}
 _TABLE_SIDES = ("latent_position_table", "vit_position_table")  # set to the checkpoint's side (not None)
 
 
@@ -163,7 +169,10 @@ def _value(options: Any, name: str) -> Any:
 
 def provides(feature: MissingFeature, options: Mapping[str, Any] | Any | None) -> bool:
     """Whether a MogaoModel built with `options` (`ModelConfig` fields as a mapping, or a ModelConfig) has
-    `feature`: every field of `feature.option` at BAGEL's value (a table side: set). None: the defaults."""
+    `feature`: every field of `feature.option` at BAGEL's value (a table side: set). None: the defaults. A way
+    of sampling (`feature.sampling`) is the sampler's option: every model has it."""
+    if feature.sampling:
+        return True
     if options is None or not feature.option:
         return False
     return all(_value(options, f) is not None if f in _TABLE_SIDES else _value(options, f) == _BAGEL_VALUES[f]
@@ -172,7 +181,8 @@ def provides(feature: MissingFeature, options: Mapping[str, Any] | Any | None) -
 
 def missing_features(options: Mapping[str, Any] | Any | None = None) -> tuple[MissingFeature, ...]:
     """The features a MogaoModel built with `options` (`ModelConfig` fields, or a ModelConfig; None: the
-    defaults, which provide none) lacks for a BAGEL checkpoint; with `bagel_model_options`, `MISSING_FEATURES`."""
+    defaults, which provide no model option) lacks for a BAGEL checkpoint; with `bagel_model_options`,
+    `MISSING_FEATURES`."""
     return tuple(f for f in BAGEL_FEATURES if not provides(f, options))
 
 
@@ -196,4 +206,4 @@ def bagel_model_options(arch: BagelArchitecture) -> dict:
     s = arch.settings
     return {"qk_norm": True, "timestep_embedding": "bagel", "latent_position_table": s.max_latent_size,
             "vit_position_table": s.vit_max_num_patch_per_side, "vit_positions": "navit",
-            "vae_sample_posterior": True}
+            "vae_sample_posterior": True, "positions": "bagel", "sequence_format": "bagel"}

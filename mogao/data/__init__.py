@@ -8,6 +8,7 @@ from mogao.data.plan import (
     PlanImage,
     PlanSpan,
     SequencePlan,
+    chat_marker_ids,
     lower_sample,
     stable_seed,
 )
@@ -26,7 +27,7 @@ from mogao.data.tokenizer import SpecialTokens, ensure_special_tokens, train_tok
 __all__ = [
     "IGNORE_INDEX", "DataConfig", "GreedyPacker", "ImageSegment", "ImageTensors", "PackedDataset",
     "PackingStats", "PlanImage", "PlanSpan", "Sample", "SequencePlan", "SpecialTokens", "TextSegment",
-    "check_samples", "choose_grid", "collate_plans", "ensure_special_tokens", "iter_samples", "load_samples",
+    "chat_marker_ids", "check_samples", "choose_grid", "collate_plans", "ensure_special_tokens", "iter_samples", "load_samples",
     "lower_sample", "open_image", "pack_plans", "prepare_image", "resize_to_grid", "sample_from_dict",
     "samples_from_dicts", "stable_seed", "to_rgb", "train_tokenizer",
 ]

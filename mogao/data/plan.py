@@ -1,22 +1,38 @@
 """Lowering: a validated `Sample` -> a `SequencePlan`, the declarative token sequence the packer lays out.
 
-Logical order of a sample's tokens:
+Logical order of a sample's tokens in the default sequence format ("mogao"):
 
     text segment          its tokens (no special tokens added by the tokenizer)
     image segment         <|vision_start|>, [noisy VAE copy if generate], ViT copy, [clean VAE copy], <|vision_end|>
     end of sample         <|endoftext|>
 
+and in BAGEL's ("bagel", `DataConfig.sequence_format`; `mogao.sequence.formats`):
+
+    text segment          <|im_start|>, its tokens, <|im_end|>
+    image segment         each copy wrapped in its own markers, the markers inside the copy's block:
+                          [<|vision_start|> noisy VAE copy <|vision_end|> if generate],
+                          [<|vision_start|> clean VAE copy <|vision_end|>], <|vision_start|> ViT copy <|vision_end|>
+    end of sample         <|endoftext|> (BAGEL has no end-of-sample token; this one is the target of the last
+                          loss-bearing token, so a model learns to stop, and nothing reads it)
+
 Each image copy is gh*gw tokens, row-major. With `DataConfig.drop_unread_vae` (training, when text does
 not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample.
 Cross-entropy labels: a text token's label is the next logical token when that token is loss-bearing text,
-else -100. Loss-bearing text: tokens of `loss: true` text segments, `<|vision_start|>` of a generation target
-(so the model learns *when* to draw), never `<|vision_end|>`, and `<|endoftext|>` when the sample ends in
-loss-bearing text or a generated image.
+else -100. Loss-bearing text: tokens of `loss: true` text segments (with BAGEL's format their <|im_start|> and
+<|im_end|> too), `<|vision_start|>` of a generation target (so the model learns *when* to draw; with BAGEL's
+format the one of its noisy copy), never `<|vision_end|>`, and `<|endoftext|>` when the sample ends in
+loss-bearing text or a generated image. (The marker of a wrapped copy is a text token that can carry a label;
+one inside a noisy copy never does.)
 
-IL-RoPE positions follow the one rule of `mogao.sequence.positions`.
+Positions follow the model's scheme (`DataConfig.positions`), by the rules of `mogao.sequence.positions`.
+Under BAGEL's 1-D scheme a clean VAE copy left out by `drop_unread_vae` still advances the position, so the
+copy's absence changes nothing the model computes for the tokens after it.
 
 Condition dropout (for classifier-free guidance) and the per-image noise seeds are drawn from hashes of
 (seed, sample id, epoch[, image index]), so they are reproducible and do not depend on packing or workers.
+What dropout removes leaves no trace, under either position scheme: a sample with its condition images dropped
+is the context the sampler's images-dropped branch holds (BAGEL's inferencer builds that branch without
+positions for the images; BAGEL's training data, by contrast, advances the position past a dropped copy).
 """
 
 from __future__ import annotations
@@ -24,8 +40,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -35,12 +51,15 @@ from mogao.data.images import MAX_IMAGE_BYTES, ImageTensors, choose_grid, open_i
 from mogao.data.samples import ImageSegment, Sample, TextSegment
 from mogao.data.tokenizer import SpecialTokens
 from mogao.errors import ConfigError, DataError, printable
-from mogao.sequence import Modality, Span, il_rope_positions
+from mogao.sequence import Modality, Span
+from mogao.sequence.formats import POSITION_SCHEMES, SEQUENCE_FORMATS, check_choice, image_copies
+from mogao.sequence.positions import sequence_positions
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TooLong = Literal["error", "skip", "truncate"]
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # the text-chunk markers of BAGEL's sequence format
 
 
 @dataclass
@@ -86,6 +105,13 @@ class DataConfig:
     max_image_bytes: int = MAX_IMAGE_BYTES
     """The largest image file read (a larger one is a bad sample); only regular files are read, never a FIFO or
     a device."""
+    positions: str = "il_rope"
+    """Rotary position scheme: 'il_rope' (IL-RoPE) or 'bagel' (BAGEL's 1-D positions, one per image copy). Set from
+    the model (`ModelConfig.positions`, `for_model`), like the patch sizes."""
+    sequence_format: str = "mogao"
+    """'mogao' (one marker pair around all copies of an image) or 'bagel' (<|im_start|>/<|im_end|> around each
+    text segment, a marker pair around each image copy, copies ordered noisy, clean VAE, ViT). Set from the model
+    (`ModelConfig.sequence_format`, `for_model`); 'bagel' needs a tokenizer with <|im_start|> and <|im_end|>."""
 
     def __post_init__(self) -> None:
         if self.token_budget < 1:
@@ -107,17 +133,34 @@ class DataConfig:
         if self.max_image_bytes < 1:
             raise ConfigError(f"data.max_image_bytes must be >= 1, got {self.max_image_bytes}")
         choose_grid(1, 1, self.max_image_tokens, self.min_grid, self.max_grid)  # raises ConfigError if none fits
+        check_choice(self.positions, POSITION_SCHEMES, "data.positions")
+        check_choice(self.sequence_format, SEQUENCE_FORMATS, "data.sequence_format")
+
+    def for_model(self, model: Any) -> DataConfig:
+        """This config on the token geometry and sequence options of `model` (a `MogaoModel`, read through its
+        attributes): its ViT and VAE patch sizes, whether text reads clean VAE copies (`drop_unread_vae` when it
+        does not), its position scheme and its sequence format. Training's data module calls it before setup."""
+        cfg = model.cfg
+        return replace(self, vit_patch=model.vit_patch, vae_patch=model.vae_patch,
+                       drop_unread_vae=not cfg.text_sees_vae, positions=cfg.positions,
+                       sequence_format=cfg.sequence_format)
 
 
 @dataclass(frozen=True)
 class PlanSpan:
-    """A run of tokens of one kind. Text spans carry their ids and per-token loss flags; image spans their image."""
+    """A run of tokens of one kind. Text spans carry their ids and per-token loss flags; image spans their image.
+
+    A wrapped image copy (BAGEL's format) has `markers` = (begin id, end id), counted in `length`, and `loss` =
+    the loss flags of its two markers. An image span of length 0 is a copy left out of the sequence that still
+    takes its position (BAGEL's scheme, `drop_unread_vae`): it has no token and no layout span.
+    """
 
     kind: Modality
     length: int
     image: int = -1
     token_ids: tuple[int, ...] = ()
     loss: tuple[bool, ...] = ()
+    markers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -160,7 +203,7 @@ class SequencePlan:
         return int(self.input_ids.numel())
 
     def layout_spans(self) -> list[Span]:
-        return [Span(s.kind, s.length, s.image) for s in self.spans]
+        return [Span(s.kind, s.length, s.image, markers=bool(s.markers)) for s in self.spans if s.length]
 
 
 def stable_seed(*parts: object) -> int:
@@ -190,11 +233,29 @@ def _grid(img: Image.Image, config: DataConfig, sample: Sample, i: int) -> tuple
 
 
 def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None,
-                  clean: bool) -> int:
+                  clean: bool, wrapped: bool = False) -> int:
+    """Tokens of a segment; `wrapped`: BAGEL's format (two markers per text segment and per image copy)."""
     if isinstance(seg, TextSegment):
-        return len(ids or ())
+        n = len(ids or ())
+        return n + 2 if wrapped and n else n
     assert grid is not None
-    return 2 + (int(seg.generate) + 1 + int(clean)) * grid[0] * grid[1]
+    copies = int(seg.generate) + 1 + int(clean)
+    if wrapped:
+        return copies * (grid[0] * grid[1] + 2)
+    return 2 + copies * grid[0] * grid[1]
+
+
+def chat_marker_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """The ids of <|im_start|> and <|im_end|> (BAGEL's text-chunk markers); ConfigError when the tokenizer lacks
+    one (Qwen2.5's tokenizers have both)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)]
+    unk = tokenizer.unk_token_id
+    missing = [t for t, i in zip((IM_START, IM_END), ids) if i is None or (unk is not None and i == unk)]
+    if missing:
+        raise ConfigError(f"the tokenizer lacks {', '.join(missing)}, which sequence_format 'bagel' wraps every text "
+                          "segment in: add them (tokenizer.add_tokens([...], special_tokens=True)) and grow the "
+                          "model's embeddings (ModelConfig.vocab_size), or use sequence_format 'mogao'")
+    return int(ids[0]), int(ids[1])
 
 
 def _clean_copies(segs: list[TextSegment | ImageSegment], indices: list[int], drop_unread: bool) -> set[int]:
@@ -217,6 +278,8 @@ def lower_sample(
 ) -> SequencePlan | None:
     """Lower one sample; None when `too_long='skip'` (or 'truncate' cannot keep anything) drops it."""
     special = special or SpecialTokens.from_tokenizer(tokenizer)
+    wrapped = config.sequence_format == "bagel"
+    chat = chat_marker_ids(tokenizer) if wrapped else ()
     segs = list(sample.segments)
     text_ids: dict[int, list[int]] = {}
     rgb: dict[int, Image.Image] = {}
@@ -227,12 +290,15 @@ def lower_sample(
             if special.vision_start_id in ids or special.vision_end_id in ids:
                 raise sample.error("text contains an image marker token; put images in image segments",
                                    field=f"segments[{i}].text")
+            if chat and any(t in chat for t in ids):
+                raise sample.error(f"text contains {IM_START} or {IM_END}, which sequence_format 'bagel' puts "
+                                   "around every text segment itself; remove them", field=f"segments[{i}].text")
             text_ids[i] = ids
         else:
             rgb[i] = _load(seg, sample, i, config.max_image_bytes)
             grids[i] = _grid(rgb[i], config, sample, i)
     read = _clean_copies(segs, list(range(len(segs))), config.drop_unread_vae)
-    costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read) for i, seg in enumerate(segs)]
+    costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read, wrapped) for i, seg in enumerate(segs)]
 
     total = sum(costs) + 1  # + <|endoftext|>
     keep = len(segs)
@@ -270,12 +336,14 @@ def lower_sample(
     read = _clean_copies(segs, kept, config.drop_unread_vae)  # (dropout and truncation only remove readers)
     spans: list[PlanSpan] = []
     images: list[PlanImage] = []
+    gaps = config.positions == "bagel"  # a left-out clean copy keeps its position (see the module docstring)
     for i in kept:
         seg = segs[i]
         if isinstance(seg, TextSegment):
-            if text_ids[i]:
-                spans.append(PlanSpan(Modality.TEXT, len(text_ids[i]), token_ids=tuple(text_ids[i]),
-                                      loss=(seg.loss,) * len(text_ids[i])))
+            ids = text_ids[i]
+            if ids:
+                ids = [chat[0], *ids, chat[1]] if wrapped else ids
+                spans.append(PlanSpan(Modality.TEXT, len(ids), token_ids=tuple(ids), loss=(seg.loss,) * len(ids)))
             continue
         tensors = prepare_image(rgb[i], max_tokens=config.max_image_tokens, vit_patch=config.vit_patch,
                                 vae_patch=config.vae_patch, min_grid=config.min_grid, max_grid=config.max_grid)
@@ -284,15 +352,28 @@ def lower_sample(
         k = len(images)
         images.append(PlanImage(tensors, seg.generate, seg.flow_weight,
                                 stable_seed("image", config.seed, sample.id, src, epoch), src))
+        n = grid[0] * grid[1]
+        if wrapped:
+            for kind in image_copies("bagel", seg.generate, True):
+                if kind == Modality.VAE_CLEAN and i not in read:
+                    if gaps:
+                        spans.append(PlanSpan(kind, 0, image=k))
+                    continue
+                begins = kind == Modality.VAE_NOISY  # the generated image's first marker: the model learns to draw
+                spans.append(PlanSpan(kind, n + 2, image=k, markers=(special.vision_start_id, special.vision_end_id),
+                                      loss=(begins, False)))
+            continue
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_start_id,), loss=(seg.generate,)))
         copies = ([Modality.VAE_NOISY] if seg.generate else []) + [Modality.VIT]
         copies += [Modality.VAE_CLEAN] if i in read else []
-        spans.extend(PlanSpan(kind, grid[0] * grid[1], image=k) for kind in copies)
+        spans.extend(PlanSpan(kind, n, image=k) for kind in copies)
+        if gaps and i not in read:
+            spans.append(PlanSpan(Modality.VAE_CLEAN, 0, image=k))
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_end_id,), loss=(False,)))
     last = segs[kept[-1]]
     eos_loss = last.generate if isinstance(last, ImageSegment) else last.loss
     spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.eos_id,), loss=(eos_loss,)))
-    return _build(sample.id, _merge_text(spans), images, index, tuple(dropped), keep < len(segs))
+    return _build(sample.id, _merge_text(spans), images, index, tuple(dropped), keep < len(segs), config.positions)
 
 
 def _merge_text(spans: list[PlanSpan]) -> list[PlanSpan]:
@@ -307,8 +388,9 @@ def _merge_text(spans: list[PlanSpan]) -> list[PlanSpan]:
 
 
 def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index: int,
-           dropped: tuple[str, ...], truncated: bool) -> SequencePlan:
-    """Per-token arrays (logical order) from the spans: ids, loss flags, IL-RoPE positions, copy offsets."""
+           dropped: tuple[str, ...], truncated: bool, positions: str = "il_rope") -> SequencePlan:
+    """Per-token arrays (logical order) from the spans: ids, loss flags, positions (scheme `positions`), copy
+    offsets. The markers of a wrapped copy are text tokens (ids, loss flags, modality TEXT) around its image."""
     ids: list[int] = []
     loss: list[bool] = []
     mods: list[int] = []
@@ -317,12 +399,20 @@ def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index
         if s.kind == Modality.TEXT:
             ids += s.token_ids
             loss += s.loss
-        else:
+            mods += [int(s.kind)] * s.length
+        elif s.markers:
+            n = s.length - 2
+            copy_start[s.image][s.kind] = len(ids) + 1
+            ids += [s.markers[0], *([0] * n), s.markers[1]]
+            loss += [s.loss[0], *([False] * n), s.loss[1]]
+            mods += [int(Modality.TEXT), *([int(s.kind)] * n), int(Modality.TEXT)]
+        elif s.length:
             copy_start[s.image][s.kind] = len(ids)
             ids += [0] * s.length
             loss += [False] * s.length
-        mods += [int(s.kind)] * s.length
-    position_ids, _ = il_rope_positions([Span(s.kind, s.length, s.image) for s in spans], [im.grid for im in images])
+            mods += [int(s.kind)] * s.length
+    pos_spans = [Span(s.kind, s.length, s.image, markers=bool(s.markers)) if s.length else None for s in spans]
+    position_ids, _ = sequence_positions(positions, pos_spans, [im.grid for im in images])
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     is_text = torch.tensor(mods) == Modality.TEXT

@@ -6,6 +6,8 @@
 - `edit_judge`: did a multi-turn edit change what it was told and keep everything else.
 - `suites.run_suite`: the shapes, digits, vqa and interleaved suites; `generation`: the single place that asks
   a model to generate; `cli`: `mogao eval`.
+- `export.export_benchmark`: a benchmark's generations in the layout its own scorer reads (`scorer_layouts`:
+  GenEval, DPG-Bench, ImgEdit, GEdit-Bench, ISG-Bench), resumable; `mogao eval --export`.
 """
 
 from mogao.eval.suites import DEFAULT_N, SUITES, run_suite

@@ -5,6 +5,16 @@ write results.json.
     mogao eval --ckpt runs/demo/3-interleaved/model --suite all --n 16 --seed 1
     mogao eval --untrained --suite all --out untrained.json
 
+With --export BENCH it instead writes a benchmark's generations in the layout of the benchmark's own scorer
+(GenEval, DPG-Bench, ImgEdit, GEdit-Bench, ISG-Bench; `mogao.eval.export`), from the benchmark's own input
+file, and prints the scorer command to run next:
+
+    mogao eval --ckpt MODEL --export geneval --prompts evaluation_metadata.jsonl --out exp/geneval \
+        [--samples N] [--seed S] [--resolution R] [--cfg G] [--cfg-image G] [--batch-size B] [--steps N]
+
+An interrupted export continues where it stopped when run again with the same options (and gives the same
+files); exit status 1 when an item could not be made (listed, and recorded in the export's manifest.json).
+
 results.json holds, per suite, the scores of every category (all / held-out / seen, with counts), the judges'
 descriptions, the generation settings, the wall time and every judged item; and at the top the checkpoint,
 `n` and `seed`. Bad arguments, a missing or invalid checkpoint, or an unknown suite raise ConfigError
@@ -15,12 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mogao.errors import ConfigError
+from mogao.eval.scorer_layouts import BENCHMARKS
 from mogao.eval.suites import DEFAULT_N, SUITES, run_suite
+
+SUITE_STEPS = 20  # Euler steps per image of the suites (an export's default: 30, as `mogao generate`)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,17 +51,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, help="items per suite (default per suite: "
                     + ", ".join(f"{k} {v}" for k, v in DEFAULT_N.items()) + ")")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise (default 0)")
-    ap.add_argument("--steps", type=int, default=20, help="Euler steps per image (default 20)")
+    ap.add_argument("--steps", type=int, help=f"Euler steps per image (default {SUITE_STEPS}; with --export 30)")
     ap.add_argument("--shift", type=float, default=None,
                     help="σ schedule shift of the sampler (default: the model's training shift, as mogao generate)")
-    ap.add_argument("--cfg", type=float, help="guidance scale (default per suite: 3 for t2i, 2 for edits)")
+    ap.add_argument("--cfg", type=float, help="guidance scale (default per suite: 3 for t2i, 2 for edits; with "
+                    "--export: the text scale γ, default 7.5)")
     ap.add_argument("--image-size", type=int, default=32, help="generated image side in pixels (default 32)")
-    ap.add_argument("--batch-size", type=int, default=16, help="contexts per generation call (default 16)")
+    ap.add_argument("--batch-size", type=int, help="contexts per generation call (default 16; with --export 8)")
     ap.add_argument("--cache-dir", help="where the digits judge's network is cached (default ~/.cache/mogao)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (default 1: fastest for tiny models, and immune to a busy machine's "
                          "thread contention; raise it for large models on CPU)")
-    ap.add_argument("--out", help="write the results as JSON to this file")
+    ap.add_argument("--out", help="write the results as JSON to this file (with --export: the export folder)")
+    ex = ap.add_argument_group("export for a benchmark's own scorer (mogao.eval.export)")
+    ex.add_argument("--export", metavar="BENCH", help=" | ".join(BENCHMARKS))
+    ex.add_argument("--prompts", help="the benchmark's own input: GenEval evaluation_metadata.jsonl, DPG-Bench's "
+                    "folder of .txt prompts, ImgEdit basic_edit.json, a local JSONL/JSON of GEdit-Bench's rows, "
+                    "ISG-Bench.jsonl")
+    ex.add_argument("--images", help="root of the input images (ImgEdit: required, the source images; GEdit-Bench, "
+                    "ISG-Bench: default the input file's folder)")
+    ex.add_argument("--samples", type=int, help="images per prompt (GenEval default 4; DPG-Bench 4; else 1)")
+    ex.add_argument("--resolution", type=int, help="image side in pixels, a multiple of the model's VAE patch "
+                    "(edits keep the source's aspect at the same area; default: the model's default size)")
+    ex.add_argument("--cfg-image", type=float, default=1.5, help="condition-image guidance scale γ_img (default 1.5)")
+    ex.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                    help="σ range where guidance applies (default 0 1)")
+    ex.add_argument("--max-images", type=int, default=4, help="ISG: most images in one answer (default 4)")
+    ex.add_argument("--max-new-tokens", type=int, default=256, help="ISG: most text tokens in one answer (default 256)")
+    ex.add_argument("--limit", type=int, help="only the first N items (a later run may raise or drop it)")
+    ex.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    ex.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="weights' dtype (default: bfloat16 on CUDA, float32 on CPU)")
     return ap
 
 
@@ -98,6 +132,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mogao.eval.models import load_checkpoint, untrained_model
 
     suites = parse_suites(args.suite)
+    steps = SUITE_STEPS if args.steps is None else args.steps
+    batch_size = 16 if args.batch_size is None else args.batch_size
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads} is invalid; give a number >= 1")
     torch.set_num_threads(args.threads)
@@ -115,8 +151,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         for name in suites:
             task = bar.add_task(f"eval {name}", total=None)
             start = time.perf_counter()
-            res = run_suite(model, tok, name, args.n, args.seed, steps=args.steps, cfg=args.cfg,
-                            image_size=args.image_size, batch_size=args.batch_size, cache_dir=args.cache_dir,
+            res = run_suite(model, tok, name, args.n, args.seed, steps=steps, cfg=args.cfg,
+                            image_size=args.image_size, batch_size=batch_size, cache_dir=args.cache_dir,
                             shift=args.shift,
                             progress=lambda done, total, task=task: bar.update(task, completed=done, total=total))
             res["wall_s"] = round(time.perf_counter() - start, 2)
@@ -125,9 +161,85 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def export(args: argparse.Namespace) -> int:
+    """`mogao eval --export`: load the model, export with a progress bar, print what was made and the scorer
+    commands; 0, or 1 when an item could not be made."""
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mogao.errors import printable
+    from mogao.eval.export import ExportOptions, export_benchmark
+    from mogao.eval.models import load_checkpoint, untrained_model
+    from mogao.eval.scorer_layouts import read_benchmark
+
+    if args.export not in BENCHMARKS:
+        raise ConfigError(f"--export {args.export!r} is unknown; valid benchmarks: {', '.join(BENCHMARKS)}")
+    if args.suite or args.n is not None:
+        raise ConfigError("--export makes a benchmark's files; --suite and --n belong to the built-in suites")
+    if not args.prompts or not args.out:
+        raise ConfigError("--export needs --prompts (the benchmark's own input file) and --out (the export folder)")
+    if args.ckpt is None and not args.untrained:
+        raise ConfigError("give --ckpt MODEL_DIR (a saved model) or --untrained (a random baseline)")
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads} is invalid; give a number >= 1")
+    read_benchmark(args.export, args.prompts, args.images, args.samples)  # bad input: said before the model loads
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    opts = ExportOptions(
+        benchmark=args.export, prompts=args.prompts, out=args.out, images=args.images, samples=args.samples,
+        seed=args.seed, resolution=args.resolution, steps=30 if args.steps is None else args.steps, shift=args.shift,
+        cfg=7.5 if args.cfg is None else args.cfg, cfg_image=args.cfg_image, cfg_interval=tuple(args.cfg_interval),
+        max_images=args.max_images, max_new_tokens=args.max_new_tokens,
+        batch_size=8 if args.batch_size is None else args.batch_size, limit=args.limit)
+    if args.untrained:
+        model, tok = untrained_model(args.recipe, tokenizer=args.tokenizer, seed=args.seed)
+        name = f"untrained:{args.recipe}"
+    else:
+        model, tok = load_checkpoint(args.ckpt, args.tokenizer)
+        name = str(Path(args.ckpt).expanduser().resolve())
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+    unit = "answers" if args.export == "isg" else "images"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(f"export {args.export}", total=None)
+        result = export_benchmark(model, tok, opts, model_name=name,
+                                  run_info={"device": str(device), "dtype": dtype, "threads": args.threads},
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    rate = f", {result.images_per_s:.3f} images/s" if result.images_per_s else ""
+    print(f"{result.items} items in {result.out}: {result.made} images made in {result.wall_s:.1f} s{rate}; "
+          f"manifest: {result.out / 'manifest.json'}")
+    for f in result.failures:
+        print(f"FAILED {printable(f['key'])}" + (f" sample {f['sample']}" if "sample" in f else "")
+              + f": {printable(f['error'])[:300]}", file=sys.stderr)
+    if result.failures:
+        print(f"{len(result.failures)} item(s) could not be made (recorded in the manifest); their files are "
+              "missing, and a rerun tries them again", file=sys.stderr)
+    elif not result.complete:
+        print("the export is incomplete (--limit); run again without it to finish", file=sys.stderr)
+    print("score it with the benchmark's own scorer (in its repository and environment):")
+    for cmd in result.commands:
+        print(f"  {cmd}")
+    return 1 if result.failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`mogao eval ...`: returns 0; raises ConfigError for bad arguments (the `mogao` entry point exits 2)."""
+    """`mogao eval ...`: returns 0 (an export with failures: 1); raises ConfigError for bad arguments (the
+    `mogao` entry point exits 2)."""
     args = build_parser().parse_args(argv)
+    if args.export is not None:
+        return export(args)
+    for flag in ("prompts", "images", "samples", "resolution", "limit", "device", "dtype"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag} belongs to --export; the built-in suites do not take it")
     results = evaluate(args)
     print_tables(results)
     if args.out:

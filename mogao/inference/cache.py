@@ -8,8 +8,10 @@ training uses (text/ViT queries do not see VAE keys when `text_sees_vae` is fals
 clean cached context and itself). With `commit=True` the new tokens' keys and values are appended to their
 rows; a noisy image block is evaluated with `commit=False` at every sampling step and never enters the cache.
 
-IL-RoPE positions come from the rule the lowering uses (`mogao.sequence.positions`); each row keeps its next
-T, so the positions equal those of the packed training sequence of the same content.
+Positions come from the rule the lowering uses (`mogao.sequence.positions`, under the model's scheme); each row
+keeps its next T, so the positions equal those of the packed training sequence of the same content. An image
+copy wrapped in its own markers (BAGEL's sequence format) is one piece with `markers`: its two marker tokens are
+read by the understanding expert and belong to the copy's block, as in `TokenLayout`.
 
 A step is one call of the model's own forward on `SequenceInputs` (the new tokens in physical order): the input
 embeddings and the timestep modulation come from `MogaoModel.embed_inputs`, the path the training forward
@@ -27,7 +29,8 @@ from torch import Tensor
 
 from mogao.attention.mask import ectf_allowed
 from mogao.model.mogao import MogaoModel, SequenceInputs
-from mogao.sequence import Modality, Span, il_rope_positions
+from mogao.sequence import Modality, Span
+from mogao.sequence.positions import grid_cells, sequence_positions
 
 _UND = (Modality.TEXT, Modality.VIT)
 
@@ -38,7 +41,9 @@ class Piece:
 
     TEXT: `ids` (n,). VIT / VAE_CLEAN: `pixels` (3, gh*patch, gw*patch) in [0, 1] for that encoder, `grid`.
     VAE_NOISY: `tokens` (gh*gw, token_dim) the current x_σ, `sigma`, `grid`.
-    Consecutive image pieces of one row are copies of one image: they share the IL-RoPE T.
+    markers: (begin id, end id) of an image copy wrapped in its own markers (BAGEL's format; counted in `length`).
+    Consecutive image pieces of one row are copies of one image (the noisy one first, each kind once; a kind
+    again starts the next image): they share the IL-RoPE T.
     """
 
     kind: Modality
@@ -47,12 +52,16 @@ class Piece:
     tokens: Tensor | None = None
     sigma: float | None = None
     grid: tuple[int, int] | None = None
+    markers: tuple[int, int] | None = None
 
     @property
     def length(self) -> int:
         if self.kind == Modality.TEXT:
             return int(self.ids.numel())
-        return self.grid[0] * self.grid[1]
+        return self.grid[0] * self.grid[1] + (2 if self.markers else 0)
+
+    def span(self, image: int) -> Span:
+        return Span(self.kind, self.length, -1 if self.kind == Modality.TEXT else image, markers=bool(self.markers))
 
 
 def text_piece(ids: list[int] | Tensor) -> Piece:
@@ -116,6 +125,17 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` hold exactly what row `src` holds (keys, values, ids, length, next T): a snapshot of a
+        context that then grows apart (BAGEL's guidance branch without the last text)."""
+        n = self.lengths[src]
+        if n:
+            for t in (*self.k, *self.v):
+                t[dst, :, :n] = t[src, :, :n]
+            for t in (self.order, self.modality, self.block):
+                t[dst, :n] = t[src, :n]
+        self.lengths[dst], self.next_t[dst] = n, self.next_t[src]
 
 
 @dataclass
@@ -208,15 +228,61 @@ class _CachedAttention:
             self.cache.v[layer][r, :, start:start + m] = vr[i, :, :m]
 
 
-def _positions(pieces: list[Piece], t0: int) -> tuple[list[Tensor], int]:
-    """IL-RoPE positions (3, n) of each piece of one row starting at T = t0, and the row's next T."""
+def _positions(pieces: list[Piece], t0: int, scheme: str = "il_rope") -> tuple[list[Tensor], list[Tensor], int]:
+    """Positions (3, n) and grid cells (2, n) of each piece of one row starting at T = t0 (position scheme
+    `scheme`), and the row's next T."""
     spans, grids = [], []
-    for i, p in enumerate(pieces):
-        if p.kind != Modality.TEXT and (i == 0 or pieces[i - 1].kind == Modality.TEXT):
-            grids.append(p.grid)  # a new image: consecutive image pieces are copies of one image
-        spans.append(Span(p.kind, p.length, -1 if p.kind == Modality.TEXT else len(grids) - 1))
-    pos, t = il_rope_positions(spans, grids, t0)
-    return list(pos.split([p.length for p in pieces], 1)), t
+    kinds: set[Modality] = set()  # the copies of the current image so far
+    for p in pieces:
+        if p.kind == Modality.TEXT:
+            kinds = set()
+        elif not kinds or p.kind in kinds or p.kind == Modality.VAE_NOISY:
+            # a new image: consecutive image pieces are copies of one image, the noisy one first, each kind once
+            # (BAGEL's format puts no text between two images)
+            grids.append(p.grid)
+            kinds = {p.kind}
+        else:
+            kinds.add(p.kind)
+        spans.append(p.span(len(grids) - 1))
+    pos, t = sequence_positions(scheme, spans, grids, t0)
+    sizes = [p.length for p in pieces]
+    return list(pos.split(sizes, 1)), list(grid_cells(spans, grids).split(sizes, 1)), t
+
+
+def next_position(pieces: list[Piece], t0: int, scheme: str = "il_rope") -> int:
+    """The position (T) that follows `pieces` appended to a row whose next T is t0."""
+    return _positions(pieces, t0, scheme)[2]
+
+
+@dataclass
+class _Run:
+    """A run of new tokens of one row that one expert reads: a whole piece, or the begin marker, the image or
+    the end marker of a wrapped copy. `route`: TEXT for markers, else the piece's kind."""
+
+    row: int
+    piece: Piece
+    k: int  # the piece's index among its row's pieces
+    slot: int
+    length: int
+    route: Modality
+    ids: Tensor | None
+    pos: Tensor
+    cells: Tensor
+
+
+def _runs(i: int, pieces: list[Piece], pos: list[Tensor], cells: list[Tensor]) -> list[_Run]:
+    out, slot = [], 0
+    for k, (p, pp, pc) in enumerate(zip(pieces, pos, cells)):
+        if p.markers:
+            n = p.length - 2
+            out += [_Run(i, p, k, slot, 1, Modality.TEXT, torch.tensor([p.markers[0]]), pp[:, :1], pc[:, :1]),
+                    _Run(i, p, k, slot + 1, n, p.kind, None, pp[:, 1:-1], pc[:, 1:-1]),
+                    _Run(i, p, k, slot + n + 1, 1, Modality.TEXT, torch.tensor([p.markers[1]]), pp[:, -1:],
+                         pc[:, -1:])]
+        else:
+            out.append(_Run(i, p, k, slot, p.length, p.kind, p.ids if p.kind == Modality.TEXT else None, pp, pc))
+        slot += p.length
+    return out
 
 
 @torch.no_grad()
@@ -233,53 +299,53 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
         raise ValueError("cached_forward: a noisy block is evaluated, never committed (commit=False)")
     dev = next(model.parameters()).device
     num_layers = len(model.backbone.layers)
+    scheme = model.cfg.positions
 
-    # per piece: its row, its slot offset inside the row's new tokens, its positions
-    entries = []  # (row i, piece, slot start, positions)
+    # the new tokens as runs, each with its row, its slot inside the row's new tokens and its positions
+    runs: list[_Run] = []
     next_t = []
     for i, (r, ps) in enumerate(zip(rows, pieces)):
-        pos, t_after = _positions(ps, cache.next_t[r])
+        pos, cells, t_after = _positions(ps, cache.next_t[r], scheme)
         next_t.append(t_after)
-        slot = 0
-        for p, ppos in zip(ps, pos):
-            entries.append((i, p, slot, ppos))
-            slot += p.length
-    und = [e for e in entries if e[1].kind in _UND]
-    gen = [e for e in entries if e[1].kind not in _UND]
+        runs += _runs(i, ps, pos, cells)
+    und = [e for e in runs if e.route in _UND]
+    gen = [e for e in runs if e.route not in _UND]
     physical = und + gen
-    n_und = sum(e[1].length for e in und)
+    n_und = sum(e.length for e in und)
 
     # the model's inputs in physical order
     ids, vit_px, vit_rows, clean_px, clean_rows = [], [], [], [], []
     noisy_tok, noisy_rows, noisy_target, sigmas = [], [], [], []
     row = 0
-    for _, p, _, _ in physical:
-        rows_p = torch.arange(row, row + p.length)
-        ids.append(p.ids.reshape(-1) if p.kind == Modality.TEXT else torch.zeros(p.length, dtype=torch.long))
-        if p.kind == Modality.VIT:
+    for e in physical:
+        p = e.piece
+        rows_p = torch.arange(row, row + e.length)
+        ids.append(e.ids.reshape(-1) if e.route == Modality.TEXT else torch.zeros(e.length, dtype=torch.long))
+        if e.route == Modality.VIT:
             vit_px.append(p.pixels.to(dev))
             vit_rows.append(rows_p)
-        elif p.kind == Modality.VAE_CLEAN:
+        elif e.route == Modality.VAE_CLEAN:
             clean_px.append(p.pixels.to(dev))
             clean_rows.append(rows_p)
-        elif p.kind == Modality.VAE_NOISY:
+        elif e.route == Modality.VAE_NOISY:
             noisy_tok.append(p.tokens.to(dev))
             noisy_rows.append(rows_p)
-            noisy_target.append(torch.full((p.length,), len(sigmas), dtype=torch.long))
+            noisy_target.append(torch.full((e.length,), len(sigmas), dtype=torch.long))
             sigmas.append(float(p.sigma))
-        row += p.length
+        row += e.length
 
     def rows_of(parts: list[Tensor]) -> Tensor | None:
         return torch.cat(parts).to(dev) if parts else None
 
     inputs = SequenceInputs(
-        torch.cat(ids).to(dev), torch.cat([e[3] for e in physical], 1).to(dev), n_und,
+        torch.cat(ids).to(dev), torch.cat([e.pos for e in physical], 1).to(dev), n_und,
+        grid_cells=None if scheme == "il_rope" else torch.cat([e.cells for e in physical], 1).to(dev),
         vit_pixels=vit_px, vit_index=rows_of(vit_rows), clean_pixels=clean_px, clean_index=rows_of(clean_rows),
         noisy_tokens=torch.cat(noisy_tok) if noisy_tok else None, noisy_index=rows_of(noisy_rows),
         noisy_target=rows_of(noisy_target),
         sigmas=torch.tensor(sigmas, dtype=torch.float32, device=dev) if sigmas else None)
 
-    # row slots -> physical index; per-slot ECTF ids
+    # row slots -> physical index; per-slot ECTF ids (a marker has its copy's kind and block)
     b = len(rows)
     n = max(sum(p.length for p in ps) for ps in pieces)
     gather = torch.zeros(b, n, dtype=torch.long)
@@ -287,18 +353,22 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     q_order = torch.zeros(b, n, dtype=torch.long)
     q_mod = torch.zeros(b, n, dtype=torch.long)
     q_block = torch.full((b, n), -1, dtype=torch.long)
-    phys = 0
+    block_of: dict[tuple[int, int], int] = {}  # (row, piece) -> the piece's block, numbered in physical order
     block = cache.next_block
-    for i, p, slot, _ in physical:
-        sl = slice(slot, slot + p.length)
-        gather[i, sl] = torch.arange(phys, phys + p.length)
+    phys = 0
+    for e in physical:
+        i, p = e.row, e.piece
+        sl = slice(e.slot, e.slot + e.length)
+        gather[i, sl] = torch.arange(phys, phys + e.length)
         valid[i, sl] = True
-        q_order[i, sl] = cache.lengths[rows[i]] + torch.arange(slot, slot + p.length)
+        q_order[i, sl] = cache.lengths[rows[i]] + torch.arange(e.slot, e.slot + e.length)
         q_mod[i, sl] = int(p.kind)
         if p.kind != Modality.TEXT:
-            q_block[i, sl] = block
-            block += 1
-        phys += p.length
+            if (i, e.k) not in block_of:
+                block_of[i, e.k] = block
+                block += 1
+            q_block[i, sl] = block_of[i, e.k]
+        phys += e.length
     if commit:
         cache.next_block = block
     need = max(cache.lengths[r] + int(valid[i].sum()) for i, r in enumerate(rows)) if commit else 0
@@ -308,9 +378,9 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
     if und:
         last_und: dict[int, int] = {}
         off = 0
-        for i, p, _, _ in und:
-            off += p.length
-            last_und[i] = off - 1
+        for e in und:
+            off += e.length
+            last_und[e.row] = off - 1
         idx = [last_und.get(i, -1) for i in range(b)]
     logit_rows = torch.tensor([j if j >= 0 else 0 for j in idx], dtype=torch.long, device=dev) if idx else None
     out = model(inputs, attention=attention, logit_rows=logit_rows)
@@ -322,9 +392,9 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
         logits[torch.tensor([j < 0 for j in idx], device=logits.device)] = float("nan")
     velocities: list[list[Tensor]] = [[] for _ in rows]
     if out.velocity is not None:
-        noisy_pieces = [(i, p) for i, p, _, _ in gen if p.kind == Modality.VAE_NOISY]
-        for (i, _), v in zip(noisy_pieces, out.velocity.split([p.length for _, p in noisy_pieces])):
-            velocities[i].append(v.float())
+        noisy_runs = [e for e in gen if e.route == Modality.VAE_NOISY]
+        for e, v in zip(noisy_runs, out.velocity.split([e.length for e in noisy_runs])):
+            velocities[e.row].append(v.float())
 
     if commit:
         for i, r in enumerate(rows):

@@ -3,6 +3,9 @@
     mogao generate --ckpt RUN/model --prompt "Draw a red circle." [--image in.png ...] [--draw] --out DIR
     mogao chat --ckpt RUN/model [--out DIR]            (lines from stdin; /draw TEXT, /image PATH, /quit)
 
+Guidance is Mogao's multi-modal CFG, or BAGEL's with `--cfg-mode bagel` (its branches, formula, interval rule
+and renorm, `--cfg-renorm-type`); `mogao generate --noise N.npy` starts the image from the given noise.
+
 MODEL_DIR is a saved model directory as a fit writes it (`<run>/model`: mogao_config.json, model.safetensors
 and the tokenizer). Errors a user can cause are printed as one line naming the argument or file (exit 2).
 `--out` must be new or empty unless `--overwrite` is given, and an input image is never written over. What the
@@ -17,8 +20,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mogao.bagel.rules import RENORM_TYPES
 from mogao.data.check import printable
 from mogao.errors import ConfigError, MogaoError
+from mogao.inference.guidance import GUIDANCE_MODES
 
 _MODEL_TEXT_KEEP = "\n\t"  # control characters model text may print as they are
 
@@ -47,9 +52,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-text", type=float, default=7.5, help="text guidance scale γ (1 = none)")
     p.add_argument("--cfg-image", type=float, default=1.5, help="image guidance scale γ_img (1 = none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
-                   help="σ range where guidance applies")
+                   help="σ range where guidance applies (mogao: LO <= σ <= HI; bagel: LO < σ <= HI)")
     p.add_argument("--cfg-renorm", type=float, default=None, metavar="MIN",
-                   help="rescale the guided velocity to at most the conditional one's norm, by at least MIN")
+                   help="rescale the guided velocity to at most the conditional one's norm, by at least MIN "
+                        "(--cfg-mode bagel renormalises always, by at least 0 unless given)")
+    p.add_argument("--cfg-mode", choices=GUIDANCE_MODES, default="mogao",
+                   help="guidance branches and formula: mogao (full / image only / none) or bagel (full / text "
+                        "dropped / images dropped, BAGEL's nested formula)")
+    p.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, default="global",
+                   help="what renorm measures: the whole image, each token (channel), or each token after the "
+                        "text step only (text_channel, --cfg-mode bagel)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
@@ -85,8 +97,32 @@ def _configs(args: argparse.Namespace):
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, max_images=args.max_images, image_size=size,
                            steps=args.steps, shift=args.shift, temperature=args.temperature, seed=args.seed)
     guidance = Guidance(text_scale=args.cfg_text, image_scale=args.cfg_image, interval=tuple(args.cfg_interval),
-                        renorm=args.cfg_renorm is not None, renorm_min=args.cfg_renorm or 0.0)
+                        renorm=True if args.cfg_renorm is not None else None, renorm_min=args.cfg_renorm or 0.0,
+                        mode=args.cfg_mode, renorm_type=args.cfg_renorm_type)
     return cfg, guidance
+
+
+MAX_NOISE_VALUES = 1 << 26  # the largest noise array read (far above any image's latent)
+
+
+def load_noise(path: str):
+    """A starting noise from a .npy file (read without pickles: a file cannot run code) as a float32 tensor:
+    latent tokens (gh*gw, token_dim) or an autoencoder latent (C, h, w). ConfigError naming the file."""
+    import numpy as np
+    import torch
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--noise '{path}' is not a file (give a .npy array saved with numpy.save)")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        if arr.ndim not in (2, 3) or arr.size > MAX_NOISE_VALUES or arr.dtype.kind != "f":
+            raise ValueError(f"a float array of 2 or 3 dimensions is needed, got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(np.array(arr, dtype=np.float32))
+    except ValueError as e:
+        raise ConfigError(f"--noise '{path}': {e}") from e
+    except OSError as e:
+        raise ConfigError(f"--noise '{path}' cannot be read as a .npy array: {e}") from e
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -100,6 +136,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt", required=True, help="the user's text")
     p.add_argument("--image", action="append", default=[], help="input image (repeatable), before the prompt")
     p.add_argument("--draw", action="store_true", help="make the answer begin with an image (t2i, editing)")
+    p.add_argument("--noise", action="append", default=[], metavar="NPY",
+                   help="starting noise of the answer's images in order (repeatable): a .npy float array, latent "
+                        "tokens (gh*gw, token_dim) or an autoencoder latent (C, h, w); default: seeded")
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="write into --out even when it is not empty")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -111,10 +150,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 
         check_prompt(args.prompt, "--prompt")
         cfg, guidance = _configs(args)
+        noise = [load_noise(n) for n in args.noise]
         model, tokenizer = _load(args)
         session = GenerationSession(model, tokenizer, 1, cfg, guidance, progress=True)
         session.add_user_turn([[*({"image": i} for i in args.image), {"text": args.prompt}]])
-        response = session.respond(draw=args.draw)[0]
+        response = session.respond(draw=args.draw, noise=[noise] if noise else None)[0]
         paths = save_conversation(session.history[0], Path(args.out), title=args.prompt[:80],
                                   settings=_settings(args))
     except MogaoError as e:

@@ -4,7 +4,9 @@ Each builds a `GenerationSession` with one conversation per prompt, adds the use
 response; `chat` keeps a session across turns (previous turns' text and images stay in the cache).
 
 A turn is a list of segments `{"text": str}` / `{"image": path | PIL image}`; segments in the sample format
-(e.g. with a `loss` flag) are taken as they are, other keys ignored. `draw_images` and `text_replies` take
+(e.g. with a `loss` flag) are taken as they are, other keys ignored. The tasks that draw take `noise`: per
+prompt, the starting noise of its image(s) (`noise.NoiseInput`: tokens or an autoencoder latent), so that a
+sample can be reproduced exactly; None (or None for a prompt) draws it from the seeded generator. `draw_images` and `text_replies` take
 such turns (the general forms of `text_to_image` / `edit_image` and of `answer`); every caller that generates
 (`mogao generate` / `chat` / `eval`, the training's sample grids and exact-match validation, the run report)
 goes through these functions.
@@ -22,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mogao.errors import ConfigError
 from mogao.inference.guidance import Guidance
+from mogao.inference.noise import NoiseInput
 from mogao.inference.session import GenerationConfig, GenerationSession, Response
 from mogao.model.mogao import MogaoModel
 
@@ -29,20 +32,25 @@ ImageInput = str | Path | Image.Image
 
 
 def _run(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: list[list[dict[str, Any]]], draw: bool,
-         config: GenerationConfig | None, guidance: Guidance | None, progress: bool = False) -> list[Response]:
+         config: GenerationConfig | None, guidance: Guidance | None, progress: bool = False,
+         noise: Sequence[NoiseInput] | None = None) -> list[Response]:
     if not turns:
         raise ConfigError("no prompts given")
+    if noise is not None and len(noise) != len(turns):
+        raise ConfigError(f"noise for {len(noise)} prompts, but {len(turns)} prompts given")
     session = GenerationSession(model, tokenizer, len(turns), config, guidance, progress=progress)
     session.add_user_turn(turns)
-    return session.respond(draw=draw)
+    return session.respond(draw=draw, noise=noise)
 
 
 def draw_images(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: Sequence[Sequence[dict[str, Any]]],
-                *, config: GenerationConfig | None = None, guidance: Guidance | None = None) -> list[Image.Image]:
-    """One image per turn: each response begins with an image and ends after it (condition images of the turn
-    get 3-branch CFG, a turn without one 2-branch CFG)."""
+                *, config: GenerationConfig | None = None, guidance: Guidance | None = None,
+                noise: Sequence[NoiseInput] | None = None) -> list[Image.Image]:
+    """One image per turn: each response begins with an image and ends after it (Mogao's guidance: condition
+    images of the turn get 3-branch CFG, a turn without one 2-branch CFG)."""
     cfg = replace(config or GenerationConfig(), max_images=1)
-    return [r.images[0] for r in generate(model, tokenizer, turns, draw=True, config=cfg, guidance=guidance)]
+    return [r.images[0] for r in generate(model, tokenizer, turns, draw=True, config=cfg, guidance=guidance,
+                                          noise=noise)]
 
 
 def text_replies(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: Sequence[Sequence[dict[str, Any]]],
@@ -53,19 +61,21 @@ def text_replies(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, turns: S
 
 
 def text_to_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-                  config: GenerationConfig | None = None, guidance: Guidance | None = None) -> list[Image.Image]:
+                  config: GenerationConfig | None = None, guidance: Guidance | None = None,
+                  noise: Sequence[NoiseInput] | None = None) -> list[Image.Image]:
     """One image per prompt (the response begins with an image and ends after it)."""
-    return draw_images(model, tokenizer, [[{"text": p}] for p in prompts], config=config, guidance=guidance)
+    return draw_images(model, tokenizer, [[{"text": p}] for p in prompts], config=config, guidance=guidance,
+                       noise=noise)
 
 
 def edit_image(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, images: Sequence[ImageInput],
                instructions: Sequence[str], *, config: GenerationConfig | None = None,
-               guidance: Guidance | None = None) -> list[Image.Image]:
+               guidance: Guidance | None = None, noise: Sequence[NoiseInput] | None = None) -> list[Image.Image]:
     """One edited image per (image, instruction): the input image is the condition, 3-branch CFG applies."""
     if len(images) != len(instructions):
         raise ConfigError(f"edit_image: {len(images)} images but {len(instructions)} instructions")
     turns = [[{"image": img}, {"text": text}] for img, text in zip(images, instructions)]
-    return draw_images(model, tokenizer, turns, config=config, guidance=guidance)
+    return draw_images(model, tokenizer, turns, config=config, guidance=guidance, noise=noise)
 
 
 def answer(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str | None], *,
@@ -89,7 +99,8 @@ def answer(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, questions: Seq
 
 def generate(model: MogaoModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict[str, Any]]],
              *, draw: bool = False, config: GenerationConfig | None = None, guidance: Guidance | None = None,
-             progress: bool = False) -> list[Response]:
+             progress: bool = False, noise: Sequence[NoiseInput] | None = None) -> list[Response]:
     """The free-running loop: each prompt (segments `{"text": ...}` / `{"image": ...}`) gets a response of
-    interleaved text and images; `draw` makes every response begin with an image."""
-    return _run(model, tokenizer, [list(p) for p in prompts], draw, config, guidance, progress)
+    interleaved text and images; `draw` makes every response begin with an image. noise: per prompt, the
+    starting noise of its images in order."""
+    return _run(model, tokenizer, [list(p) for p in prompts], draw, config, guidance, progress, noise)

@@ -70,6 +70,16 @@ class ModelConfig:
             of the table, S its native side: the top-left part, no interpolation - BAGEL's NaViT indexing).
         vae_sample_posterior: encode images with a sample of the diffusers VAE's posterior instead of its mean
             (BAGEL samples); in training each image's draw comes from its own seed.
+        positions: the rotary position scheme (`mogao.sequence.positions`). "il_rope": IL-RoPE, all copies of an
+            image at one T with (H, W) their grid cell. "bagel": BAGEL's 1-D RoPE as (p, p, p) - every token of
+            one image copy at one position, text advancing by its length, a clean copy by 1, a noisy copy by 0;
+            each image token's (row, column), which the latent position code and tables read, then comes from
+            the batch's `grid_cells`. The data side follows it (`DataConfig.for_model`).
+        sequence_format: "mogao" (an image's copies inside one <|vision_start|>/<|vision_end|> pair) or "bagel"
+            (every text segment wrapped in <|im_start|>/<|im_end|>, every image copy in its own marker pair,
+            the markers inside the copy's block, copies ordered noisy, clean VAE, ViT; `mogao.sequence.formats`).
+            The lowering and the generation loop follow it; "bagel" needs the attention backend "sdpa_dense" or
+            "flex" (flash_varlen's decomposition has no place for markers inside image blocks).
 
     The loss weights are not part of the model: they are the training module's `lambda_text` / `lambda_image`.
     """
@@ -94,6 +104,8 @@ class ModelConfig:
     vit_position_table: int | None = None
     vit_positions: Literal["interpolate", "navit"] = "interpolate"
     vae_sample_posterior: bool = False
+    positions: Literal["il_rope", "bagel"] = "il_rope"
+    sequence_format: Literal["mogao", "bagel"] = "mogao"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready): every field, `timestep_sampling` as a dict."""

@@ -17,10 +17,11 @@ class PackedBatch:
     order of the images inside each sample). Every image has a ViT copy of gh*gw tokens; generation targets also
     have a noisy VAE copy, and images whose clean VAE copy some token reads a clean VAE copy, of gh*gw tokens each.
 
-    input_ids:      (N,)  text token ids at TEXT positions, 0 elsewhere
+    input_ids:      (N,)  text token ids at text positions (markers of wrapped copies included), 0 elsewhere
     labels:         (N,)  next-token CE target of each token (-100 where none): the label of a text token is the
                           next logical token when that token is loss-bearing text (incl. begin-of-image markers)
-    position_ids:   (3, N) IL-RoPE positions (T, H, W)
+    position_ids:   (3, N) rotary positions (T, H, W) under the model's position scheme (IL-RoPE, or BAGEL's
+                          1-D positions as (p, p, p)); each image token's grid cell is `grid_cells`
     vit_pixels:     I tensors (3, gh*vit_patch, gw*vit_patch), float in [0, 1]
     vae_pixels:     I tensors (3, gh*vae_patch, gw*vae_patch), float in [0, 1]
     image_grid:     (I, 2) token grid (gh, gw) of each image
@@ -68,6 +69,26 @@ class PackedBatch:
         """(I,) bool: the images whose VAE latents the forward needs (a clean copy or a noisy one); the others
         are read through their ViT copy only."""
         return self.image_has_clean | self.image_is_target
+
+    @property
+    def grid_cells(self) -> torch.Tensor:
+        """(2, N) int64 (row, column) of every image token in its image's token grid (0 for text tokens), from
+        the images' grids and copy indexes (every copy is row-major): what the latent position code and tables
+        read, whatever the position scheme (under IL-RoPE it equals rows 1 and 2 of `position_ids`)."""
+        cells = torch.zeros(2, self.num_tokens, dtype=torch.long, device=self.input_ids.device)
+        grids = self.image_grid.to(cells.device)
+        every = torch.ones(grids.shape[0], dtype=torch.bool, device=cells.device)
+        for images, index in ((every, self.vit_index), (self.image_has_clean, self.vae_clean_index),
+                              (self.image_is_target, self.noisy_index)):
+            g = grids[images.to(cells.device)]
+            if not index.numel():
+                continue
+            counts = g[:, 0] * g[:, 1]
+            width = g[:, 1].repeat_interleave(counts)
+            first = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+            within = torch.arange(int(counts.sum()), device=cells.device) - first  # row-major cell number
+            cells[:, index.to(cells.device)] = torch.stack((within // width, within % width))
+        return cells
 
     @property
     def padding_fraction(self) -> float:

@@ -1,8 +1,19 @@
-"""The one IL-RoPE position rule, shared by the lowering (training) and the KV-cached forward (inference).
+"""The rotary position rules, shared by the lowering (training) and the KV-cached forward (inference), and the grid
+cell of every image token.
 
-Positions are (T, H, W) per token, in logical order. A text token is (t, t, t), t advancing by one per token.
-All copies of one image (noisy VAE, ViT, clean VAE, adjacent in the sequence) share T = the next t, with (H, W)
-the token's (row, column) in the image's token grid; the token after the image's last copy continues at T + 1.
+Positions are (T, H, W) per token, in logical order, under one of two schemes (`mogao.sequence.formats`):
+
+- IL-RoPE (`il_rope_positions`): a text token is (t, t, t), t advancing by one per token. All copies of one
+  image (noisy VAE, ViT, clean VAE, adjacent in the sequence) share T = the next t, with (H, W) the token's
+  (row, column) in the image's token grid; the token after the image's last copy continues at T + 1. The
+  markers of a wrapped copy (`Span.markers`) are at (T, T, T).
+- BAGEL's 1-D positions (`bagel_positions`), as (p, p, p): a text span of n tokens takes p .. p+n-1; every
+  token of one image copy (its markers included) takes one p, and the next span starts at p + 1 - or at p for
+  a noisy copy, which the clean copy after it shares. A copy left out of the sequence (an entry None) still
+  advances p by 1.
+
+`grid_cells` gives each image token its (row, column) whatever the scheme: under IL-RoPE it equals (H, W), under
+BAGEL's scheme the positions do not hold it and the model reads it from there.
 """
 
 from __future__ import annotations
@@ -11,16 +22,25 @@ from collections.abc import Sequence
 
 import torch
 
+from mogao.sequence.formats import POSITION_SCHEMES, check_choice
 from mogao.sequence.layout import Span
 from mogao.sequence.modality import Modality
+
+
+def _grid(span: Span, grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    gh, gw = grids[span.image]
+    if gh * gw != span.image_tokens:
+        raise ValueError(f"image {span.image}: a {span.kind.name} copy of {span.image_tokens} tokens on a {gh}x{gw} "
+                         "grid")
+    return gh, gw
 
 
 def il_rope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0
                       ) -> tuple[torch.Tensor, int]:
     """(3, n) int64 positions of `spans` (logical order) starting at T = `t0`, and the next T after them.
 
-    grids[i] is the token grid (gh, gw) of image i (the `Span.image` of its copies); an image span's length must
-    be gh * gw. Adjacent spans of the same image are copies of it and share T.
+    grids[i] is the token grid (gh, gw) of image i (the `Span.image` of its copies); an image span's image
+    tokens must number gh * gw. Adjacent spans of the same image are copies of it and share T.
     """
     rows: list[torch.Tensor] = []
     t = t0
@@ -29,13 +49,66 @@ def il_rope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t
             rows.append(torch.arange(t, t + s.length).expand(3, s.length))
             t += s.length
             continue
-        gh, gw = grids[s.image]
-        if gh * gw != s.length:
-            raise ValueError(f"image {s.image}: a {s.kind.name} copy of {s.length} tokens on a {gh}x{gw} grid")
-        rows.append(torch.stack((torch.full((s.length,), t), torch.arange(gh).repeat_interleave(gw),
-                                 torch.arange(gw).repeat(gh))))
+        gh, gw = _grid(s, grids)
+        m = gh * gw
+        image = torch.stack((torch.full((m,), t), torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)))
+        if s.markers:
+            marker = torch.full((3, 1), t)
+            image = torch.cat((marker, image, marker), 1)
+        rows.append(image)
         if n + 1 == len(spans) or spans[n + 1].image != s.image:  # the image's last copy
             t += 1
     if not rows:
         return torch.zeros(3, 0, dtype=torch.long), t
     return torch.cat(rows, 1).long(), t
+
+
+def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Tensor, int]:
+    """(3, n) int64 positions (p, p, p) of `spans` (logical order; None = a copy left out) starting at p = `t0`,
+    and the p the next span starts at: text +length, a noisy copy +0, any other copy +1 (also when left out).
+    This is `mogao.bagel.rules.position_ids` on all three axes (BAGEL's `pack_sequence`, dataset_base.py
+    349-458: one rotary position per token, one per image copy)."""
+    out: list[torch.Tensor] = []
+    p = t0
+    for s in spans:
+        if s is None:
+            p += 1
+        elif s.kind == Modality.TEXT:
+            out.append(torch.arange(p, p + s.length))
+            p += s.length
+        else:
+            out.append(torch.full((s.length,), p))
+            p += 0 if s.kind == Modality.VAE_NOISY else 1
+    if not out:
+        return torch.zeros(3, 0, dtype=torch.long), p
+    flat = torch.cat(out).long()
+    return flat.expand(3, -1).clone(), p
+
+
+def sequence_positions(scheme: str, spans: Sequence[Span | None], grids: Sequence[tuple[int, int]], t0: int = 0
+                       ) -> tuple[torch.Tensor, int]:
+    """Positions of `spans` under the position scheme `scheme` ("il_rope" or "bagel"); an entry None is a copy
+    left out of the sequence (it advances BAGEL's positions, IL-RoPE's not: the image's copies share T)."""
+    if check_choice(scheme, POSITION_SCHEMES, "positions") == "bagel":
+        for s in spans:
+            if s is not None and s.kind != Modality.TEXT:
+                _grid(s, grids)
+        return bagel_positions(spans, t0)
+    return il_rope_positions([s for s in spans if s is not None], grids, t0)
+
+
+def grid_cells(spans: Sequence[Span], grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(2, n) int64 (row, column) of every token of `spans` in its image's token grid, row-major; 0 for text
+    tokens and for the markers of wrapped copies."""
+    parts: list[torch.Tensor] = []
+    for s in spans:
+        if s.kind == Modality.TEXT:
+            parts.append(torch.zeros(2, s.length, dtype=torch.long))
+            continue
+        gh, gw = _grid(s, grids)
+        cells = torch.stack((torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)))
+        if s.markers:
+            none = torch.zeros(2, 1, dtype=torch.long)
+            cells = torch.cat((none, cells, none), 1)
+        parts.append(cells)
+    return torch.cat(parts, 1) if parts else torch.zeros(2, 0, dtype=torch.long)

@@ -275,10 +275,10 @@ class MogaoDataModule(pl.LightningDataModule):
 
     # ---- setup ----------------------------------------------------------------------------------------
     def connect(self, model: Any) -> None:
-        """Lower the data on the token geometry of `model` (a `MogaoModel`): its ViT and latent patch sizes, and
-        whether text reads clean VAE copies. The CLI calls it before setup; without it `data` is used as given."""
-        self.data = replace(self.data, vit_patch=model.vit_patch, vae_patch=model.vae_patch,
-                            drop_unread_vae=not model.cfg.text_sees_vae)
+        """Lower the data on the token geometry and sequence options of `model` (a `MogaoModel`: its ViT and
+        latent patch sizes, whether text reads clean VAE copies, its position scheme and sequence format;
+        `DataConfig.for_model`). The CLI calls it before setup; without it `data` is used as given."""
+        self.data = self.data.for_model(model)
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:

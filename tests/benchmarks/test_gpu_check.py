@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PARTS = ["tests", "attention", "train", "ectf", "generation", "lora", "fsdp2"]
+PARTS = ["tests", "attention", "train", "ectf", "generation", "lora", "export", "fsdp2"]
 
 
 def _run(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -63,6 +63,9 @@ def test_dry_run_writes_every_part(tmp_path):
     assert len(parts["generation"]["rows"]) == 4
     assert {r["mode"]: r["status"] for r in parts["lora"]["rows"]} == {"full": "ok", "lora": "ok",
                                                                         "qlora": "needs CUDA"}
+    export = parts["export"]["rows"]  # `mogao eval --export geneval` at batch 1 and 3: every image made
+    assert [r["batch"] for r in export] == [1, 3]
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 and r["complete"] and r["max_diff"] <= 1 for r in export)
 
     md = (tmp_path / "gpu_check.md").read_text()
     assert "DRY RUN" in md and env["device"] in md
@@ -70,6 +73,7 @@ def test_dry_run_writes_every_part(tmp_path):
         assert f"#### {name}:" in md
     assert "| 1 | - | - | - | - | needs CUDA |" in md  # fsdp2's skeleton row
     assert "32768 flex" in md and "1.5b on" in md  # the rows the GPU run fills, at GPU sizes
+    assert "export (2 rows; batch): 1 · 8" in md
 
 
 def test_a_failing_or_slow_part_is_recorded_and_the_rest_go_on(tmp_path):

@@ -249,7 +249,7 @@ def test_eval_samples_on_the_models_training_shift_unless_told(monkeypatch):
 
     seen = []
 
-    def fake_generate(model, tokenizer, turns, *, draw, config, guidance):
+    def fake_generate(model, tokenizer, turns, *, draw, config, guidance, noise=None):
         seen.append(config.shift)
         return [SimpleNamespace(images=[None]) for _ in turns]
 
