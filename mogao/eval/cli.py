@@ -33,6 +33,7 @@ from typing import Any
 from mogao.errors import ConfigError
 from mogao.eval.scorer_layouts import BENCHMARKS
 from mogao.eval.suites import DEFAULT_N, SUITES, run_suite
+from mogao.inference.guidance import GUIDANCE_MODES, RENORM_TYPES
 
 SUITE_STEPS = 20  # Euler steps per image of the suites (an export's default: 30, as `mogao generate`)
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cfg-image", type=float, default=1.5, help="condition-image guidance scale γ_img (default 1.5)")
     ex.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
                     help="σ range where guidance applies (default 0 1)")
+    ex.add_argument("--cfg-mode", choices=GUIDANCE_MODES, default="mogao",
+                    help="guidance branches and formula: mogao, or bagel for a BAGEL model (see mogao generate)")
+    ex.add_argument("--cfg-renorm-type", choices=RENORM_TYPES, default="global",
+                    help="what the guidance renormalisation measures (default global)")
     ex.add_argument("--max-images", type=int, default=4, help="ISG: most images in one answer (default 4)")
     ex.add_argument("--max-new-tokens", type=int, default=256, help="ISG: most text tokens in one answer (default 256)")
     ex.add_argument("--limit", type=int, help="only the first N items (a later run may raise or drop it)")
@@ -197,6 +202,7 @@ def export(args: argparse.Namespace) -> int:
         benchmark=args.export, prompts=args.prompts, out=args.out, images=args.images, samples=args.samples,
         seed=args.seed, resolution=args.resolution, steps=30 if args.steps is None else args.steps, shift=args.shift,
         cfg=7.5 if args.cfg is None else args.cfg, cfg_image=args.cfg_image, cfg_interval=tuple(args.cfg_interval),
+        cfg_mode=args.cfg_mode, cfg_renorm_type=args.cfg_renorm_type,
         max_images=args.max_images, max_new_tokens=args.max_new_tokens,
         batch_size=8 if args.batch_size is None else args.batch_size, limit=args.limit)
     if args.untrained:

@@ -72,6 +72,8 @@ class ExportOptions:
     cfg: float = 7.5  # γ, text guidance
     cfg_image: float = 1.5  # γ_img, condition-image guidance (edits, ISG queries with images)
     cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_mode: str = "mogao"  # the guidance's branches and formula: "mogao" or "bagel" (`Guidance.mode`)
+    cfg_renorm_type: str = "global"  # `Guidance.renorm_type`
     max_images: int = 4  # ISG: most images in one answer
     max_new_tokens: int = 256  # ISG: most text tokens in one answer
     batch_size: int = 8
@@ -155,7 +157,8 @@ class _Export:
         self.resolution, self.progress = resolution, progress
         self.patch = model.vae_patch
         self.condition_tokens = (resolution // self.patch) ** 2
-        self.guidance = Guidance(text_scale=opts.cfg, image_scale=opts.cfg_image, interval=tuple(opts.cfg_interval))
+        self.guidance = Guidance(text_scale=opts.cfg, image_scale=opts.cfg_image, interval=tuple(opts.cfg_interval),
+                                 mode=opts.cfg_mode, renorm_type=opts.cfg_renorm_type)
         self.failures: list[dict[str, Any]] = []
         self.made = 0
 
@@ -330,7 +333,7 @@ def _version() -> str:
 def _fixed_options(opts: ExportOptions, resolution: int, model_name: str) -> dict[str, Any]:
     """What decides the files: a resumed export must match it."""
     d = asdict(opts)
-    keep = ("benchmark", "samples", "seed", "steps", "shift", "cfg", "cfg_image", "cfg_interval", "max_images",
+    keep = ("benchmark", "samples", "seed", "steps", "shift", "cfg", "cfg_image", "cfg_interval", "cfg_mode", "cfg_renorm_type", "max_images",
             "max_new_tokens")
     fixed = {k: d[k] for k in keep}
     fixed.update(model=model_name, resolution=resolution, cfg_interval=list(opts.cfg_interval),
