@@ -506,7 +506,7 @@ class _Session:
     def add_user_turn(self, turns):
         self.history[0].append(_Segment(text="q", role="user"))
 
-    def respond(self, draw=False):
+    def respond(self, draw=False, **kwargs):
         seg = _Segment(text=self.text)
         self.history[0].append(seg)
         return [_Response([seg])]

