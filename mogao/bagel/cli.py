@@ -24,9 +24,8 @@ def export(model_dir: str | Path, out: str | Path, lora: str | Path | None = Non
     """Write `model_dir` (with `lora` merged in) as a BAGEL folder at `out`; returns `out`."""
     import torch
 
-    from mogao.bagel.folder import is_bagel_folder, load_bagel_tokenizer
-    from mogao.bagel.load import load_any_model, save_bagel_model
-    from mogao.model.io import load_tokenizer
+    from mogao.bagel.load import save_bagel_model
+    from mogao.inference.inputs import load_model_dir
     from mogao.training.consolidate import check_output_dir
 
     src, out = Path(model_dir).expanduser(), Path(out).expanduser()
@@ -34,8 +33,7 @@ def export(model_dir: str | Path, out: str | Path, lora: str | Path | None = Non
         raise ConfigError(f"model folder not found: '{src}'")
     keep = [src] + ([Path(lora).expanduser()] if lora else [])
     check_output_dir(out, False, keep)
-    model = load_any_model(src)
-    tokenizer = load_bagel_tokenizer(src) if is_bagel_folder(src) else load_tokenizer(src)
+    model, tokenizer = load_model_dir(src)  # (a BAGEL folder or a mogao model folder, with its tokenizer)
     if lora is not None:
         from mogao.lora.adapter import _load_adapter, merge_lora
 

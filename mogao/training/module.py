@@ -283,10 +283,10 @@ class MogaoModule(pl.LightningModule):
         norms = None if skip else self._grad_norms()
         if norms is not None:
             # A parameter whose gradient over the whole (global) batch is exactly zero had nothing to learn
-            # from it: every path runs in training (`MogaoModel.forward`), so a batch without generation
-            # targets gives the generation expert zero gradients. It is left out of this update, as if unused
-            # (AdamW would otherwise move it by its momentum and decay it) - the same rule in one process and
-            # on many ranks under any strategy.
+            # from it: in data-parallel training every path runs (`MogaoModel.forward`), so a batch without
+            # generation targets gives the generation expert zero gradients. It is left out of this update, as
+            # a parameter without a gradient is (AdamW would otherwise move it by its momentum and decay it) -
+            # the same rule in one process and on many ranks under any strategy.
             for p, n in zip(*norms):
                 if n == 0.0:
                     p.grad = None
