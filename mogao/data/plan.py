@@ -106,8 +106,12 @@ class DataConfig:
     """The largest image file read (a larger one is a bad sample); only regular files are read, never a FIFO or
     a device."""
     positions: str = "il_rope"
-    """Rotary position scheme: 'il_rope' (IL-RoPE) or 'bagel' (BAGEL's 1-D positions, one per image copy). Set from
-    the model (`ModelConfig.positions`, `for_model`), like the patch sizes."""
+    """Rotary position scheme: 'il_rope' (IL-RoPE), 'mrope' (M-RoPE: image H, W counted from the image's T) or
+    'bagel' (BAGEL's 1-D positions, one per image copy). Set from the model (`ModelConfig.positions`,
+    `for_model`), like the patch sizes."""
+    position_offset: int = 0
+    """The position every sample starts at (0 in training). Another value probes how a model's outputs depend on
+    depth: under a shift-invariant scheme ('mrope', 'bagel') nothing changes (`benchmarks/position_probe.py`)."""
     sequence_format: str = "mogao"
     """'mogao' (one marker pair around all copies of an image) or 'bagel' (<|im_start|>/<|im_end|> around each
     text segment, a marker pair around each image copy, copies ordered noisy, clean VAE, ViT). Set from the model
@@ -134,6 +138,9 @@ class DataConfig:
             raise ConfigError(f"data.max_image_bytes must be >= 1, got {self.max_image_bytes}")
         choose_grid(1, 1, self.max_image_tokens, self.min_grid, self.max_grid)  # raises ConfigError if none fits
         check_choice(self.positions, POSITION_SCHEMES, "data.positions")
+        if isinstance(self.position_offset, bool) or not isinstance(self.position_offset, int) \
+                or self.position_offset < 0:
+            raise ConfigError(f"data.position_offset must be an integer >= 0, got {self.position_offset!r}")
         check_choice(self.sequence_format, SEQUENCE_FORMATS, "data.sequence_format")
 
     def for_model(self, model: Any) -> DataConfig:
@@ -373,7 +380,8 @@ def lower_sample(
     last = segs[kept[-1]]
     eos_loss = last.generate if isinstance(last, ImageSegment) else last.loss
     spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.eos_id,), loss=(eos_loss,)))
-    return _build(sample.id, _merge_text(spans), images, index, tuple(dropped), keep < len(segs), config.positions)
+    return _build(sample.id, _merge_text(spans), images, index, tuple(dropped), keep < len(segs), config.positions,
+                  config.position_offset)
 
 
 def _merge_text(spans: list[PlanSpan]) -> list[PlanSpan]:
@@ -388,7 +396,7 @@ def _merge_text(spans: list[PlanSpan]) -> list[PlanSpan]:
 
 
 def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index: int,
-           dropped: tuple[str, ...], truncated: bool, positions: str = "il_rope") -> SequencePlan:
+           dropped: tuple[str, ...], truncated: bool, positions: str = "il_rope", t0: int = 0) -> SequencePlan:
     """Per-token arrays (logical order) from the spans: ids, loss flags, positions (scheme `positions`), copy
     offsets. The markers of a wrapped copy are text tokens (ids, loss flags, modality TEXT) around its image."""
     ids: list[int] = []
@@ -412,7 +420,7 @@ def _build(sample_id: str, spans: list[PlanSpan], images: list[PlanImage], index
             loss += [False] * s.length
             mods += [int(s.kind)] * s.length
     pos_spans = [Span(s.kind, s.length, s.image, markers=bool(s.markers)) if s.length else None for s in spans]
-    position_ids, _ = sequence_positions(positions, pos_spans, [im.grid for im in images])
+    position_ids, _ = sequence_positions(positions, pos_spans, [im.grid for im in images], t0)
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     is_text = torch.tensor(mods) == Modality.TEXT

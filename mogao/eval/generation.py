@@ -29,9 +29,11 @@ def prompt(text: str) -> dict[str, Any]:
 
 
 def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, seed: int = 0, steps: int = 20,
-                    cfg: float = 3.0, image_size: int = 32, shift: float | None = None) -> list[Image.Image]:
+                    cfg: float = 3.0, image_size: int = 32, shift: float | None = None,
+                    position_offset: int = 0) -> list[Image.Image]:
     """One image per context (`mogao.inference.tasks.draw_images`); image i starts from the noise of `seed + i`.
     shift: of the σ schedule (None: the model's training shift, as `mogao generate` and `mogao chat` sample).
+    position_offset: where each context starts (`GenerationConfig.position_offset`; 0 as in training).
 
     One guidance scale for text and images alike: with γ_img = γ = cfg the multi-modal CFG formula is plain
     CFG against the branch with neither text nor condition images.
@@ -40,20 +42,21 @@ def generate_images(model: Any, tokenizer: Any, contexts: Sequence[Context], *, 
     from mogao.inference.guidance import Guidance
     from mogao.inference.session import GenerationConfig
 
-    config = GenerationConfig(image_size=image_size, steps=steps, shift=shift, seed=seed)
+    config = GenerationConfig(image_size=image_size, steps=steps, shift=shift, seed=seed,
+                              position_offset=position_offset)
     return tasks.draw_images(model, tokenizer, contexts, config=config,
                              guidance=Guidance(text_scale=cfg, image_scale=cfg))
 
 
 def generate_texts(model: Any, tokenizer: Any, contexts: Sequence[Context], *, max_new_tokens: int = 8,
-                   image_size: int = 32) -> list[str]:
+                   image_size: int = 32, position_offset: int = 0) -> list[str]:
     """Greedy text continuation of each context (`mogao.inference.tasks.text_replies`: an answer ends where the
     model would begin an image). Images in a context get the token grid of an `image_size` image, as the
     conditions of `generate_images` do."""
     from mogao.inference import tasks
     from mogao.inference.session import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, image_size=image_size)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, image_size=image_size, position_offset=position_offset)
     return tasks.text_replies(model, tokenizer, contexts, config=config)
 
 
@@ -79,7 +82,8 @@ class Generator(Protocol):
 @dataclass
 class ModelGenerator:
     """A `Generator` backed by a model: `steps` Euler steps over the σ schedule of `shift` (None: the model's
-    training shift), images of `image_size` pixels, answers of at most `max_new_tokens` tokens."""
+    training shift), images of `image_size` pixels, answers of at most `max_new_tokens` tokens, every context
+    started at `position_offset` (0 as in training; another value probes depth dependence)."""
 
     model: Any
     tokenizer: Any
@@ -87,11 +91,12 @@ class ModelGenerator:
     image_size: int = 32
     max_new_tokens: int = 8
     shift: float | None = None
+    position_offset: int = 0
 
     def images(self, contexts: Sequence[Context], *, seed: int, cfg: float) -> list[Image.Image]:
         return generate_images(self.model, self.tokenizer, contexts, seed=seed, steps=self.steps, cfg=cfg,
-                               image_size=self.image_size, shift=self.shift)
+                               image_size=self.image_size, shift=self.shift, position_offset=self.position_offset)
 
     def texts(self, contexts: Sequence[Context]) -> list[str]:
         return generate_texts(self.model, self.tokenizer, contexts, max_new_tokens=self.max_new_tokens,
-                              image_size=self.image_size)
+                              image_size=self.image_size, position_offset=self.position_offset)

@@ -68,6 +68,8 @@ class GenerationConfig:
     lockstep: every `respond` runs exactly `max_new_tokens` text steps, however early the answers end (the
         steps after the last answer are forwards whose results are dropped). A sharded model gathers its
         weights in every forward, so every rank has to run as many; text only (needs max_images 0).
+    position_offset: the rotary position a conversation starts at (0, as every training sample). Another value
+        probes how outputs depend on depth (`DataConfig.position_offset` is the same for the lowering).
     """
 
     max_new_tokens: int = 256
@@ -79,6 +81,7 @@ class GenerationConfig:
     temperature: float = 0.0
     seed: int = 0
     lockstep: bool = False
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.max_images < 0:
@@ -93,6 +96,8 @@ class GenerationConfig:
             raise ConfigError(f"condition_tokens must be >= 1, got {self.condition_tokens}")
         if self.lockstep and self.max_images:
             raise ConfigError(f"lockstep decoding is for text: set max_images to 0 (got {self.max_images})")
+        if self.position_offset < 0:
+            raise ConfigError(f"position_offset must be >= 0, got {self.position_offset}")
 
 
 @dataclass
@@ -156,6 +161,7 @@ class GenerationSession:
         self.chat = chat_marker_ids(tokenizer) if self.wrapped else None
         self.num = num_conversations
         self.cache = KVCache(3 * num_conversations)
+        self.cache.next_t = [self.config.position_offset] * self.cache.num_rows  # where every conversation starts
         self.history: list[list[Segment]] = [[] for _ in range(num_conversations)]
         self.pending: list[torch.Tensor | None] = [None] * num_conversations  # next-token logits (vocab,)
         self.has_condition_image = [False] * num_conversations

@@ -143,7 +143,8 @@ class MoTBackbone(nn.Module):
     `qk_norm` adds per-head q/k RMSNorms to an LLM without them (`add_qk_norms`), in both experts.
     """
 
-    def __init__(self, llm: nn.Module, adaln_cond_dim: int | None = None, qk_norm: bool = False) -> None:
+    def __init__(self, llm: nn.Module, adaln_cond_dim: int | None = None, qk_norm: bool = False,
+                 rope_axes: str = "interleaved") -> None:
         super().__init__()
         decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", None)
         if decoder is None or not hasattr(decoder, "layers") or not hasattr(llm, "lm_head"):
@@ -166,7 +167,7 @@ class MoTBackbone(nn.Module):
         self.gen_norm = copy.deepcopy(decoder.norm)
         self.lm_head = llm.lm_head
         rotary = decoder.rotary_emb
-        self.rope = InterleavedRope(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+        self.rope = InterleavedRope(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), axes=rope_axes)
 
     def forward(
         self,

@@ -74,7 +74,15 @@ class ModelConfig:
             image at one T with (H, W) their grid cell. "bagel": BAGEL's 1-D RoPE as (p, p, p) - every token of
             one image copy at one position, text advancing by its length, a clean copy by 1, a noisy copy by 0;
             each image token's (row, column), which the latent position code and tables read, then comes from
-            the batch's `grid_cells`. The data side follows it (`DataConfig.for_model`).
+            the batch's `grid_cells`. "mrope": M-RoPE, as IL-RoPE with (H, W) = (T + row, T + column) and the
+            next T past the image's largest position, so that every rotary angle is relative (shift-invariant;
+            cells from `grid_cells`). The data side follows it (`DataConfig.for_model`). Models saved before
+            this option existed have no key and load as "il_rope".
+        rope_axes: which rotary frequencies the H and W axes take (`mogao.model.rope.frequency_axes`).
+            "interleaved": T, H, W in turn from the highest frequency, the lowest quarter all T (IL-RoPE's
+            split). "hw_high": the same number of frequencies for H and W, but the highest ones (H, W, H, W, ...
+            then all T): a rotary lookup of an image cell sharpens (a key one cell away scores lower). Text alone
+            is the LLM's 1-D RoPE under either split (its three coordinates are equal).
         sequence_format: "mogao" (an image's copies inside one <|vision_start|>/<|vision_end|> pair) or "bagel"
             (every text segment wrapped in <|im_start|>/<|im_end|>, every image copy in its own marker pair,
             the markers inside the copy's block, copies ordered noisy, clean VAE, ViT; `mogao.sequence.formats`).
@@ -104,7 +112,8 @@ class ModelConfig:
     vit_position_table: int | None = None
     vit_positions: Literal["interpolate", "navit"] = "interpolate"
     vae_sample_posterior: bool = False
-    positions: Literal["il_rope", "bagel"] = "il_rope"
+    positions: Literal["il_rope", "mrope", "bagel"] = "il_rope"
+    rope_axes: Literal["interleaved", "hw_high"] = "interleaved"
     sequence_format: Literal["mogao", "bagel"] = "mogao"
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,10 +32,12 @@ from mogao.model.autoencoder import (
 )
 from mogao.model.backbone import GenerationModulation, MoTBackbone
 from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, model_architecture
+from mogao.model.rope import ROPE_AXES
 from mogao.model.config import resolve_checkpoint as resolve_checkpoint  # (importable from here too)
 from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
 from mogao.model.vision import MLPConnector, VisionEncoder
 from mogao.sequence.batch import PackedBatch
+from mogao.sequence.formats import POSITION_SCHEMES, check_choice
 from mogao.sequence.loss import LossTerms
 
 
@@ -60,7 +62,7 @@ class SequenceInputs:
     input_ids: (N,) text ids; rows of image tokens may hold any id (their embedding is replaced).
     position_ids: (3, N) rotary positions (the model's scheme, `ModelConfig.positions`).
     grid_cells: (2, N) the (row, column) of each image token in its image's token grid (any value elsewhere);
-        None: rows 1 and 2 of position_ids, which hold them under IL-RoPE only (BAGEL's positions need them).
+        None: rows 1 and 2 of position_ids, which hold them under IL-RoPE only (the other schemes need them).
     n_und: rows [0, n_und) are understanding tokens (text, ViT), the rest generation tokens (VAE copies).
     vit_pixels: the ViT copy (3, gh*vit_patch, gw*vit_patch) of each image; vit_index: the rows of their tokens,
         image after image, row-major.
@@ -125,7 +127,8 @@ class MogaoModel(nn.Module):
         # the σ embedding: AdaLN's input; with BAGEL's embedder, the additive term itself; with Mogao's additive
         # conditioning kept but unused (`additive_time` gives the term)
         self.time_embed = TimestepEmbedder(hidden, scale=1.0 if bagel_time else 1000.0)
-        self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None, qk_norm=cfg.qk_norm)
+        self.backbone = MoTBackbone(llm, adaln_cond_dim=hidden if adaln else None, qk_norm=cfg.qk_norm,
+                                    rope_axes=cfg.rope_axes)
         self.additive_time = None if adaln or bagel_time else AdditiveTimestep(hidden)
         self.vit = vit
         vit.positions = cfg.vit_positions
@@ -446,8 +449,8 @@ def _check_options(cfg: ModelConfig, hidden: int, autoencoder: LatentAutoencoder
     if cfg.latent_position_table is not None and cfg.latent_position_embedding:
         raise ConfigError("latent_position_table replaces latent_position_embedding: set "
                           "latent_position_embedding false")
-    if cfg.positions not in ("il_rope", "bagel"):
-        raise ConfigError(f"positions must be 'il_rope' or 'bagel', got '{cfg.positions}'")
+    check_choice(cfg.positions, POSITION_SCHEMES, "positions")
+    check_choice(cfg.rope_axes, ROPE_AXES, "rope_axes")
     if cfg.sequence_format not in ("mogao", "bagel"):
         raise ConfigError(f"sequence_format must be 'mogao' or 'bagel', got '{cfg.sequence_format}'")
     if cfg.sequence_format == "bagel" and cfg.attention == "flash_varlen":

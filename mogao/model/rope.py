@@ -2,8 +2,8 @@
 
 With F = head_dim / 2 rotary frequencies (highest first, as the LLM's `inv_freq`), the first 3*(F//4)
 frequencies are assigned to T, H, W in turn (T, H, W, T, H, W, ...) and the remaining lowest frequencies
-all go to T. A text token has position (t, t, t), so on text alone every frequency sees t and IL-RoPE is
-exactly the LLM's own 1-D RoPE - which is what lets the backbone reproduce the source model's logits.
+all go to T (the "interleaved" split; "hw_high" gives H and W the highest frequencies instead). A text token has
+position (t, t, t), so on text alone every frequency sees t and IL-RoPE is exactly the LLM's own 1-D RoPE - which is what lets the backbone reproduce the source model's logits.
 """
 
 from __future__ import annotations
@@ -12,11 +12,22 @@ import torch
 from torch import nn
 
 
-def frequency_axes(num_freqs: int) -> torch.Tensor:
-    """Axis (0=T, 1=H, 2=W) of each rotary frequency; shape (num_freqs,)."""
-    n_interleaved = 3 * (num_freqs // 4)
+ROPE_AXES = ("interleaved", "hw_high")
+
+
+def frequency_axes(num_freqs: int, split: str = "interleaved") -> torch.Tensor:
+    """Axis (0=T, 1=H, 2=W) of each rotary frequency (highest first); shape (num_freqs,). H and W take
+    num_freqs // 4 frequencies each under either split: "interleaved" gives the first 3*(num_freqs//4) to
+    T, H, W in turn; "hw_high" gives the first 2*(num_freqs//4) to H, W in turn (the sharpest for image cells)."""
+    if split not in ROPE_AXES:
+        raise ValueError(f"rope axes split must be one of {', '.join(ROPE_AXES)}, got {split!r}")
     axes = torch.zeros(num_freqs, dtype=torch.long)
-    axes[:n_interleaved] = torch.arange(n_interleaved) % 3
+    if split == "interleaved":
+        n = 3 * (num_freqs // 4)
+        axes[:n] = torch.arange(n) % 3
+    else:
+        n = 2 * (num_freqs // 4)
+        axes[:n] = 1 + torch.arange(n) % 2
     return axes
 
 
@@ -27,10 +38,10 @@ class InterleavedRope(nn.Module):
     LLM config selects (e.g. Llama-3 frequency scaling) are inherited unchanged.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0, axes: str = "interleaved") -> None:
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
-        self.register_buffer("axes", frequency_axes(inv_freq.numel()), persistent=False)
+        self.register_buffer("axes", frequency_axes(inv_freq.numel(), axes), persistent=False)
         self.attention_scaling = float(attention_scaling)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

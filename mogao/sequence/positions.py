@@ -7,13 +7,20 @@ Positions are (T, H, W) per token, in logical order, under one of two schemes (`
   image (noisy VAE, ViT, clean VAE, adjacent in the sequence) share T = the next t, with (H, W) the token's
   (row, column) in the image's token grid; the token after the image's last copy continues at T + 1. The
   markers of a wrapped copy (`Span.markers`) are at (T, T, T).
+- M-RoPE (`mrope_positions`, the convention of Qwen2-VL's multimodal RoPE): as IL-RoPE, but an image token is
+  (T, T + r, T + c) and the token after the image's last copy continues at T + max(gh, gw) (one past the largest
+  position the image used). Every coordinate of every token then moves with the sample's start, so attention
+  scores depend on relative positions only: shifting a whole sample by k changes no output (IL-RoPE's image
+  H/W count from 0 whatever the depth, so an image token's angle to a text token depends on where the text
+  sits). The cost: the same cell of two images is (d, d, d) apart for a gap d that varies with what lies
+  between them, so copying a cell across images must come from content (the cell code), not from a rotary match.
 - BAGEL's 1-D positions (`bagel_positions`), as (p, p, p): a text span of n tokens takes p .. p+n-1; every
   token of one image copy (its markers included) takes one p, and the next span starts at p + 1 - or at p for
   a noisy copy, which the clean copy after it shares. A copy left out of the sequence (an entry None) still
   advances p by 1.
 
 `grid_cells` gives each image token its (row, column) whatever the scheme: under IL-RoPE it equals (H, W), under
-BAGEL's scheme the positions do not hold it and the model reads it from there.
+the other schemes the positions do not hold it and the model reads it from there.
 """
 
 from __future__ import annotations
@@ -42,6 +49,18 @@ def il_rope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t
     grids[i] is the token grid (gh, gw) of image i (the `Span.image` of its copies); an image span's image
     tokens must number gh * gw. Adjacent spans of the same image are copies of it and share T.
     """
+    return _three_axis(spans, grids, t0, relative=False)
+
+
+def mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0
+                    ) -> tuple[torch.Tensor, int]:
+    """As `il_rope_positions`, under M-RoPE: an image token is (T, T + row, T + column) and the next T after the
+    image is T + max(gh, gw)."""
+    return _three_axis(spans, grids, t0, relative=True)
+
+
+def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool
+                ) -> tuple[torch.Tensor, int]:
     rows: list[torch.Tensor] = []
     t = t0
     for n, s in enumerate(spans):
@@ -51,13 +70,15 @@ def il_rope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t
             continue
         gh, gw = _grid(s, grids)
         m = gh * gw
-        image = torch.stack((torch.full((m,), t), torch.arange(gh).repeat_interleave(gw), torch.arange(gw).repeat(gh)))
+        base = t if relative else 0
+        image = torch.stack((torch.full((m,), t), base + torch.arange(gh).repeat_interleave(gw),
+                             base + torch.arange(gw).repeat(gh)))
         if s.markers:
             marker = torch.full((3, 1), t)
             image = torch.cat((marker, image, marker), 1)
         rows.append(image)
         if n + 1 == len(spans) or spans[n + 1].image != s.image:  # the image's last copy
-            t += 1
+            t += max(gh, gw) if relative else 1
     if not rows:
         return torch.zeros(3, 0, dtype=torch.long), t
     return torch.cat(rows, 1).long(), t
@@ -87,14 +108,16 @@ def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Te
 
 def sequence_positions(scheme: str, spans: Sequence[Span | None], grids: Sequence[tuple[int, int]], t0: int = 0
                        ) -> tuple[torch.Tensor, int]:
-    """Positions of `spans` under the position scheme `scheme` ("il_rope" or "bagel"); an entry None is a copy
-    left out of the sequence (it advances BAGEL's positions, IL-RoPE's not: the image's copies share T)."""
-    if check_choice(scheme, POSITION_SCHEMES, "positions") == "bagel":
+    """Positions of `spans` under the position scheme `scheme` ("il_rope", "mrope" or "bagel"); an entry None is a
+    copy left out of the sequence (it advances BAGEL's positions, not the 3-axis schemes': an image's copies share
+    T)."""
+    scheme = check_choice(scheme, POSITION_SCHEMES, "positions")
+    if scheme == "bagel":
         for s in spans:
             if s is not None and s.kind != Modality.TEXT:
                 _grid(s, grids)
         return bagel_positions(spans, t0)
-    return il_rope_positions([s for s in spans if s is not None], grids, t0)
+    return _three_axis([s for s in spans if s is not None], grids, t0, relative=scheme == "mrope")
 
 
 def grid_cells(spans: Sequence[Span], grids: Sequence[tuple[int, int]]) -> torch.Tensor:
