@@ -28,7 +28,7 @@ from mogao.data.builtin import (
     render_digit,
 )
 from mogao.data.builtin.digits import VALIDATION_EVERY, load_digit_images
-from mogao.data.builtin.shapes import NUMBER_WORDS, SHAPE_TASKS
+from mogao.data.builtin.shapes import EDIT_KINDS, NUMBER_WORDS, SHAPE_TASKS
 from mogao.errors import ConfigError
 
 ALL_BACKGROUNDS = tuple(BACKGROUNDS)
@@ -261,7 +261,8 @@ def test_edit_meta_describes_the_edited_image(max_objects):
         new = Obj.from_dict(op["result"]) if op["result"] else None
         if op["op"] == "add":
             assert after == Scene(before.objects + (new,), before.background)
-            assert meta["instruction"] == f"Add a {new.size} {new.colour} {new.shape} at the {new.cell}."
+            assert meta["instruction"].lower().removeprefix("now ") == (
+                f"add a {new.size} {new.colour} {new.shape} at the {new.cell}.")
         else:
             assert old in before.objects and before.replace_object(old, new) == after
             changed = {"recolour": "colour", "reshape": "shape", "resize": "size", "move": "cell"}.get(op["op"])
@@ -269,7 +270,8 @@ def test_edit_meta_describes_the_edited_image(max_objects):
                 assert {k for k in ("shape", "colour", "size", "cell") if getattr(old, k) != getattr(new, k)} == {
                     changed}
                 assert str(getattr(new, changed)) in meta["instruction"]
-            assert old.shape in meta["instruction"]
+            lone = len(before.objects) == 1
+            assert old.shape in meta["instruction"] or (lone and " it" in meta["instruction"])
     expected = {"recolour", "reshape", "resize"} | ({"move", "remove", "add"} if max_objects > 1 else set())
     assert ops == expected
 
@@ -284,13 +286,35 @@ def test_story_turns_are_generation_targets(max_objects):
         assert 2 <= len(images) <= 5 and all(img["generate"] for img in images)
         assert len(scenes) == len(images) == len(meta["instructions"]) == len(meta["ops"]) + 1
         assert meta["instructions"][0] == f"Draw {caption(scenes[0])}."
-        assert all(t.startswith("Now ") for t in meta["instructions"][1:])
+        assert all(t.endswith(".") and t[:1].lower() in "nmtra" for t in meta["instructions"][1:])
         assert [seg.get("text") for seg in raw["segments"][0::2]] == meta["instructions"]
         for img, scene in zip(images, scenes):
             assert img["image"].tobytes() == render(scene).tobytes()
         assert all(a != b for a, b in zip(scenes, scenes[1:]))
         assert all(len(s.objects) <= max_objects for s in scenes)
     assert lengths == {2, 3, 4, 5}
+
+
+def test_edits_and_story_turns_share_one_instruction_grammar():
+    """Every surface form - prefix "now" or none, capitalised or not, a lone object "it" or named - occurs in the
+    edit task and in story turns alike, with the same kinds of edit, so that the edit task's targets teach the
+    instructions stories give."""
+    def forms(texts):
+        out = set()
+        for t in texts:
+            body = t.lower().removeprefix("now ")
+            out.add((t.lower().startswith("now "), t[:1].isupper(), " it " in f" {body[:-1]} ", body.split()[0]))
+        return out
+
+    edits = make_builtin("edit", n=600, seed=1, max_objects=2)
+    stories = make_builtin("story", n=300, seed=1, max_objects=2)
+    edit_forms = forms(m["instruction"] for m in edits.meta)
+    story_forms = forms(t for m in stories.meta for t in m["instructions"][1:])
+    assert {f[:3] for f in edit_forms} == {f[:3] for f in story_forms} == {
+        (now, cap, it) for now in (False, True) for cap in (False, True) for it in (False, True)}
+    verbs = {"make", "turn", "move", "remove", "add"}
+    assert {f[3] for f in edit_forms} == {f[3] for f in story_forms} == verbs
+    assert {m["op"]["op"] for m in edits.meta} == {op["op"] for m in stories.meta for op in m["ops"]} == set(EDIT_KINDS)
 
 
 def test_max_images_caps_story_length():

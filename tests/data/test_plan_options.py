@@ -78,7 +78,7 @@ def test_the_options_reach_the_data_side_from_the_model_and_bad_combinations_are
         load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], sequence_format="bagel",
                                attention="flash_varlen"))
     with pytest.raises(ConfigError, match="positions"):
-        load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], positions="mrope"))
+        load_model(ModelConfig(llm=tiny_parts["llm"], vit=tiny_parts["vit"], positions="alibi"))
     with pytest.raises(ConfigError, match="data.positions"):
-        small_config(positions="mrope")
+        small_config(positions="alibi")
 

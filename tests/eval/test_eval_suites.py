@@ -158,7 +158,7 @@ class NoiseGenerator:
 
 
 def test_perfect_generator_scores_at_least_099_and_noise_scores_low(cache_dir):
-    n = {"shapes": 6, "digits": 20, "vqa": 40, "interleaved": 6}
+    n = {"shapes": 6, "digits": 20, "vqa": 40, "interleaved": 8}
     perfect, noise = PerfectGenerator(n), NoiseGenerator()
     for suite in SUITES:
         good = run_suite(None, None, suite, n[suite], 0, generator=perfect, cache_dir=cache_dir)

@@ -20,9 +20,15 @@ Tasks (each sample is a schema-valid sample dict with PIL images inline; prompts
 - `t2i`:     caption -> image (generation target)
 - `caption`: image -> "Describe the image." -> caption
 - `vqa`:     image -> question -> short answer (colour of a shape, shape of a colour, count, yes/no, position)
-- `edit`:    image -> instruction -> edited image (generation target)
-- `story`:   "Draw ..." -> image -> "Now ..." -> image ... (2-5 images, or 2 to `max_images`, every one a
-             generation target)
+- `edit`:    image -> instruction -> edited image (generation target). Six kinds of edit (`EDIT_KINDS`):
+             recolour, reshape or resize an object, move it to a free cell, remove it (of two or more), add one
+             in a free cell; move, remove and add need cells (max_objects > 1).
+- `story`:   "Draw ..." -> image -> instruction -> image ... (2-5 images, or 2 to `max_images`, every one a
+             generation target), each instruction one of the six edits of the previous image
+
+Edit instructions come from one grammar in both tasks (`instruction`): "now" or nothing before the body,
+capitalised or not, a lone object called "it" or by its name ("Make it blue.", "now turn the circle into a
+square."), so whatever an edit teaches, a story turn can use.
 
 Held-out compositions: the (colour, shape) pairs in `HELD_OUT_PAIRS` never appear in the `train` split of any
 task - neither in a scene nor named in a text. The `validation` split draws from all 24 pairs and forces about
@@ -395,13 +401,12 @@ def _add(d: _Draw, scene: Scene) -> _EditResult | None:
 _OBJECT_OPS: tuple[Callable[[_Draw, Scene, Obj, str], _EditResult | None], ...] = (
     _recolour, _reshape, _resize, _move, _remove,
 )
+EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape", "resize", "move", "remove", "add")
 
 
-def _random_edit(d: _Draw, scene: Scene, *, pronoun: bool) -> _EditResult:
-    """One applicable edit, the kind drawn uniformly among the six and retried until one applies.
-
-    pronoun: call a lone object "it" (stories) rather than "the circle".
-    """
+def _random_edit(d: _Draw, scene: Scene) -> _EditResult:
+    """One applicable edit, the kind drawn uniformly among the six (`EDIT_KINDS`) and retried until one applies.
+    A lone object is called "it" or "the circle" with equal odds; one of several always by its reference."""
     kinds = list(range(len(_OBJECT_OPS) + 1))
     d.rng.shuffle(kinds)
     for kind in kinds:
@@ -409,11 +414,24 @@ def _random_edit(d: _Draw, scene: Scene, *, pronoun: bool) -> _EditResult:
             result = _add(d, scene)
         else:
             obj = d.pick(scene.objects)
-            name = "it" if pronoun and len(scene.objects) == 1 else "the " + reference(obj, scene)
+            lone = len(scene.objects) == 1
+            name = "it" if lone and d.rng.random() < 0.5 else "the " + reference(obj, scene)
             result = _OBJECT_OPS[kind](d, scene, obj, name)
         if result is not None:
             return result
     raise AssertionError("resize always applies")  # pragma: no cover
+
+
+INSTRUCTION_PREFIXES: tuple[str, ...] = ("", "now ")
+"""An edit instruction (the edit task's and every story turn's) is drawn from one grammar: a prefix from these,
+then the edit's body; the first letter capitalised or not, with equal odds each. Edits and stories thus train
+the same surface forms ("Make it blue.", "make the circle blue.", "Now make it blue.", "now make it blue.")."""
+
+
+def instruction(d: _Draw, body: str) -> str:
+    """The text of an edit instruction with body `body` ("make it blue"), drawn from the shared grammar."""
+    text = d.pick(INSTRUCTION_PREFIXES) + body + "."
+    return text[:1].upper() + text[1:] if d.rng.random() < 0.5 else text
 
 
 def _scene_pairs(*scenes: Scene) -> set[tuple[str, str]]:
@@ -470,8 +488,8 @@ def _episode_vqa(d: _Draw) -> Episode:
 
 def _episode_edit(d: _Draw) -> Episode:
     scene = d.scene()
-    new, op, body = _random_edit(d, scene, pronoun=False)
-    text = sentence(body)
+    new, op, body = _random_edit(d, scene)
+    text = instruction(d, body)
     segs = [{"scene": scene}, {"text": text, "loss": False}, {"scene": new, "generate": True}]
     return Episode(segs, {"instruction": text, "op": op, "scenes": [scene, new]}, _scene_pairs(scene, new))
 
@@ -483,8 +501,8 @@ def _episode_story(d: _Draw) -> Episode:
     n_images = d.rng.randint(2, d.max_images)
     texts, ops, scenes = [sentence("draw " + caption(scene))], [], [scene]
     for _ in range(n_images - 1):
-        scene, op, body = _random_edit(d, scene, pronoun=True)
-        texts.append(sentence("now " + body))
+        scene, op, body = _random_edit(d, scene)
+        texts.append(instruction(d, body))
         ops.append(op)
         scenes.append(scene)
     segs: list[dict[str, Any]] = []
@@ -547,12 +565,14 @@ def shapes_corpus() -> list[str]:
         texts += [colour, f"What shape is the {colour} object?"]
         for shape in SHAPES:
             texts += [f"Is there a {colour} {shape}?", f"Where is the {colour} {shape}?"]
-            for prefix, name in (("", f"the {colour} {shape}"), ("now ", "it"), ("now ", f"the {colour} {shape}")):
-                texts += [sentence(f"{prefix}make {name} {colour}"), sentence(f"{prefix}turn {name} into a {shape}"),
-                          sentence(f"{prefix}remove {name}")]
-                texts += [sentence(f"{prefix}make {name} {z}") for z in SIZES]
-                texts += [sentence(f"{prefix}move {name} to the {cell}") for cell in CELLS]
-                texts += [sentence(f"{prefix}add a {z} {colour} {shape} at the {cell}") for z in SIZES for cell in CELLS]
+            for prefix in INSTRUCTION_PREFIXES:
+                for name in ("it", f"the {shape}", f"the {colour} {shape}"):
+                    bodies = [f"make {name} {colour}", f"turn {name} into a {shape}", f"remove {name}"]
+                    bodies += [f"make {name} {z}" for z in SIZES] + [f"move {name} to the {cell}" for cell in CELLS]
+                    bodies += [f"add a {z} {colour} {shape} at the {cell}" for z in SIZES for cell in CELLS]
+                    for body in bodies:
+                        text = prefix + body + "."
+                        texts += [text, text[:1].upper() + text[1:]]
     for shape in SHAPES:
         texts += [shape, f"What colour is the {shape}?", f"Where is the {shape}?"]
     # Whole texts of drawn episodes, for the multi-object phrase forms ("..., ... and ...").
