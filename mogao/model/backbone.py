@@ -169,6 +169,13 @@ class MoTBackbone(nn.Module):
         rotary = decoder.rotary_emb
         self.rope = InterleavedRope(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0), axes=rope_axes)
 
+    @torch.no_grad()
+    def copy_understanding_to_generation(self) -> None:
+        """Set every generation-expert layer and the generation final norm to the understanding expert's weights."""
+        for layer in self.layers:
+            layer.gen.load_state_dict(layer.und.state_dict())
+        self.gen_norm.load_state_dict(self.norm.state_dict())
+
     def forward(
         self,
         x: torch.Tensor,

@@ -60,6 +60,10 @@ class MogaoModule(pl.LightningModule):
             backend, timestep sampling, text_sees_vae - when `init_from` is given).
         tokenizer: directory of the tokenizer; the LLM's embeddings are resized to its length.
         init_from: directory of a saved Mogao model (`save_pretrained`) to start from instead of the components.
+        generation_from_understanding: start the generation expert (every layer, and its final norm) as a copy of
+            the understanding expert of the `init_from` model - for a stage whose earlier stage trained only the
+            understanding expert from a random LLM (the tiny curriculum's text-to-image stage); a real LLM's
+            generation expert already starts as the LLM's copy. A resumed run's checkpoint overrides it.
         tiny: build missing tokenizer / LLM / ViT directories as tiny random components of these sizes (CPU recipes).
         train: parts to train: any of "und", "gen", "vit", "connector" (None: the stage's default).
         lambda_text: weight of the text cross-entropy (None: the stage's default).
@@ -106,6 +110,7 @@ class MogaoModule(pl.LightningModule):
         max_nonfinite_consecutive: int = 5,
         lora: LoraSpec | None = None,
         meta_init: bool = False,
+        generation_from_understanding: bool = False,
     ) -> None:
         super().__init__()
         if meta_init and lora is not None:
@@ -128,6 +133,11 @@ class MogaoModule(pl.LightningModule):
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(str(tokenizer), "tokenizer"),
                                                        trust_remote_code=False)
         self.model = self._build_model(model, init_from, full=lora is None).train()  # (checkpoints load in eval mode)
+        if generation_from_understanding:
+            if init_from is None or meta_init:
+                raise ConfigError("model.generation_from_understanding copies the understanding expert of the model "
+                                  "read with model.init_from (not with meta_init)")
+            self.model.backbone.copy_understanding_to_generation()
         if lora is not None and train is not None:
             raise ConfigError("model.train and model.lora are exclusive: with LoRA only the adapters train; "
                               "list parts to train in full alongside them in model.lora.full")

@@ -89,3 +89,20 @@ def test_ilrope_rotation_depends_on_h_and_w():
     changed_h = (c0 != ch)[0, :8]
     changed_w = (c0 != cw)[0, :8]
     assert torch.equal(changed_h, axes == 1) and torch.equal(changed_w, axes == 2)
+
+
+def test_the_generation_expert_can_start_as_a_copy_of_the_trained_understanding_expert(tmp_path):
+    path = save_tiny_llm(tmp_path / "llm")
+    backbone = MoTBackbone(AutoModelForCausalLM.from_pretrained(path), adaln_cond_dim=64, qk_norm=True)
+    with torch.no_grad():
+        for p in (*backbone.layers[0].und.parameters(), *backbone.norm.parameters()):
+            p.add_(1.0)  # "trained": the two experts now differ
+    assert not torch.equal(backbone.layers[0].gen.mlp.up_proj.weight, backbone.layers[0].und.mlp.up_proj.weight)
+    backbone.copy_understanding_to_generation()
+    for layer in backbone.layers:
+        und, gen = layer.und.state_dict(), layer.gen.state_dict()
+        assert und.keys() == gen.keys() and all(torch.equal(und[k], gen[k]) for k in und)
+        assert layer.gen.mlp.up_proj.weight.data_ptr() != layer.und.mlp.up_proj.weight.data_ptr()  # copies
+    assert torch.equal(backbone.gen_norm.weight, backbone.norm.weight)
+    adaln = backbone.layers[0].gen_adaln.state_dict()
+    assert adaln and all(not v.abs().sum() for v in adaln.values())  # the zero-initialised AdaLN is not touched
