@@ -33,7 +33,7 @@ lint: setup
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
 
-# Every GPU figure on one CUDA GPU in <= 8 minutes, into runs/gpu_check (docs/distributed.md, "GPU check").
+# Every GPU figure on one CUDA GPU in <= 9 minutes, into runs/gpu_check (docs/distributed.md, "GPU check").
 # No `setup` prerequisite: a rented GPU machine has torch and the wheels brought along, not this venv.
 .PHONY: gpu-check
 gpu-check:

@@ -1,22 +1,25 @@
-"""Every GPU figure of the project from one prepared command, sized for a short loan of one CUDA GPU (<= 8 min).
+"""Every GPU figure of the project from one prepared command, sized for a short loan of one CUDA GPU (<= 9 min).
 
     python benchmarks/gpu_check.py --out runs/gpu_check              # on the GPU machine (make gpu-check)
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check    # CPU, toy sizes, < 1 min: the same code
     python benchmarks/gpu_check.py --wheels                          # what to pip-download for a bare machine
 
 Parts, most valuable first, each with its own time budget (seconds):
-  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          80
+  tests       the GPU tests (every test file with `pytest.mark.gpu`), pass/fail per test          72
   attention   flash_varlen vs flex vs sdpa_dense vs plain causal FA2: fwd+bwd time, peak memory,
               error vs an fp32 dense reference; bf16 packs of 8k/16k/32k tokens, 1-8 targets      95
   train       training throughput and MFU, 0.5b and 1.5b presets, bf16, 8k tokens, act. ckpt
-              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                 70
+              off/on (FLOPs of mogao.training.flops, peak of callbacks.Throughput)                 55
   ectf        ECTF one pass vs naive teacher forcing at 1/2/4/8 targets                           30
   generation  cached vs recomputed image step at 256/1024/4096 context, batched 3-branch CFG vs
-              sequential, text tokens/s                                                           35
-  lora        QLoRA vs LoRA vs full fine-tuning on the 1.5b preset: peak memory, step time        85
+              sequential, text tokens/s                                                           33
+  lora        QLoRA vs LoRA vs full fine-tuning on the 0.5b preset: peak memory, step time        65
+  bagel       each recipes/bagel-7b recipe that runs on one GPU, trained 3 steps through `mogao fit`'s
+              code on BAGEL-7B-MoT with random weights made on the GPU: peak memory vs the computed
+              figure (benchmarks/bagel_memory.py), step time, QLoRA on a 24 GB card            100
   export      `mogao eval --export geneval` on the 0.5b preset, bf16, 256 px: images/s at batch 1 and
-              8, batched vs one-at-a-time pixel difference                                        40
-  fsdp2       with 2+ GPUs: the 2-rank FSDP2 equivalence run (tests/dist_child.py) on NCCL        45
+              8, batched vs one-at-a-time pixel difference                                        33
+  fsdp2       with 2+ GPUs: the 2-rank FSDP2 equivalence run (tests/dist_child.py) on NCCL        50
 
 Each part runs in its own process (a crash, an OOM or a hang costs that part only; it is killed at its budget)
 and writes `parts/<part>.json` after every row; the report (`gpu_check.json`, `gpu_check.md`: device, torch /
@@ -36,6 +39,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -49,6 +53,7 @@ from gpu_check_parts import (
     fsdp_child,
     gpu_test_files,
     part_attention,
+    part_bagel,
     part_ectf,
     part_export,
     part_fsdp2,
@@ -60,7 +65,7 @@ from gpu_check_parts import (
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-TOTAL_BUDGET_S = 480
+TOTAL_BUDGET_S = 540
 
 # ------------------------------------------------------------------------------------------- parts and sizes
 
@@ -88,7 +93,7 @@ class Part:
 _MS = dict(fmt="{:.2f}", scale=1e3)
 BASE = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "diffusers", "PIL")
 PARTS = (
-    Part("tests", "GPU tests (pytest -m gpu)", 80,
+    Part("tests", "GPU tests (pytest -m gpu)", 72,
          (Col("test", "test"), Col("outcome", "outcome"), Col("seconds", "s", "{:.1f}"), Col("message", "message")),
          ("test",), ("pytest", "hypothesis", *BASE, "peft", "bitsandbytes", "lightning")),
     Part("attention", "ECTF attention backends, bf16, same tokens", 95,
@@ -98,7 +103,7 @@ PARTS = (
           Col("err_dq", "err dq", "{:.2e}"), Col("err_dk", "err dk", "{:.2e}"), Col("err_dv", "err dv", "{:.2e}"),
           Col("ratio", "ratio (<=1 ok)", "{:.2f}")),
          ("tokens", "backend"), ("torch",)),
-    Part("train", "Training throughput and MFU", 70,
+    Part("train", "Training throughput and MFU", 55,
          (Col("preset", "preset"), Col("ckpt", "act. ckpt"), Col("attention", "attention"), Col("params", "params (M)", "{:.1f}", 1e-6),
           Col("tokens_per_step", "tokens/step", "{:.0f}"), Col("step_s", "step ms", **_MS),
           Col("tokens_per_s", "tokens/s", "{:.0f}"), Col("tflops", "TFLOP/s", "{:.1f}"),
@@ -110,21 +115,28 @@ PARTS = (
           Col("ectf_s", "ECTF ms", **_MS), Col("naive_s", "naive ms", **_MS),
           Col("naive_over_ectf", "naive/ECTF", "{:.2f}")),
          ("targets",), BASE),
-    Part("generation", "Generation: KV cache vs recompute, batched vs sequential CFG", 35,
+    Part("generation", "Generation: KV cache vs recompute, batched vs sequential CFG", 33,
          (Col("measurement", "measurement"), Col("fast", "cached / batched"), Col("slow", "recompute / sequential"),
           Col("speedup", "speed-up", "{:.2f}x")),
          ("measurement",), BASE),
-    Part("lora", "QLoRA vs LoRA vs full fine-tuning (bf16 autocast)", 85,
+    Part("lora", "QLoRA vs LoRA vs full fine-tuning (bf16 autocast)", 65,
          (Col("mode", "mode"), Col("params", "params (M)", "{:.0f}", 1e-6),
           Col("trainable", "trainable (M)", "{:.1f}", 1e-6), Col("tokens", "tokens"),
           Col("peak_gib", "peak GiB", "{:.2f}"), Col("second_step_s", "step ms", **_MS)),
          ("mode",), (*BASE, "peft", "bitsandbytes")),
-    Part("export", "Benchmark export (mogao eval --export geneval)", 40,
+    Part("bagel", "BAGEL-7B-MoT recipes on one GPU: measured peak memory (random weights, real size)", 100,
+         (Col("recipe", "recipe"), Col("trainable", "trainable (M)", "{:.2f}", 1e-6),
+          Col("tokens", "tokens (largest step)", "{:.0f}"),
+          Col("peak_gib", "peak GiB (allocated)", "{:.2f}"), Col("reserved_gib", "peak GiB (reserved)", "{:.2f}"),
+          Col("computed_gib", "computed GiB (budget)", "{:.1f}"), Col("ratio", "measured / computed (same tokens)", "{:.2f}"),
+          Col("step_s", "step s", "{:.2f}"), Col("fits_24gb", "fits 24 GB")),
+         ("recipe",), (*BASE, "lightning", "jsonargparse", "peft", "bitsandbytes")),
+    Part("export", "Benchmark export (mogao eval --export geneval)", 33,
          (Col("batch", "batch"), Col("images", "images"), Col("wall_s", "s", "{:.2f}"),
           Col("images_per_s", "images/s", "{:.2f}"), Col("max_diff", "max pixel diff vs batch 1"),
           Col("complete", "complete")),
          ("batch",), BASE),
-    Part("fsdp2", "FSDP2 on NCCL, 2 ranks vs 1 process (same global batches)", 45,
+    Part("fsdp2", "FSDP2 on NCCL, 2 ranks vs 1 process (same global batches)", 50,
          (Col("step", "step"), Col("single", "1 process loss", "{:.6f}"), Col("sharded", "2-rank loss", "{:.6f}"),
           Col("diff", "abs diff", "{:.1e}"), Col("within", "within 1e-5")),
          ("step",), (*BASE, "lightning", "peft"), gpu_only=True, gpus=2),
@@ -142,8 +154,12 @@ SIZES = {  # GPU sizes, then the dry run's toy sizes
              {"targets": [1, 2], "repeats": 1, "hidden": 64, "layers": 2, "image_px": 16}),
     "generation": ({"contexts": [256, 1024, 4096], "repeat": 10, "n_new": 32, "hidden": 1024, "layers": 8},
                    {"contexts": [16, 32], "repeat": 1, "n_new": 2, "hidden": 64, "layers": 2}),
-    "lora": ({"preset": "1.5b", "hidden": 0, "layers": 0, "tokens": 2048, "modes": ["qlora", "lora", "full"]},
+    "lora": ({"preset": "0.5b", "hidden": 0, "layers": 0, "tokens": 2048, "modes": ["qlora", "lora", "full"]},
              {"preset": None, "hidden": 64, "layers": 2, "tokens": 512, "modes": ["qlora", "lora", "full"]}),
+    "bagel": ({"arch": "7b", "steps": 3, "one_process": True, "dtype": "bfloat16", "args": []},
+              {"arch": "tiny", "steps": 2, "one_process": True, "dtype": "float32",
+               "args": ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.data.max_image_tokens=16",
+                        "--data.data.max_grid=4", "--data.data.token_budget=256"]}),
     "export": ({"preset": "0.5b", "resolution": 256, "steps": 30, "prompts": 4, "samples": 4, "batch_sizes": [1, 8]},
                {"preset": "tiny", "resolution": 32, "steps": 2, "prompts": 2, "samples": 2, "batch_sizes": [1, 3]}),
     "fsdp2": ({"steps": 4}, {"steps": 4}),
@@ -175,6 +191,8 @@ def skeleton(part: str, dry: bool) -> list[dict]:
         return [{"step": k} for k in range(1, s["steps"] + 1)]
     if part == "export":
         return [{"batch": b} for b in s["batch_sizes"]]
+    if part == "bagel":
+        return [{"recipe": r} for r in sorted(p.stem for p in BAGEL_RECIPES.glob("*.yaml"))]
     return [{"test": "(the tests marked gpu in " + ", ".join(gpu_test_files()) + ")"}]
 
 
@@ -188,12 +206,33 @@ ASSUME = {
     "compile_s": 25.0,  # one torch.compile of flex_attention (forward + backward) per padded length
     "host_init_gb_s": 1.0,  # random init of fp32 weights on the host (QLoRA builds there)
     "per_test_s": 1.0,  # one GPU test, tiny tensors
+    "gpu_fill_gb_s": 200.0,  # random weights drawn on the GPU
+    "bagel_recipe_s": 15.0,  # a BAGEL recipe besides its steps: BAGEL-7B-MoT built on the meta device, adapters
+    # (NF4: quantized), synthetic data lowered, CLI and FSDP2 set up, first-step warm-up, freed afterwards
 }
+BAGEL_RECIPES = ROOT / "recipes" / "bagel-7b"
+
+
+def bagel_runs() -> list[dict]:
+    """The bagel-7b recipes the bagel part trains on one GPU, one per setting (recipes whose YAML differs only in
+    comments and the run folder share a run), with what the estimate needs; read from the YAML text (this
+    script imports only the standard library up front)."""
+    runs: dict[str, dict] = {}
+    for path in sorted(BAGEL_RECIPES.glob("*.yaml")):
+        text = path.read_text()
+        lines = [ln.split("#", 1)[0].rstrip() for ln in text.splitlines()]
+        key = "\n".join(ln for ln in lines if ln.strip() and not ln.strip().startswith("default_root_dir:"))
+        devices = int(re.search(r"^\s*devices:\s*(\d+)", text, re.M).group(1))
+        if devices == 1 and key not in runs:
+            runs[key] = {"recipe": path.stem, "tokens": int(re.search(r"token_budget:\s*(\d+)", text).group(1)),
+                         "nf4": re.search(r"quantize:\s*nf4", text) is not None}
+    return list(runs.values())
 
 
 def _qwen_params(preset: str) -> tuple[float, float]:
     """(parameters of both experts, parameters a token passes through) of a preset, from its config."""
-    from_cfg = {"0.5b": (896, 4864, 24, 14, 2, 151936), "1.5b": (1536, 8960, 28, 12, 2, 151936)}
+    from_cfg = {"0.5b": (896, 4864, 24, 14, 2, 151936), "1.5b": (1536, 8960, 28, 12, 2, 151936),
+                "7b": (3584, 18944, 28, 28, 4, 152064)}  # (Qwen2.5-7B: BAGEL-7B-MoT's experts)
     h, inter, layers, heads, kv, vocab = from_cfg.get(preset, (64, 128, 2, 4, 2, 512))
     per_layer = 2 * h * h + 2 * h * (h * kv // heads) + 3 * h * inter
     return 2 * layers * per_layer + vocab * h, layers * per_layer + vocab * h
@@ -241,6 +280,17 @@ def estimate(part: str) -> tuple[float, str]:
         host = params * 4 / 1e9 / a["host_init_gb_s"]
         return 3 * (a["startup_s"] + 5 + 2 * step) + host, \
             f"3 processes; QLoRA's base built on the host at {a['host_init_gb_s']:.0f} GB/s"
+    if part == "bagel":
+        params, active = _qwen_params("7b")
+        runs = bagel_runs()
+        processes = 1 if s["one_process"] else len(runs)
+        total = (1 + processes) * a["startup_s"]  # the part's own process (it writes the folder), the measuring one(s)
+        for r in runs:  # frozen base: forward, recomputed forward and input gradients, ~6 x params x tokens
+            total += a["bagel_recipe_s"] + params * 2 / 1e9 / a["gpu_fill_gb_s"]
+            total += s["steps"] * 6 * active * r["tokens"] / (a["bf16_tflops"] * 1e12)
+        return total, (f"{len(runs)} runs ({', '.join(r['recipe'] for r in runs)}) in {processes} process(es): "
+                       f"{a['bagel_recipe_s']:.0f} s each + weights drawn at {a['gpu_fill_gb_s']:.0f} GB/s + "
+                       f"{s['steps']} steps of 6 x active params x tokens")
     if part == "fsdp2":
         return 2 * a["startup_s"] + 20, "tiny model, 4 steps, 1 + 2 processes; only with 2+ GPUs"
     if part == "export":
@@ -271,6 +321,7 @@ WHEELS = {  # import name -> distribution (the top-level packages the parts impo
     "pytest": "pytest", "hypothesis": "hypothesis", "numpy": "numpy", "transformers": "transformers",
     "tokenizers": "tokenizers", "safetensors": "safetensors", "diffusers": "diffusers", "PIL": "pillow",
     "peft": "peft", "bitsandbytes": "bitsandbytes", "lightning": "lightning", "torch": "torch",
+    "jsonargparse": "jsonargparse",
 }
 PLATFORM_WHEELS = {"numpy", "tokenizers", "safetensors", "pillow", "bitsandbytes"}  # built per platform/Python
 TORCH_OWN = ("torch", "nvidia-[a-z0-9-]*", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock",
@@ -304,7 +355,8 @@ def wheels_text() -> str:
 
 
 RUNNERS = {"tests": part_tests, "attention": part_attention, "train": part_train, "ectf": part_ectf,
-           "generation": part_generation, "lora": part_lora, "export": part_export, "fsdp2": part_fsdp2}
+           "generation": part_generation, "lora": part_lora, "bagel": part_bagel, "export": part_export,
+           "fsdp2": part_fsdp2}
 
 
 def run_part(name: str, out: Path, dry: bool, budget: float, fail: bool = False, on_write=None) -> None:
@@ -384,7 +436,7 @@ def part_result(p: Part, out: Path, dry: bool, status: str | None, elapsed: floa
         elif not data.get("done"):
             status = "running" if elapsed is None else "stopped (no result written)"
         else:
-            bad = sum(not str(r.get("status", "ok")).startswith(("ok", "needs")) for r in rows)
+            bad = sum(not str(r.get("status", "ok")).startswith(("ok", "needs", "same settings")) for r in rows)
             status = "ok" if not bad else f"{bad} of {len(rows)} rows not ok"
         fill = "not reached" if rows or data.get("done") or elapsed is not None else "pending"
     else:

@@ -293,6 +293,83 @@ def part_lora(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
             return
 
 
+def part_bagel(rec: Recorder, s: dict, dry: bool, out: Path) -> None:
+    """Each `recipes/bagel-7b` recipe that runs on one GPU, trained a few steps through `mogao fit`'s own code on
+    BAGEL-7B-MoT with random weights made on the GPU (`bagel_memory.measure`): peak memory beside the computed
+    figure of `bagel_memory.recipe_memory`, step time, and for QLoRA whether the peak fits a 24 GB card."""
+    import shutil
+
+    from bagel_memory import measure, recipe_names, write_model_folder
+
+    work = Path(tempfile.mkdtemp(prefix="bagel_", dir=out / "parts"))
+    names = recipe_names()
+    if s.get("recipes"):
+        names = [n for n in names if n in s["recipes"]]
+    try:
+        folder = write_model_folder(work, s["arch"])
+        if dry:
+            rec.note("dry run: the tiny BAGEL folder of the tests on the CPU (float32), in this process; no GPU peak "
+                     "is measured and the computed figures are BAGEL-7B-MoT's")
+        else:
+            rec.note("BAGEL-7B-MoT (mogao.bagel.configs.bagel_7b_mot) with random weights made on the GPU (bf16, the "
+                     "autoencoder fp32), run as `mogao fit --config bagel-7b/<recipe>` runs it (the recipe's module, "
+                     f"LoRA spec, optimizer, strategy, precision and data settings), {s['steps']} optimizer steps; "
+                     "QLoRA's NF4 base quantized on the GPU by bitsandbytes")
+            rec.note("data: built-in shapes samples at the recipe's max_image_tokens (edit: edits, captions and "
+                     "text-to-image; interleaved: stories, captions, text-to-image; t2i: text-to-image), packed to "
+                     "its token budget by its data settings; a 300-id stand-in tokenizer with BAGEL's special tokens")
+            rec.note("peak: torch.cuda.max_memory_allocated / max_memory_reserved from the start of the fit (strategy "
+                     "setup included; loading a folder on the host is not part of it); computed: "
+                     "benchmarks/bagel_memory.py at the same tokens per step (ratio) and at the recipe's budget "
+                     "(computed GiB); fits 24 GB: peak reserved + CUDA context and memory outside torch's allocator + "
+                     "bitsandbytes' paged optimizer state <= 24 GiB")
+            rec.note("recipes run one after another in " + ("one process: each one's model, optimizer and trainer are "
+                     "freed, the allocator's cache emptied and its peak counters reset before the next"
+                     if s["one_process"] else "a process each"))
+        for r in measure(names, folder, work, s["steps"], cpu=dry, args=tuple(s["args"]), isolate=not dry,
+                         one_process=s["one_process"], time_left=rec.time_left, dtype=s["dtype"]):
+            rec.add(_bagel_row(r))
+            if dry and _over(rec):
+                return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bagel_row(r: dict) -> dict:
+    """A row of the bagel table from a `bagel_memory.measure` row."""
+    from bagel_memory import measured_row, recipe_memory
+
+    name = r["recipe"]
+    computed = recipe_memory(name)["total"]
+    if "same_as" in r:
+        return {"recipe": name, "computed_gib": computed,
+                "status": f"same settings as {r['same_as']}: not run again (its row holds the measurement)"}
+    if "needs" in r:
+        return {"recipe": name, "computed_gib": computed, "status": r["needs"]}
+    if "error" in r:
+        row = {"recipe": name, "computed_gib": computed, "error": r["error"][-600:]}
+        if r.get("reached") is False:
+            row["status"] = "not reached (budget)"
+        return row
+    row = measured_row(r)
+    problems = []
+    if r["steps"] < r.get("wanted", r["steps"]) or not r["steps"]:
+        problems.append(f"only {r['steps']} steps ran")
+    if r["nonfinite"]:
+        problems.append(f"{r['nonfinite']} steps with a non-finite loss made no update (their peak lacks the backward)")
+    if problems:
+        row["status"] = "failed: " + "; ".join(problems)
+        return row
+    notes = [f"{t}: {over} of {n} samples over the {r['budget']}-token budget (smallest {low} tokens)"
+             + (", none in the packs" if over == n else "") for t, (over, n, low) in r["over_budget"].items()]
+    if (r.get("start_allocated") or 0) > 2**26:
+        notes.append(f"{r['start_allocated'] / 2**20:.0f} MiB still allocated from the recipe before it")
+    if r.get("peak_allocated") is None:
+        notes.append("no GPU: peak not measured")
+    row["status"] = "ok" + (f" ({'; '.join(notes)})" if notes else "")
+    return row
+
+
 def part_fsdp2(rec: Recorder, s: dict, dry: bool, out: Path, accelerator: str = "cuda") -> None:
     """tests/dist_child.py's single-process and 2-rank FSDP2 runs, on CUDA (NCCL) instead of CPU (gloo)."""
     import socket

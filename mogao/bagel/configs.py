@@ -253,3 +253,28 @@ class BagelArchitecture:
     def mogao_autoencoder_config(self) -> dict:
         """`diffusers.AutoencoderKL` config of the FLUX autoencoder."""
         return self.settings.autoencoder.diffusers_config()
+
+
+def bagel_7b_mot_configs() -> tuple[dict, dict]:
+    """(llm_config.json, vit_config.json) of BAGEL-7B-MoT as published: the architecture fields of Qwen2.5-7B
+    (`mogao.model.known`) with BAGEL's own fields, and SigLIP-so400m's with BAGEL's image size (980 px: 70
+    positions a side, `BagelSettings.vit_max_num_patch_per_side`). Used to build the model without its folder
+    (`load.random_bagel_model`: memory and speed measurements) and by `benchmarks/bagel_memory.py`."""
+    from mogao.model.known import KNOWN_LLMS, KNOWN_VITS
+
+    qwen = KNOWN_LLMS["Qwen/Qwen2.5-7B-Instruct"]
+    llm = {"architectures": ["Qwen2ForCausalLM"], **{k: v for k, v in qwen.items() if k != "attention_dropout"},
+           "use_sliding_window": False, "is_causal": True, "qk_norm": True, "layer_module": MOT_LAYER,
+           "freeze_und": False}
+    settings = BagelSettings()
+    so400m = KNOWN_VITS["google/siglip-so400m-patch14-384"]
+    vit = {"model_type": "siglip_vision_model", **so400m,
+           "image_size": settings.vit_max_num_patch_per_side * so400m["patch_size"], "num_channels": 3,
+           "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+    return llm, vit
+
+
+def bagel_7b_mot() -> BagelArchitecture:
+    """The `BagelArchitecture` of BAGEL-7B-MoT (`bagel_7b_mot_configs` read as a folder's configs are read)."""
+    llm, vit = bagel_7b_mot_configs()
+    return BagelArchitecture(parse_llm_config(llm)[0], parse_vit_config(vit)[0], BagelSettings())

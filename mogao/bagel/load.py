@@ -157,6 +157,52 @@ def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cp
     return model, load_bagel_tokenizer(where)
 
 
+def random_bagel_model(arch: BagelArchitecture, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.bfloat16, overrides: dict[str, Any] | None = None,
+                       folder: str | os.PathLike = "-", seed: int = 0) -> MogaoModel:
+    """The MogaoModel of `arch` with random weights made on `device`, without a folder: built on the meta
+    device (`build_bagel_model`), given memory on `device` in the dtypes `load_bagel_model` gives a folder's
+    tensors (`dtype` - BAGEL's files hold bfloat16 - and float32 for the autoencoder; the position tables keep
+    their computed values in `dtype`), then filled there:
+    normalisation weights 1, biases 0, every other parameter normal with standard deviation 1 / sqrt(fan-in)
+    (activations keep their scale at any width), from a generator seeded with `seed`. For measuring memory and
+    speed at full size where the weights are not at hand. `folder` only names
+    the model (`bagel_model_config`, `source_path`); overrides: as `load_bagel_model` takes them."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from mogao.model.io import allocate
+
+    cfg = bagel_model_config(arch, folder)
+    if overrides:
+        cfg = replace(cfg, **overrides)
+    model = build_bagel_model(arch, cfg)
+    for name, p in model.named_parameters():  # (on the meta device: the dtype costs nothing yet)
+        p.data = p.data.to(torch.float32 if name.startswith("autoencoder.") else dtype)
+    allocate(model, device)
+    saved = set(model.state_dict())  # the buffers a folder's files fill (position tables) take their dtype too
+    for name, b in list(model.named_buffers()):
+        if name in saved and b.is_floating_point() and not name.startswith("autoencoder."):
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = b.to(dtype)
+    gen = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, norms) or type(module).__name__.endswith("RMSNorm")
+            for name, p in module.named_parameters(recurse=False):
+                if is_norm and name == "weight":
+                    p.fill_(1.0)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+                    p.normal_(0.0, fan_in**-0.5, generator=gen)
+    model.source_path = str(folder)
+    return model
+
+
 def load_any_model(source: str | os.PathLike, overrides: dict[str, Any] | None = None) -> MogaoModel:
     """A saved mogao model folder (`mogao.model.io.load_model`) or a published BAGEL folder (`load_bagel_model`,
     told apart by `folder.is_bagel_folder`): what `--ckpt`, `init_from` and `lora merge` read."""

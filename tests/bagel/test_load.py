@@ -180,3 +180,29 @@ def test_models_and_folders_that_are_not_bagels_are_refused(tiny, tmp_path, tiny
     wide = BagelSettings(**{**vars(tiny_settings(tiny)), "vit_max_num_patch_per_side": 5})
     with pytest.raises(BagelFormatError, match="vit_pos_embed.pos_embed"):  # the folder's table has side 4
         load_bagel_model(tiny.path, settings=wide)
+
+
+def test_random_bagel_model_has_the_loaded_models_tensors_and_a_reproducible_init(tiny, ckpt):
+    """`random_bagel_model` (the GPU check measures BAGEL-7B-MoT with it) builds the tensors a folder's model has,
+    in the dtypes the files give, without reading a weight: norms 1, biases 0, the rest drawn at 1/sqrt(fan-in)."""
+    from dataclasses import replace
+
+    from mogao.bagel.load import random_bagel_model
+    from mogao.model.autoencoder import sincos_position_table
+
+    model, _ = load_bagel_model(tiny.path, settings=tiny_settings(tiny))
+    a = random_bagel_model(ckpt.arch, seed=3)
+    want, got = model.state_dict(), a.state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    assert a.cfg == replace(model.cfg, llm="-", vit="-", autoencoder="-")  # (the folder's paths aside)
+    assert not any(t.is_meta for t in got.values())
+    layer = a.backbone.layers[0].gen
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert not layer.self_attn.q_proj.bias.any()
+    w = layer.mlp.down_proj.weight.float()  # (hidden, intermediate): fan-in 48
+    assert abs(w.std().item() * w.shape[1] ** 0.5 - 1) < 0.1 and abs(w.mean().item()) < 0.05
+    again, other = random_bagel_model(ckpt.arch, seed=3), random_bagel_model(ckpt.arch, seed=4)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in got.items())
+    assert not torch.equal(got["backbone.embed_tokens.weight"], other.state_dict()["backbone.embed_tokens.weight"])
+    table = sincos_position_table(ckpt.arch.settings.max_latent_size, ckpt.arch.llm.hidden_size)
+    assert torch.equal(a.latent_position_table, table.to(torch.bfloat16))  # BAGEL's table, in the files' dtype

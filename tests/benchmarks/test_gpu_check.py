@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PARTS = ["tests", "attention", "train", "ectf", "generation", "lora", "export", "fsdp2"]
+PARTS = ["tests", "attention", "train", "ectf", "generation", "lora", "bagel", "export", "fsdp2"]
 
 
 def _run(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def test_dry_run_writes_every_part(tmp_path):
         assert parts[name]["status"] == "ok", (name, parts[name]["status"], parts[name].get("trace"))
         assert parts[name]["rows"] and parts[name]["elapsed_s"] > 0
         assert parts[name]["estimate_s"] > 0 and parts[name]["budget_s"] > 0
-    assert sum(p["budget_s"] for p in report["parts"]) <= 480  # the 8-minute cap
+    assert sum(p["budget_s"] for p in report["parts"]) <= 540  # the 9-minute cap
     assert parts["fsdp2"]["status"] == "needs CUDA"
     assert [r["step"] for r in parts["fsdp2"]["rows"]] == [1, 2, 3, 4]
     assert all(r["status"] == "needs CUDA" for r in parts["fsdp2"]["rows"])
@@ -63,6 +63,12 @@ def test_dry_run_writes_every_part(tmp_path):
     assert len(parts["generation"]["rows"]) == 4
     assert {r["mode"]: r["status"] for r in parts["lora"]["rows"]} == {"full": "ok", "lora": "ok",
                                                                         "qlora": "needs CUDA"}
+    bagel = {r["recipe"]: r for r in parts["bagel"]["rows"]}  # the LoRA recipes trained on the tiny folder
+    assert set(bagel) == {p.stem for p in (ROOT / "recipes" / "bagel-7b").glob("*.yaml")}
+    assert bagel["lora-edit"]["status"].startswith("ok") and bagel["lora-t2i"]["status"].startswith("ok")
+    assert bagel["lora-interleaved"]["status"].startswith("same settings as lora-edit")
+    assert all(bagel[n]["status"].startswith("needs CUDA") for n in ("qlora-edit", "qlora-t2i", "qlora-interleaved"))
+    assert bagel["full"]["status"].startswith("needs 8 GPUs")
     export = parts["export"]["rows"]  # `mogao eval --export geneval` at batch 1 and 3: every image made
     assert [r["batch"] for r in export] == [1, 3]
     assert all(r["images"] == 4 and r["images_per_s"] > 0 and r["complete"] and r["max_diff"] <= 1 for r in export)
@@ -74,6 +80,61 @@ def test_dry_run_writes_every_part(tmp_path):
     assert "| 1 | - | - | - | - | needs CUDA |" in md  # fsdp2's skeleton row
     assert "32768 flex" in md and "1.5b on" in md  # the rows the GPU run fills, at GPU sizes
     assert "export (2 rows; batch): 1 · 8" in md
+
+
+def test_every_part_fits_its_budget_and_the_budgets_the_cap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bagel_memory
+    import gpu_check
+
+    for p in gpu_check.PARTS:
+        assert gpu_check.estimate(p.name)[0] <= p.budget_s, p.name
+    assert sum(p.budget_s for p in gpu_check.PARTS) <= gpu_check.TOTAL_BUDGET_S <= 540
+    # the estimate reads the recipe files without a YAML parser: it must see the runs the part makes
+    plan = bagel_memory.measurement_plan(bagel_memory.recipe_names())
+    one_gpu = {run for run, _ in plan if bagel_memory.read_recipe(run)["devices"] == 1}
+    runs = gpu_check.bagel_runs()
+    assert {r["recipe"] for r in runs} == one_gpu and len(runs) == len(one_gpu)
+    for r in runs:
+        recipe = bagel_memory.read_recipe(r["recipe"])
+        assert r["tokens"] == recipe["tokens"] and r["nf4"] == ((recipe["lora"] or {}).get("quantize") == "nf4")
+
+
+def test_the_bagel_part_trains_a_recipe_through_its_yaml(tmp_path):
+    """The bagel part's dry run: lora-edit trained 2 steps on the tiny BAGEL folder through the recipe's own CLI
+    config, its twin lora-interleaved not run again, QLoRA waiting for CUDA, full fine-tuning for 8 GPUs."""
+    import time
+
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import bagel_memory
+    import gpu_check
+    from gpu_check_parts import Recorder, part_bagel
+    from tiny_bagel import write_tiny_bagel
+
+    (tmp_path / "parts").mkdir()
+    rec = Recorder(tmp_path / "parts" / "bagel.json", time.monotonic() + 300)
+    s = {**gpu_check.sizes("bagel", dry=True), "recipes": ["lora-edit", "lora-interleaved", "qlora-t2i", "full"]}
+    part_bagel(rec, s, True, tmp_path)
+    rows = {r["recipe"]: r for r in rec.rows}
+    assert list(rows) == ["lora-edit", "lora-interleaved", "qlora-t2i", "full"]
+    edit = rows["lora-edit"]
+    assert edit["status"] == "ok (no GPU: peak not measured)", edit
+    # exactly the adapters the YAML asks for, on the tiny model's shapes
+    llm = write_tiny_bagel(tmp_path / "tiny").llm
+    h, i, d = llm["hidden_size"], llm["intermediate_size"], llm["hidden_size"] // llm["num_attention_heads"]
+    kv = llm["num_key_value_heads"] * d
+    dims = {"q_proj": h + h, "k_proj": h + kv, "v_proj": h + kv, "o_proj": h + h, "gate_proj": h + i,
+            "up_proj": h + i, "down_proj": i + h}
+    lora = yaml.safe_load((ROOT / "recipes" / "bagel-7b" / "lora-edit.yaml").read_text())["model"]["init_args"]["lora"]
+    assert edit["trainable"] == llm["num_hidden_layers"] * lora["rank"] * sum(dims[m] for m in lora["und"] + lora["gen"])
+    assert 0 < edit["tokens"] <= 256 and edit["step_s"] > 0
+    assert edit["computed_gib"] == bagel_memory.recipe_memory("lora-edit")["total"] and "peak_gib" not in edit
+    assert rows["lora-interleaved"]["status"].startswith("same settings as lora-edit")
+    assert rows["qlora-t2i"]["status"].startswith("needs CUDA") and rows["full"]["status"].startswith("needs 8 GPUs")
+    assert not list((tmp_path / "parts").glob("bagel_*"))  # its work folder is gone
 
 
 def test_a_failing_or_slow_part_is_recorded_and_the_rest_go_on(tmp_path):
