@@ -236,12 +236,20 @@ class BagelCheckpoint:
     config_bytes: dict[str, bytes] = field(default_factory=dict)
 
 
+def folder_files(info: BagelFolderInfo) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(tokenizer and carried files, the two config files) of a checked folder, as bytes: all of it but the
+    weights."""
+    folder = info.path
+    files = {n: read_bytes(file_inside(folder, n), MAX_TOKENIZER_BYTES) for n in (TOKENIZER_FILE, *info.carried_files)}
+    configs = {n: read_bytes(file_inside(folder, n), MAX_CONFIG_BYTES) for n in (LLM_CONFIG, VIT_CONFIG)}
+    return files, configs
+
+
 def load_bagel_folder(path: str | os.PathLike, settings: BagelSettings | None = None) -> BagelCheckpoint:
     """`check_bagel_folder`, then the tensors (in the files' dtypes) and the tokenizer files."""
     info = check_bagel_folder(path, settings)
     folder = info.path
-    files = {n: read_bytes(file_inside(folder, n), MAX_TOKENIZER_BYTES) for n in (TOKENIZER_FILE, *info.carried_files)}
-    configs = {n: read_bytes(file_inside(folder, n), MAX_CONFIG_BYTES) for n in (LLM_CONFIG, VIT_CONFIG)}
+    files, configs = folder_files(info)
     return BagelCheckpoint(info.arch, info.llm_config, info.vit_config,
                            load_tensors(file_inside(folder, EMA_FILE), info.ema),
                            load_tensors(file_inside(folder, AE_FILE), info.ae), files,

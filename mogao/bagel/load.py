@@ -138,11 +138,7 @@ def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cp
     _check_supported(check_bagel_folder(where, settings).arch, where)  # (headers only: before any tensor is read)
     ckpt = load_bagel_folder(where, settings)
     arch = ckpt.arch
-    cfg = bagel_model_config(arch, where)
-    if overrides:
-        from dataclasses import replace
-
-        cfg = replace(cfg, **overrides)
+    cfg = _config(arch, where, overrides)
     model = build_bagel_model(arch, cfg)
     converted = to_mogao_state(ckpt.ema, ckpt.ae, arch, cfg)
     if converted.unmapped:  # (every BAGEL feature with tensors is an option set above)
@@ -157,6 +153,34 @@ def load_bagel_model(folder: str | os.PathLike, device: torch.device | str = "cp
     return model, load_bagel_tokenizer(where)
 
 
+def _config(arch: BagelArchitecture, where: Path, overrides: dict[str, Any] | None) -> ModelConfig:
+    cfg = bagel_model_config(arch, where)
+    if overrides:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **overrides)
+    return cfg
+
+
+def meta_bagel_model(folder: str | os.PathLike, settings: BagelSettings | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[MogaoModel, Any]:
+    """(MogaoModel of a BAGEL folder with its parameters on the meta device, the folder's `BagelFolderInfo`):
+    the model `load_bagel_model` gives, with every check it makes, its `source_path` and `bagel_source`, but no
+    tensor read - the configs, tokenizer files and weight headers only. `mogao.training.shard_load` fills it
+    (`plan_bagel_weights`, `load_weights`: each process only the rows of its own shards), in float32."""
+    from mogao.bagel.folder import folder_files
+
+    where = Path(folder)
+    info = check_bagel_folder(where, settings)
+    _check_supported(info.arch, where)
+    model = build_bagel_model(info.arch, _config(info.arch, where, overrides))
+    files, configs = folder_files(info)
+    model.source_path = str(where)
+    model.bagel_source = BagelSource(info.arch.settings, info.llm_config, info.vit_config, configs, files,
+                                     info.ema_metadata, info.ae_metadata)
+    return model, info
+
+
 def random_bagel_model(arch: BagelArchitecture, device: torch.device | str = "cpu",
                        dtype: torch.dtype = torch.bfloat16, overrides: dict[str, Any] | None = None,
                        folder: str | os.PathLike = "-", seed: int = 0) -> MogaoModel:
@@ -168,16 +192,11 @@ def random_bagel_model(arch: BagelArchitecture, device: torch.device | str = "cp
     (activations keep their scale at any width), from a generator seeded with `seed`. For measuring memory and
     speed at full size where the weights are not at hand. `folder` only names
     the model (`bagel_model_config`, `source_path`); overrides: as `load_bagel_model` takes them."""
-    from dataclasses import replace
-
     from torch import nn
 
     from mogao.model.io import allocate
 
-    cfg = bagel_model_config(arch, folder)
-    if overrides:
-        cfg = replace(cfg, **overrides)
-    model = build_bagel_model(arch, cfg)
+    model = build_bagel_model(arch, _config(arch, Path(folder), overrides))
     for name, p in model.named_parameters():  # (on the meta device: the dtype costs nothing yet)
         p.data = p.data.to(torch.float32 if name.startswith("autoencoder.") else dtype)
     allocate(model, device)

@@ -17,7 +17,11 @@ Where each parameter comes from (pretrained components):
     time_embed, gen_adaln, additive_time,  <- new: built on the CPU exactly as `MogaoModel.__init__` builds them,
     connector, latent_proj                    from the random state captured before building, so every rank
                                               (and `load_model(cfg)` with the same seed) gets the same values
-A saved mogao model (`init_from`) holds every parameter under its own name.
+A saved mogao model (`init_from`) holds every parameter under its own name. A published BAGEL folder
+(`init_from`, `plan_bagel_weights`) holds every parameter, and the position tables, under BAGEL's names
+(`mogao.bagel.keymap`): a tensor whose rows stay rows (the layers, embeddings, LM head; `vae2llm`, whose columns
+are permuted) is read by its local rows; the few that change shape or row order (the ViT patch embedding,
+`llm2vae`) and the autoencoder and position tables, all small, are read whole.
 
 Vocabulary growth (`vocab_size` above the checkpoint's): the extra rows are made by `transformers`' own
 `resize_token_embeddings` (mean resizing), which needs the checkpoint's whole embedding matrix (and untied LM
@@ -49,6 +53,7 @@ class WeightPlan:
     rng_state: the CPU random state `load_model(cfg)` would have started from (new modules are drawn from it).
     llm_config: the LLM architecture as built (`vocab_size` the grown one).
     checkpoint_vocab: rows of the LLM checkpoint's embedding matrix.
+    bagel: the checked folder when `init_from` is a published BAGEL folder.
     """
 
     cfg: ModelConfig
@@ -56,6 +61,7 @@ class WeightPlan:
     rng_state: torch.Tensor
     llm_config: dict = field(default_factory=dict)
     checkpoint_vocab: int = 0
+    bagel: Any = None  # with a BAGEL folder as init_from: its `mogao.bagel.folder.BagelFolderInfo` (checked)
 
 
 @dataclass
@@ -83,6 +89,14 @@ def plan_weights(model: MogaoModel, init_from: str | Path | None = None,
     llm = resolve_checkpoint(model.cfg.llm, "LLM")
     vocab = int(AutoConfig.from_pretrained(llm, trust_remote_code=False).vocab_size)
     return WeightPlan(model.cfg, None, rng, llm_config, vocab)
+
+
+def plan_bagel_weights(model: MogaoModel, info: Any) -> WeightPlan:
+    """Where `load_weights` fills a model built by `mogao.bagel.load.meta_bagel_model` from: the BAGEL folder
+    `info` describes (its `BagelFolderInfo`). Reads nothing more."""
+    llm_config = model.backbone.config.to_dict()
+    return WeightPlan(model.cfg, info.path, torch.get_rng_state(), llm_config, int(llm_config["vocab_size"]),
+                      bagel=info)
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -237,7 +251,9 @@ def load_weights(model: MogaoModel, plan: WeightPlan, device: torch.device | str
     names = {}  # one name per parameter (tied ones: every name, for saved files that kept another)
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
-    if plan.init_from is not None:
+    if plan.bagel is not None:
+        _fill_bagel(model, plan, names, report)
+    elif plan.init_from is not None:
         _fill_saved(model, plan, names, report)
     else:
         _fill_parts(model, plan, names, report)
@@ -265,6 +281,39 @@ def _fill_saved(model: MogaoModel, plan: WeightPlan, names: dict[int, list[str]]
                 raise ConfigError(f"'{plan.init_from / WEIGHTS_NAME}' has no tensor for '{names[id(p)][0]}': "
                                   f"weights of another architecture than {CONFIG_NAME} describes?")
             _copy(p, lambda a, b, w, k=key: saved.rows(k, a, b, w), key)
+
+
+def _fill_bagel(model: MogaoModel, plan: WeightPlan, names: dict[int, list[str]], report: LoadReport) -> None:
+    from mogao.bagel.folder import AE_FILE, EMA_FILE, file_inside
+    from mogao.bagel.keymap import TOKEN_FEATURES_IN, key_mappings, to_mogao_tensor
+
+    info = plan.bagel
+    arch, folder = info.arch, info.path
+    for name in (EMA_FILE, AE_FILE):  # (inside the folder: refused otherwise)
+        file_inside(folder, name)
+    files = {name: _Safetensors(folder, f"BAGEL {name}", report, (name,)) for name in (EMA_FILE, AE_FILE)}
+    place = {m.mogao: m for m in key_mappings(arch, model.cfg) if m.mogao is not None}
+
+    def reader(m):
+        src = files[m.file]
+        if m.transform in (None, TOKEN_FEATURES_IN):  # rows stay rows: read the local ones
+            return lambda a, b, w: to_mogao_tensor(m, src.rows(m.bagel, a, b, w), arch)
+
+        def whole(a: int, b: int, w: bool) -> torch.Tensor:
+            report.whole.append(m.mogao)
+            t = to_mogao_tensor(m, src.rows(m.bagel, 0, 0, True), arch)
+            return t if w else t[a:b]
+        return whole
+
+    with torch.no_grad():
+        for p in model.parameters():
+            name = next((n for n in names[id(p)] if n in place), None)
+            if name is None:
+                raise ConfigError(f"the BAGEL folder '{folder}' has no tensor for '{names[id(p)][0]}'")
+            _copy(p, reader(place[name]), place[name].bagel)
+        for name, b in model.named_buffers():  # the position tables: BAGEL's files hold them (small, whole)
+            if name in place:
+                b.copy_(reader(place[name])(0, 0, True))
 
 
 def _fill_parts(model: MogaoModel, plan: WeightPlan, names: dict[int, list[str]], report: LoadReport) -> None:
