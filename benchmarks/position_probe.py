@@ -8,7 +8,8 @@ No training. For each offset o, every sample starts at position o instead of 0 (
 - x̂₀ MSE at σ = 0.95 on validation edits (the model's clean-image estimate against the target, with the
   condition image in context and with it left out): where the layout of the edited image is decided;
 - teacher-forced story edit turns (`mogao eval --suite interleaved`'s edit_changed / edit_kept / edit_correct:
-  turn k drawn from the reference images of turns < k) and VQA exact match.
+  turn k drawn from the reference images of turns < k; `first_turn_correct`: turn 1 alone), free-running
+  stories, one-object edits of the edit task (validation, a centred object: correct share) and VQA exact match.
 
 Under a shift-invariant position scheme ("mrope", "bagel") every figure is the same at every offset (up to
 float noise). Under IL-RoPE an image token's (H, W) does not move with o while text does, so a model whose
@@ -53,6 +54,25 @@ def x0_mse(model, tok, offset: int, n: int, seed: int, sigma: float = 0.95) -> d
             v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
         out[name] = float(((x_sigma - sigma * v - clean) ** 2).mean())
     return out
+
+
+def one_object_edits(model, tok, n: int, seed: int, steps: int, cfg: float, offset: int) -> float:
+    """Share of `n` validation edits of one centred object (recolour, reshape, resize) judged correct."""
+    from mogao.data.builtin import make_builtin
+    from mogao.data.builtin.shapes import Scene
+    from mogao.eval import edit_judge, shapes_judge
+    from mogao.eval.generation import generate_images, prompt
+
+    src = make_builtin("edit", split="validation", n=n, seed=seed, image_size=32, max_objects=1)
+    contexts = [[{"image": s["segments"][0]["image"]}, prompt(m["instruction"])] for s, m in zip(src.samples, src.meta)]
+    images = []
+    for i in range(0, n, 16):
+        images += generate_images(model, tok, contexts[i:i + 16], seed=seed + i, steps=steps, cfg=cfg,
+                                  position_offset=offset)
+    ok = [edit_judge.judge_edit(shapes_judge.parse_image(c[0]["image"]), shapes_judge.parse_image(img), m["op"],
+                                pronoun=len(Scene.from_dict(m["scenes"][0]).objects) == 1).correct
+          for c, img, m in zip(contexts, images, src.meta)]
+    return sum(ok) / len(ok)
 
 
 def older_images(model, tok, n: int, seed: int, steps: int, cfg: float) -> dict[str, dict[str, float]]:
@@ -115,10 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
     for o in args.offsets:
         t0 = time.perf_counter()
         gen = ModelGenerator(model, tok, steps=args.steps, position_offset=o)
-        story = run_suite(None, None, "interleaved", n=args.n, seed=args.seed, generator=gen)["scores"]
+        story_run = run_suite(None, None, "interleaved", n=args.n, seed=args.seed, generator=gen)
+        story = story_run["scores"]
+        first = [d["kept"] and d["changed"] for d in story_run["details"] if d.get("teacher_forced") and d["turn"] == 1]
         vqa = run_suite(None, None, "vqa", n=args.n, seed=args.seed, generator=gen)["scores"]
         row = {"offset": o, **x0_mse(model, tok, o, args.n, args.seed),
                **{k: story[k]["all"] for k in ("edit_changed", "edit_kept", "edit_correct", "correct")},
+               "first_turn_correct": sum(first) / max(1, len(first)),
+               "one_object_edits": one_object_edits(model, tok, args.n, args.seed, args.steps, 2.0, o),
                "vqa": vqa["overall"]["all"], "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row))
@@ -127,12 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.older:
         out["older_images"] = older_images(model, tok, 4 * args.n, args.seed, args.steps, 2.0)
         print(json.dumps(out["older_images"]))
-    print("| offset | x̂₀ MSE σ 0.95 with / without condition | TF edit changed / kept / correct | free stories correct "
-          "| VQA |")
-    print("|---:|---|---|---:|---:|")
+    print("| offset | x̂₀ MSE σ 0.95 with / without condition | TF edit changed / kept / correct | TF first turn "
+          "| free stories correct | one-object edits | VQA |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['offset']} | {r['with_condition']:.4f} / {r['without_condition']:.4f} | {r['edit_changed']:.2f} / "
-              f"{r['edit_kept']:.2f} / {r['edit_correct']:.2f} | {r['correct']:.2f} | {r['vqa']:.2f} |")
+              f"{r['edit_kept']:.2f} / {r['edit_correct']:.2f} | {r['first_turn_correct']:.2f} | {r['correct']:.2f} | "
+              f"{r['one_object_edits']:.2f} | {r['vqa']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

@@ -27,7 +27,8 @@ def quantize_nf4(model: nn.Module, names: list[str], compute_dtype: torch.dtype 
         old = model.get_submodule(name)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
-        new.weight = bnb.nn.Params4bit(old.weight.data.to(compute_dtype), requires_grad=False, quant_type="nf4")
+        new.weight = bnb.nn.Params4bit(old.weight.data.to(compute_dtype), requires_grad=False, quant_type="nf4",
+                                        module=new)  # (the module keeps the quant state when FSDP2 swaps the weight)
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")

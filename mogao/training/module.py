@@ -170,9 +170,13 @@ class MogaoModule(pl.LightningModule):
         from mogao.bagel.folder import is_bagel_folder
 
         if init_from is not None and is_bagel_folder(source):  # a published BAGEL folder, read as it is
-            if self.meta_init:
-                raise ConfigError(f"model.meta_init: a BAGEL folder ('{init_from}') is read whole in each process; "
-                                  "set model.meta_init: false (with FSDP2, broadcast_from_rank0 then shards it)")
+            if self.meta_init:  # built without weights; each rank reads its shards' rows in configure_model
+                from mogao.bagel.load import meta_bagel_model
+                from mogao.training.shard_load import plan_bagel_weights
+
+                model, info = meta_bagel_model(source, overrides=overrides)  # (float32: the master weights)
+                self.weight_plan = plan_bagel_weights(model, info)
+                return model
             from mogao.bagel.load import load_any_model
 
             model = load_any_model(source, overrides=overrides)  # (in the files' dtypes: bf16, the VAE fp32)

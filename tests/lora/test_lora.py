@@ -234,6 +234,34 @@ def test_qlora_on_cuda_quantizes_the_base_and_trains_adapters(base, tmp_path):
     assert isinstance(merged.backbone.layers[0].gen.self_attn.q_proj, torch.nn.Linear)
 
 
+@pytest.mark.gpu
+def test_qlora_base_keeps_its_quant_state_under_fsdp2(base, tmp_path):
+    """The QLoRA recipes shard with FSDP2 (for its per-layer activation checkpointing): the NF4 weights must keep
+    their quantization state when FSDP2 replaces each parameter by its sharded one, and train with torch's AdamW."""
+    import bitsandbytes as bnb
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = load_model(base)
+        apply_lora(model, LoraSpec(gen=["q_proj", "k_proj", "v_proj", "o_proj"], quantize="nf4"), base)
+        model = model.cuda()
+        for layer in model.backbone.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        batch = _batch(base).to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.train()(batch)
+        (out.terms.text_sum / out.terms.text_weight + out.terms.image_sum / out.terms.image_weight).backward()
+        opt.step()
+        q = model.backbone.layers[0].gen.self_attn.q_proj.base_layer
+        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_state is not None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_generate_with_lora_draws_like_the_merged_model_and_refuses_another_base(t2i_run, base, tmp_path, capsys):
     _, root = t2i_run
     common = ["--prompt", "A small teal circle on a white background.", "--draw", "--steps", "3", "--seed", "1"]
