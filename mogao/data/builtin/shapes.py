@@ -565,14 +565,20 @@ def shapes_corpus() -> list[str]:
         texts += [colour, f"What shape is the {colour} object?"]
         for shape in SHAPES:
             texts += [f"Is there a {colour} {shape}?", f"Where is the {colour} {shape}?"]
-            for prefix in INSTRUCTION_PREFIXES:
-                for name in ("it", f"the {shape}", f"the {colour} {shape}"):
-                    bodies = [f"make {name} {colour}", f"turn {name} into a {shape}", f"remove {name}"]
-                    bodies += [f"make {name} {z}" for z in SIZES] + [f"move {name} to the {cell}" for cell in CELLS]
-                    bodies += [f"add a {z} {colour} {shape} at the {cell}" for z in SIZES for cell in CELLS]
-                    for body in bodies:
-                        text = prefix + body + "."
-                        texts += [text, text[:1].upper() + text[1:]]
+            for prefix, name in (("", f"the {colour} {shape}"), ("now ", "it"), ("now ", f"the {colour} {shape}")):
+                texts += [sentence(f"{prefix}make {name} {colour}"), sentence(f"{prefix}turn {name} into a {shape}"),
+                          sentence(f"{prefix}remove {name}")]
+                texts += [sentence(f"{prefix}make {name} {z}") for z in SIZES]
+                texts += [sentence(f"{prefix}move {name} to the {cell}") for cell in CELLS]
+                texts += [sentence(f"{prefix}add a {z} {colour} {shape} at the {cell}") for z in SIZES for cell in CELLS]
+    # every other surface form of the instruction grammar, once per verb (a few texts: the word statistics the
+    # tokenizer learns from stay those of the scenes' vocabulary)
+    for prefix in INSTRUCTION_PREFIXES:
+        for name in ("it", "the circle"):
+            for body in (f"make {name} red", f"turn {name} into a square", f"remove {name}", f"make {name} small",
+                         f"move {name} to the top left", "add a small red circle at the top left"):
+                text = prefix + body + "."
+                texts += [text, text[:1].upper() + text[1:]]
     for shape in SHAPES:
         texts += [shape, f"What colour is the {shape}?", f"Where is the {shape}?"]
     # Whole texts of drawn episodes, for the multi-object phrase forms ("..., ... and ...").
