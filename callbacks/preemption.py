@@ -17,8 +17,14 @@ saved the same state.
 Which facility covers what:
 
 - SIGKILL, power loss, OOM killer: nothing can run. `mogao.training.checkpointing.AtomicCheckpointIO` keeps
-  every checkpoint on disk complete, and `--ckpt_path=last` resumes from the newest valid one: at most the
-  interval of the periodic `ModelCheckpoint` is lost.
+  every checkpoint on disk complete (and `MoTFSDP2Strategy` every sharded one), and `--ckpt_path=last`
+  resumes from the newest valid one: at most the interval of the periodic `ModelCheckpoint` is lost.
+- One rank of several killed, or hung: the others' next collective fails at once (a peer is gone) or, for a
+  hang, the collective watchdog (`mogao.training.faults.CollectiveWatchdog`, added by `add_fault_tolerance`)
+  ends them after the strategy's collective timeout, with a report naming the rank that holds the group up.
+  No checkpoint is written then (`CrashCheckpoint` skips a failed collective: the group cannot complete a
+  save); the launcher restarts the group (torchrun --max-restarts, a SLURM requeue) and the restarted run
+  resumes from the last complete checkpoint (`mogao.training.checkpointing.resolve_ckpt_path`).
 - A Python exception, and Ctrl-C (Lightning turns KeyboardInterrupt into `on_exception` and exits with
   status 1): Lightning's `OnExceptionCheckpoint`, here as `CrashCheckpoint`.
 - SIGUSR1 under SLURM with `SLURMEnvironment(auto_requeue=True)` (Lightning's default on SLURM): Lightning
@@ -55,6 +61,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mogao.training.checkpointing import checkpoint_dir
+from mogao.training.faults import CollectiveWatchdog, is_collective_failure
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -206,7 +213,9 @@ class CrashCheckpoint(OnExceptionCheckpoint):
     """Lightning's `OnExceptionCheckpoint` (`<dirpath>/<filename>.ckpt`) with the guards of the module doc.
 
     A save that itself fails (e.g. a full disk) is reported as a warning, so the original exception is the one
-    that propagates. The file is removed when a fit finishes normally, as Lightning's callback does.
+    that propagates. Nothing is saved after a failed collective (a rank died or timed out): the ranks cannot
+    complete a save together, and one that a rank completed alone could record a step that was not taken. The
+    file is removed when a fit finishes normally, as Lightning's callback does.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "on_exception") -> None:
@@ -226,6 +235,10 @@ class CrashCheckpoint(OnExceptionCheckpoint):
         if isinstance(exception, SIGTERMException) and any(
                 isinstance(cb, PreemptionCheckpoint) and cb.saved is not None for cb in trainer.callbacks):
             return  # the pre-emption checkpoint holds this state already
+        if trainer.world_size > 1 and is_collective_failure(exception):
+            _say(trainer, f"a collective failed at global step {trainer.global_step}: no on-exception checkpoint "
+                          "(the ranks cannot complete one); a restart resumes from the last complete checkpoint")
+            return
         try:
             super().on_exception(trainer, pl_module, exception)
         except Exception as e:
@@ -241,10 +254,25 @@ class CrashCheckpoint(OnExceptionCheckpoint):
 
 def add_fault_tolerance(trainer: pl.Trainer, fit: bool = True) -> None:
     """Give a trainer what `mogao fit` runs with: `PreemptionCheckpoint`, appended last so that it stops a run
-    after every other callback's batch-end work (periodic checkpoints included), and - for a fit with
-    checkpointing on - `CrashCheckpoint` in the run's checkpoint directory. Each is added only where the
-    trainer has none of its kind (any `OnExceptionCheckpoint` counts)."""
+    after every other callback's batch-end work (periodic checkpoints included), - for a fit with
+    checkpointing on - `CrashCheckpoint` in the run's checkpoint directory, and first of all the
+    `CollectiveWatchdog` with the strategy's collective timeout (`configure_collective_timeout`, which also
+    gives Lightning's strategies mogao's default). Each is added only where the trainer has none of its kind
+    (any `OnExceptionCheckpoint` counts). Under torchrun the strategy takes the launcher's number of nodes when
+    it differs (`follow_launcher_world`: an elastic restart with fewer or more nodes), and a restarted group
+    gets store keys of its own (`isolate_restarted_store`)."""
+    from mogao.training.strategies import (
+        configure_collective_timeout,
+        follow_launcher_world,
+        isolate_restarted_store,
+    )
+
+    isolate_restarted_store()
+    follow_launcher_world(trainer.strategy)
+    timeout = configure_collective_timeout(trainer.strategy)
     cbs = trainer.callbacks
+    if not any(isinstance(c, CollectiveWatchdog) for c in cbs):
+        cbs.insert(0, CollectiveWatchdog(timeout))
     if not any(isinstance(c, PreemptionCheckpoint) for c in cbs):
         cbs.append(PreemptionCheckpoint())
     has_crash_checkpoint = any(isinstance(c, OnExceptionCheckpoint) for c in cbs)

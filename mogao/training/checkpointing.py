@@ -24,7 +24,16 @@ checkpoint reader unpickles without restriction) is first read by `read_shard_in
 builds only the index classes torch writes there, and every non-tensor record of the shards is read
 weights-only, so a folder that would run code is refused before torch opens it. `find_valid_checkpoint` returns the newest
 checkpoint of a directory that passes `check_checkpoint`, skipping (with a warning) those that do not;
-`resolve_ckpt_path` is what `mogao fit --ckpt_path=last` goes through.
+`resolve_ckpt_path` is what `mogao fit --ckpt_path=last` goes through; in a process group restarted by its
+launcher (torchrun `--max-restarts`, a requeued SLURM job) it resumes the run's newest valid checkpoint whatever
+`--ckpt_path` says (`launcher_restart`).
+
+Sharded checkpoints (directories, one shard file per rank) are written the same way as a unit:
+`MoTFSDP2Strategy` has every rank write into a temporary sibling folder (`.<name>.<pid>-<random>.tmp`) and
+the first rank renames it into place (`commit_directory`). Replacing an existing folder takes two renames (the
+old one is first moved aside as `.<name>.<pid>-<random>.old`); a kill between them leaves the moved-aside
+folder, complete, which `checkpoint_candidates` counts as `<name>` for as long as `<name>` does not exist.
+`remove_temp_files` removes killed writers' temporary folders as well as files.
 
 Keeping the last N checkpoints is Lightning's `ModelCheckpoint`, not this module:
 `ModelCheckpoint(every_n_train_steps=K, save_top_k=N, monitor="step", mode="max", save_last=True)` keeps the
@@ -39,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -60,9 +70,11 @@ from mogao.model.checkpoint_files import (
     validate_checkpoint,
 )
 from mogao.model.io import TEMP_SUFFIX, fsync_directory
+from mogao.training.faults import RESTART_ENV
 
 CHECKPOINT_SUFFIX = ".ckpt"
 QUARANTINE_SUFFIX = ".corrupt"
+MOVED_ASIDE_SUFFIX = ".old"  # a checkpoint folder being replaced (`commit_directory`)
 LAST_NAME = "last"
 
 
@@ -83,6 +95,45 @@ def is_temp_file(path: _PATH) -> bool:
     """Whether `path` is a temporary file of `atomic_save` (`.<name>.ckpt.<pid>-<random>.tmp`)."""
     name = Path(path).name
     return name.startswith(".") and name.endswith(TEMP_SUFFIX) and f"{CHECKPOINT_SUFFIX}." in name
+
+
+def moved_aside_target(path: _PATH) -> Path | None:
+    """For `.<name>.<pid>-<random>.old` (a checkpoint folder `commit_directory` moved aside), `<name>`'s path;
+    None for any other name."""
+    p = Path(path)
+    name = p.name
+    if not (name.startswith(".") and name.endswith(MOVED_ASIDE_SUFFIX)):
+        return None
+    stem = name[1: -len(MOVED_ASIDE_SUFFIX)].rsplit(".", 1)[0]  # drop the `<pid>-<random>` tag
+    return p.with_name(stem) if stem.endswith(CHECKPOINT_SUFFIX) else None
+
+
+def commit_directory(tmp: _PATH, final: _PATH) -> None:
+    """Rename the complete folder `tmp` onto `final` (a folder or file: a previous checkpoint of that name).
+
+    Every file in `tmp` is `fsync`ed first. An existing `final` is moved aside (`.<name>.<tag>.old`), `tmp` is
+    renamed onto `final` and the moved-aside one is removed; the parent directory is `fsync`ed. A kill leaves
+    either the previous checkpoint (at `final`, or moved aside: see the module docstring) or the new one.
+    """
+    tmp, final = Path(tmp), Path(final)
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_directory(tmp)
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}{MOVED_ASIDE_SUFFIX}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_directory(final.parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    else:
+        os.rename(tmp, final)
+    fsync_directory(final.parent)
 
 
 def atomic_save(obj: Any, path: _PATH, write: Callable[[Any, IO[bytes]], None] | None = None) -> None:
@@ -176,12 +227,17 @@ def checkpoint_candidates(directory: _PATH, extra: Iterable[_PATH] = ()) -> list
     equally new ones).
 
     Newest means most recently written: the state a run reached last, which is also how Lightning's
-    `ckpt_path="last"` chooses. Temporary files of interrupted saves are not candidates.
+    `ckpt_path="last"` chooses. Temporary files and folders of interrupted saves are not candidates; a folder
+    that `commit_directory` moved aside is one while the name it replaces is missing (a kill between its two
+    renames).
     """
     d = Path(directory)
     found = []
     if d.is_dir():
-        found = [p for p in d.iterdir() if p.name.endswith(CHECKPOINT_SUFFIX) and not p.name.startswith(".")]
+        entries = list(d.iterdir())
+        found = [p for p in entries if p.name.endswith(CHECKPOINT_SUFFIX) and not p.name.startswith(".")]
+        names = {p.name for p in found}
+        found += [p for p in entries if (t := moved_aside_target(p)) is not None and t.name not in names]
     found += [Path(p) for p in extra if Path(p) not in found and Path(p).exists()]
 
     def key(p: Path) -> tuple[int, int]:
@@ -212,25 +268,35 @@ def find_valid_checkpoint(directory: _PATH) -> Path | None:
 
 
 def remove_temp_files(directory: _PATH) -> list[Path]:
-    """Delete the temporary files that saves killed mid-write left in `directory`; returns what was removed.
+    """Delete the temporary files and folders that saves killed mid-write left in `directory`, and folders
+    moved aside by `commit_directory` whose replacement is in place; returns what was removed.
 
     Call this while no save can be running into the directory (e.g. before training starts). As a safeguard,
-    a file whose writer (the process id in its name) is still running on this machine is left alone.
+    an entry whose writer (the process id in its name) is still running on this machine is left alone. A
+    moved-aside folder whose name is missing is kept: it is the checkpoint of that name.
     """
     d = Path(directory)
     removed = []
     if d.is_dir():
         for p in d.iterdir():
-            if is_temp_file(p) and p.is_file() and not _writer_alive(p):
-                with contextlib.suppress(OSError):
+            target = moved_aside_target(p)
+            stale = is_temp_file(p) or (target is not None and target.exists())
+            if not stale or _writer_alive(p, MOVED_ASIDE_SUFFIX if target is not None else TEMP_SUFFIX):
+                continue
+            try:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
                     p.unlink()
-                    removed.append(p)
+            except OSError:
+                continue
+            removed.append(p)
     return removed
 
 
-def _writer_alive(temp: Path) -> bool:
+def _writer_alive(temp: Path, suffix: str = TEMP_SUFFIX) -> bool:
     try:
-        pid = int(temp.name[: -len(TEMP_SUFFIX)].rsplit(".", 1)[1].split("-", 1)[0])
+        pid = int(temp.name[: -len(suffix)].rsplit(".", 1)[1].split("-", 1)[0])
     except (IndexError, ValueError):
         return False
     if pid == os.getpid():
@@ -257,6 +323,11 @@ def quarantine(path: _PATH) -> Path:
 
 def resolve_resume(directory: _PATH, extra: Iterable[_PATH] = (), tidy: bool = True,
                    say: Callable[[str], None] = print) -> Path | None:
+    return _resolve_resume(directory, extra, tidy, say)[0]
+
+
+def _resolve_resume(directory: _PATH, extra: Iterable[_PATH] = (), tidy: bool = True,
+                    say: Callable[[str], None] = print) -> tuple[Path | None, int | None]:
     """The checkpoint to resume from in `directory` (what `ckpt_path="last"` should mean), or None.
 
     The newest candidate (`checkpoint_candidates` over `directory` and the `extra` paths) that passes
@@ -281,14 +352,14 @@ def resolve_resume(directory: _PATH, extra: Iterable[_PATH] = (), tidy: bool = T
             say(f"skipping {e}")
         if problems or p.name != LAST_NAME + CHECKPOINT_SUFFIX:
             say(f"resuming from {p} (global step {step})")
-        return p
+        return p, step
     for e in problems:
         say(f"skipping {e}")
     if problems:
         set_aside = [quarantine(e.path) for e in problems] if tidy else []
         moved = f"; renamed them to {', '.join(p.name for p in set_aside)}" if set_aside else ""
         say(f"no usable checkpoint in {d}{moved}: training starts from scratch")
-    return None
+    return None, None
 
 
 # ---- what `mogao fit` uses ------------------------------------------------------------------------------
@@ -304,6 +375,20 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     return plugins
 
 
+def launcher_restart() -> tuple[str, int] | None:
+    """(environment variable, count) when this process belongs to a process group that its launcher restarted
+    (`TORCHELASTIC_RESTART_COUNT` > 0 under torchrun --max-restarts, `SLURM_RESTART_COUNT` > 0 in a requeued
+    SLURM job); None for a first start."""
+    for name in RESTART_ENV:
+        try:
+            count = int(os.environ.get(name, "0") or 0)
+        except ValueError:
+            continue
+        if count > 0:
+            return name, count
+    return None
+
+
 def resolve_ckpt_path(trainer: Any, ckpt_path: str | None, fit: bool) -> str | None:
     """The `ckpt_path` to give `trainer.fit` / `trainer.validate` for the one given on the command line.
 
@@ -311,15 +396,18 @@ def resolve_ckpt_path(trainer: Any, ckpt_path: str | None, fit: bool) -> str | N
     the trainer's checkpoint directory and SLURM's `hpc_ckpt_<n>.ckpt` files in its root directory); when
     none does it stays `"last"`, for which Lightning then finds nothing and starts from scratch. A fit without
     a path is treated the same way when the trainer has an on-exception checkpoint, since Lightning resumes
-    such a fit from its last checkpoint. Other values are returned as given. Only the first process prints,
-    and only a fit tidies the directory.
+    such a fit from its last checkpoint. Other values are returned as given - except in a fit that its
+    launcher restarted (`launcher_restart`): there the run's newest valid checkpoint is the one resumed from
+    whatever was given (the given path only when the run has none yet), so a restart never goes back to the
+    start. Only the first process prints, and only a fit tidies the directory.
     """
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     has_crash_checkpoint = any(isinstance(c, OnExceptionCheckpoint) for c in trainer.callbacks)
     implicit = ckpt_path is None and fit and has_crash_checkpoint
-    if ckpt_path != LAST_NAME and not implicit:
+    restart = launcher_restart() if fit else None
+    if ckpt_path != LAST_NAME and not implicit and restart is None:
         return ckpt_path
     rank_zero = rank_zero_only.rank == 0
 
@@ -329,7 +417,16 @@ def resolve_ckpt_path(trainer: Any, ckpt_path: str | None, fit: bool) -> str | N
 
     directory = checkpoint_dir(trainer)
     hpc = sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
-    path = resolve_resume(directory, extra=hpc, tidy=rank_zero and fit, say=say)
+    path, step = _resolve_resume(directory, extra=hpc, tidy=rank_zero and fit, say=say)
+    if restart is not None:
+        name, count = restart
+        if path is None:
+            given = f"; starting from --ckpt_path={ckpt_path}" if ckpt_path not in (None, LAST_NAME) else ""
+            say(f"restart {count} of the process group ({name}={count}): no checkpoint in {directory} yet"
+                f"{given or ': training starts from scratch'}")
+            return ckpt_path
+        say(f"restart {count} of the process group ({name}={count}): resuming from {path} (global step {step})")
+        return str(path)
     if path is None:
         if not implicit:
             say(f"--ckpt_path=last: nothing to resume from in {directory}; training starts from scratch")

@@ -27,6 +27,13 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return cached
 
 
+def cached_run_dir(trainer: Any) -> Path | None:
+    """`run_dir`'s answer when it is known already (no collective), else None: for code that may run on one
+    rank alone or outside the main thread (fault reports, the collective watchdog)."""
+    cached = getattr(trainer, "__dict__", {}).get(_ATTR)
+    return Path(cached) if cached is not None else None
+
+
 def read_history(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a `metrics.jsonl` (an empty list when absent); a torn last line is ignored."""
     p = Path(path)

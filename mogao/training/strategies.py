@@ -23,19 +23,140 @@ Per-shard initialisation (the module's `meta_init: true`): every rank builds the
 reads no weights in `__init__`; `parallelize` shards it, allocates each rank's shards only and fills them with
 just their rows of the pretrained safetensors files (`mogao.training.shard_load`). No process ever holds the
 whole model. `broadcast_from_rank0` is then not used.
+
+Faults of a rank (docs/distributed.md, "When a rank dies or hangs"):
+
+    MogaoDDPStrategy   Lightning's DDP with the options below (`--trainer.strategy=ddp` gets their defaults).
+
+- `collective_timeout` (seconds, default `DEFAULT_COLLECTIVE_TIMEOUT`, 10 minutes): how long a rank may wait in
+  one collective (or spend in one training step's forward, backward and optimizer step, where DDP and FSDP
+  run theirs) before the watchdog (`mogao.training.faults.CollectiveWatchdog`) reports it and ends the process
+  so that the launcher restarts the group. The process group's own timeout (torch's, enforced by gloo and by
+  NCCL's watchdog) is set `backstop_margin` later, as a backstop. Lightning's strategies given by name get the
+  same default where they keep torch's 30 minutes (`configure_collective_timeout`).
+- Sharded checkpoints are written as a unit (`MoTFSDP2Strategy.save_checkpoint`): every rank writes into a
+  temporary folder, which the first rank renames into place once all are done; a rank killed during the
+  write leaves the previous checkpoint.
+- Elastic world size: when torchrun starts another number of nodes than `trainer.num_nodes` (a restart after
+  `--nnodes=MIN:MAX` lost or gained nodes), the strategy takes the launcher's (`follow_launcher_world`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from mogao.errors import ConfigError
 from mogao.model.io import ARCHITECTURE_KEY, model_architecture  # the record load_model reads
+from mogao.training.faults import DEFAULT_COLLECTIVE_TIMEOUT, backstop_margin
+
+
+def _check_timeout(collective_timeout: float | None, kwargs: dict[str, Any]) -> timedelta | None:
+    """The process group timeout for a strategy built with `collective_timeout` (None: torch's default)."""
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+    given = kwargs.pop("timeout", default_pg_timeout)  # (a config parser fills in Lightning's default)
+    if given is not None and given != default_pg_timeout:
+        raise ConfigError("strategy: give collective_timeout (seconds) rather than timeout: the process group's "
+                          "timeout is set from it")
+    if collective_timeout is None:
+        return None
+    if float(collective_timeout) <= 0:
+        raise ConfigError(f"strategy.collective_timeout must be > 0 seconds (or null: no watchdog), got "
+                          f"{collective_timeout}")
+    t = float(collective_timeout)
+    return timedelta(seconds=t + backstop_margin(t))
+
+
+def configure_collective_timeout(strategy: Any) -> float | None:
+    """The collective timeout (seconds) the watchdog of a run on `strategy` uses, or None (no watchdog).
+
+    A mogao strategy has it as `collective_timeout`. A Lightning strategy with a process group timeout
+    (DDP, FSDP, ModelParallel given by name, e.g. `--trainer.strategy=ddp`) that still has torch's default
+    (30 minutes) gets `DEFAULT_COLLECTIVE_TIMEOUT`, its process group timeout set `backstop_margin` later;
+    one whose timeout was set explicitly keeps it, and the watchdog uses it. Call before the process group
+    is created (`mogao fit` does, when it builds the trainer)."""
+    if hasattr(strategy, "collective_timeout"):
+        value = strategy.collective_timeout
+        return None if value is None else float(value)
+    current = getattr(strategy, "_timeout", None)
+    if not isinstance(current, timedelta):
+        return None
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+    if current == default_pg_timeout:
+        strategy._timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT + backstop_margin(DEFAULT_COLLECTIVE_TIMEOUT))
+        return DEFAULT_COLLECTIVE_TIMEOUT
+    return current.total_seconds()
+
+
+def isolate_restarted_store() -> bool:
+    """In a process group that torchrun restarted and that shares the launcher's store
+    (TORCHELASTIC_USE_AGENT_STORE=True: the static rendezvous of `--master-addr/--master-port`, and the c10d one
+    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), put this attempt's keys under a prefix of its own
+    (`mogao/restart_<n>`), so that no rank reads an address the previous attempt left there (torch 2.13
+    reuses the store without a per-attempt prefix: a restarted gloo group then fails with "Connection refused"
+    / "Connect timeout" when its ranks do not start at the same moment). Returns whether it did; call before
+    the process group is created (`mogao fit` does). Every rank of the group must have been restarted as
+    often (torchrun restarts the whole group of each node; with several nodes prefer the c10d rendezvous with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives each attempt a new store)."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or count in ("", "0"):
+        return False
+    try:
+        import importlib
+
+        from torch.distributed import PrefixStore
+
+        handlers = importlib.import_module("torch.distributed.rendezvous")._rendezvous_handlers
+        original = handlers["env"]
+    except (ImportError, AttributeError, KeyError):
+        return False
+    if getattr(original, "_mogao_prefix", None) is not None:
+        return True
+
+    def prefixed(url: str, **kwargs: Any):
+        for store, rank, world in original(url, **kwargs):
+            yield PrefixStore(f"mogao/restart_{count}", store), rank, world
+
+    prefixed._mogao_prefix = count  # type: ignore[attr-defined]
+    handlers["env"] = prefixed
+    return True
+
+
+def follow_launcher_world(strategy: Any) -> int | None:
+    """Under torchrun, when the launcher started another number of nodes than the strategy was configured for
+    (`torchrun --nnodes=MIN:MAX` restarting a group that lost or gained nodes), take the launcher's number of
+    nodes (its WORLD_SIZE / LOCAL_WORLD_SIZE, when LOCAL_WORLD_SIZE is the configured processes per node);
+    returns the new number, None when nothing changed. Lightning would otherwise refuse the run (devices x
+    num_nodes must equal the world size). Call before training starts (`mogao fit` does)."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    env = getattr(strategy, "cluster_environment", None)
+    if not isinstance(env, TorchElasticEnvironment) or not hasattr(strategy, "num_nodes"):
+        return None
+    try:
+        world, local = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    per_node = strategy.num_processes
+    if local != per_node or world % local or strategy.num_nodes * per_node == world:
+        return None
+    nodes = world // local
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[mogao] torchrun started {nodes} node(s) of {local} process(es) (world size {world}); training on "
+              f"{nodes} node(s) instead of trainer.num_nodes={strategy.num_nodes}", file=sys.stderr, flush=True)
+    strategy.num_nodes = nodes
+    if getattr(strategy, "_launcher", None) is not None:  # (it keeps the number it was made with)
+        strategy._configure_launcher()
+    return nodes
 
 
 def _layer_classes() -> set[type]:
@@ -92,9 +213,12 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
             device before sharding and receive their shards from it (see the module doc). Not used when the
             module was built with `meta_init: true` (every rank then reads its own shards).
         save_distributed_checkpoint: checkpoints are directories with one shard file per rank (resumable with
-            any number of ranks; `mogao checkpoint consolidate` turns one into a saved model). False: one
-            full checkpoint file gathered on the first rank.
+            any number of ranks; `mogao checkpoint consolidate` turns one into a saved model), written as a
+            unit (a temporary folder renamed into place). False: one full checkpoint file gathered on the
+            first rank.
         process_group_backend: "nccl" / "gloo" (default: by device).
+        collective_timeout: seconds a rank may wait in a collective before the watchdog ends the run for the
+            launcher to restart it (see the module doc; null: no watchdog and torch's default timeout).
 
     The LightningModule must call `parallelize(self)` from its `configure_model` hook (`MogaoModule` does).
     """
@@ -102,10 +226,15 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
     def __init__(self, activation_checkpointing: bool = True, param_dtype: str | None = None,
                  reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
                  broadcast_from_rank0: bool = False, save_distributed_checkpoint: bool = True,
-                 process_group_backend: str | None = None, **kwargs: Any) -> None:
+                 process_group_backend: str | None = None,
+                 collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT, **kwargs: Any) -> None:
+        timeout = _check_timeout(collective_timeout, kwargs)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, **kwargs)
+        self.collective_timeout = collective_timeout
         self.activation_checkpointing = activation_checkpointing
         self.param_dtype = _dtype(param_dtype, "param_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
@@ -165,10 +294,28 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Lightning's save (a sharded folder, or one whole file through the checkpoint IO plugin), with the
+        model's architecture recorded. A sharded folder is written as a unit: every rank writes its shards
+        into a temporary sibling folder named by the first rank, and once every rank is done the first rank
+        renames it onto `filepath` (`commit_directory`); a rank killed during the write leaves the previous
+        checkpoint of that name (and a temporary folder that the next resume removes)."""
         model = getattr(self.lightning_module, "model", None)
         if model is not None and hasattr(model, "cfg"):
             checkpoint[ARCHITECTURE_KEY] = model_architecture(model)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        from mogao.training.checkpointing import commit_directory, temp_path_for
+        from mogao.training.faults import fault_point
+
+        final = Path(self.broadcast(str(filepath)))
+        tmp = Path(self.broadcast(str(temp_path_for(final)) if self.global_rank == 0 else None))
+        super().save_checkpoint(checkpoint, tmp, storage_options)  # every rank's shards, meta.pt from the first
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        fault_point("save", self.global_rank, getattr(trainer, "global_step", None), trainer)
+        self.barrier("mogao: every shard of the checkpoint is written")
+        if self.global_rank == 0:
+            commit_directory(tmp, final)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # Whatever path led here (`--ckpt_path`, `trainer.fit(ckpt_path=...)` from Python, SLURM's hpc
@@ -187,7 +334,52 @@ class MoTFSDP2Strategy(ModelParallelStrategy):
             saved = load_checkpoint_file(meta).get("mogao")
             if saved:
                 module.set_train_parts(list(saved["optimizer_parts"]))
+        if meta is not None and meta.is_file():
+            return self._load_sharded(path)
         return super().load_checkpoint(checkpoint_path, weights_only=True)
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """Read a sharded checkpoint folder into the model and optimizers; returns the rest (`meta.pt`).
+
+        A parameter has optimizer state only once it was updated (one whose gradient over the global batch
+        was zero so far has none: `MogaoModule.on_before_optimizer_step`), so a checkpoint can hold the state
+        of some trainable parameters only. They are read as saved: the others get no state, as in the run
+        that wrote it (torch's reader would otherwise ask for every parameter's state, or - told to go on -
+        leave the zero state it makes up before reading, which changes the next AdamW steps)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from mogao.model.checkpoint_files import (
+            SHARDED_INDEX,
+            SHARDED_META,
+            load_checkpoint_file,
+            read_shard_index,
+        )
+
+        saved = set(read_shard_index(path / SHARDED_INDEX).state_dict_metadata)
+        model = self.model
+        strict = self.lightning_module.strict_loading
+        weights = {"state_dict": get_model_state_dict(model)}
+        dcp.load(weights, checkpoint_id=path)
+        model.load_state_dict(weights["state_dict"], strict=strict)
+        for i, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{i}"
+            target = get_optimizer_state_dict(model, optimizer)  # (every parameter's state, made up)
+            kept = {}
+            for fqn, entries in target["state"].items():
+                entries = {k: v for k, v in entries.items() if f"{key}.state.{fqn}.{k}" in saved}
+                if entries:
+                    kept[fqn] = entries
+            target = {**target, "state": kept}
+            dcp.load({key: target}, checkpoint_id=path)
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=target,
+                                     options=StateDictOptions(strict=False))
+        return dict(load_checkpoint_file(path / SHARDED_META))
 
 
 def _parameters_to_meta(model: nn.Module) -> None:
@@ -201,6 +393,22 @@ def _parameters_to_meta(model: nn.Module) -> None:
                 if id(p) not in done:
                     done[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                 sub._parameters[name] = done[id(p)]
+
+
+class MogaoDDPStrategy(DDPStrategy):
+    """Lightning's `DDPStrategy` with a collective timeout in seconds (see the module doc):
+
+        --trainer.strategy=mogao.training.strategies.MogaoDDPStrategy --trainer.strategy.collective_timeout=120
+
+    Other arguments go to `lightning.pytorch.strategies.DDPStrategy`.
+    """
+
+    def __init__(self, collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT, **kwargs: Any) -> None:
+        timeout = _check_timeout(collective_timeout, kwargs)
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        super().__init__(**kwargs)
+        self.collective_timeout = collective_timeout
 
 
 class MoTFSDPStrategy(FSDPStrategy):
