@@ -426,6 +426,16 @@ class CollectiveWatchdog(pl.Callback):
         self._last: _Collective | None = None
         self._set_phase("setup", timed=False)
 
+    def __getstate__(self) -> dict[str, Any]:  # (Lightning's spawn launchers pickle the trainer's callbacks)
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_stop", "_thread", "_store", "trainer", "main_thread", "_open", "_last")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.trainer, self.main_thread, self._thread, self._store = None, None, None, None
+        self._stop, self._open, self._last = threading.Event(), [], None
+
     # ---- what the main thread tells it --------------------------------------------------------------
     def _set_phase(self, phase: str, timed: bool) -> None:
         self._phase, self._timed, self._phase_since = phase, timed, time.monotonic()

@@ -287,6 +287,20 @@ def test_fault_specifications_are_read_or_refused():
             parse_faults(bad)
 
 
+def test_the_watchdog_is_inert_in_one_process_and_can_be_pickled():
+    import pickle
+    import types
+
+    from mogao.training.faults import CollectiveWatchdog
+
+    wd = CollectiveWatchdog(timeout=5)
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1, global_step=0)
+    wd.setup(trainer, None, "fit")  # one process: no thread, no wrapped collectives
+    assert wd._thread is None and wd.heartbeat == 1.25
+    copy = pickle.loads(pickle.dumps(wd))  # (Lightning's spawn launchers pickle the callbacks)
+    assert copy.timeout == 5 and copy._thread is None and not copy._stop.is_set()
+
+
 def _beat(rank: int, step: int, phase: str, count: int, now: float, in_collective: int | None = None) -> dict:
     c = None if in_collective is None else {"number": in_collective, "name": "all_reduce",
                                             "called_from": "objectives.py:32 _mean_over_ranks", "waited_s": 5.0}
