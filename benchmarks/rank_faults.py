@@ -100,7 +100,7 @@ def restart_costs(run: Path) -> list[dict]:
     report = run / "watchdog.json"
     if report.is_file():
         events = [e for e in json.loads(report.read_text())["events"] if e["event"] == "collective timeout"]
-    rows = child.records(run)
+    rows, starts = child.records(run), child.records(run, starts=True)
     out = []
     for fault in injected:
         # a kill strikes when it is recorded; a hang when the watchdog ends the group (its report's time)
@@ -111,13 +111,16 @@ def restart_costs(run: Path) -> list[dict]:
             if not later:
                 continue
             detected, struck = min(later) - fault["time"], min(later)
-        after = [r for r in rows if r["started"] > struck]
-        if not after:
+        later = [r["started"] for r in starts if r["started"] > struck]
+        if not later:
             continue
-        started = min(r["started"] for r in after)
-        first = min(r["time"] for r in after if r["started"] == started)
+        started = min(later)  # the restarted group (its first rank to start training)
+        # its steps: those of processes that started training with it (before the next group did)
+        upto = min((r["started"] for r in starts if r["started"] > started + 5.0), default=float("inf"))
+        steps = [r["time"] for r in rows if started <= r["started"] < upto]
         out.append({"action": fault["action"], "at": fault["at"], "step": fault.get("step_at_kill", fault["step"]),
-                    "detect_s": detected, "to_train_start_s": started - struck, "to_first_step_s": first - struck})
+                    "detect_s": detected, "to_train_start_s": started - struck,
+                    "to_first_step_s": (min(steps) - struck) if steps else None})
     return out
 
 
@@ -127,7 +130,7 @@ def one_faulted_run(parts: dict, data: Path, folder: Path, rng: random.Random) -
     delay = round(rng.uniform(0.0, 0.6), 3)
     # (the first kill may land up to two steps after k1 starts, after that step's checkpoint: k2 is later)
     k2 = rng.choice([k for k in range(k1 + 4, STEPS - every + 1) if k % every == 0])
-    k3 = rng.choice(range(k2 - every + 1, STEPS + 1))
+    k3 = rng.choice(range(k2 + 1, STEPS + 1))  # (so that every restarted group finishes a step before the next fault)
     faults = (f"kill:rank=1,step={k1},delay={delay},restart=0;kill:rank=1,step={k2},at=save,restart=1;"
               f"hang:rank=1,step={k3},at=all_reduce,restart=2")
     run = folder / "run"
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {i + 1}/{args.repeats}: {r['faults']}: exit {r['exit']}, {r['faults_fired']} faults fired, hang "
               f"named {r['hang_named']}, same weights {r['same_weights']}, same batches {r['same_batches']}, "
               f"{r['seconds']} s; restarts: "
-              + ", ".join(f"{c['action']}@{c['at']} {c['to_first_step_s']:.1f} s" for c in r["costs"]), flush=True)
+              + ", ".join(f"{c['action']}@{c['at']} {c['to_first_step_s']} s" for c in r["costs"]), flush=True)
     elastic = None
     if not args.no_elastic:
         elastic = elastic_run(parts, data, out / "elastic")
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     identical = sum(r["same_weights"] and r["same_batches"] for r in results)
     kills = [c for r in results for c in r["costs"] if c["action"] == "kill"]
     hangs = [c for r in results for c in r["costs"] if c["action"] == "hang"]
+
+    kill_steps = [c["to_first_step_s"] for c in kills if c["to_first_step_s"] is not None]
 
     def med(xs: list[float]) -> str:
         return f"{statistics.median(xs):.1f}" if xs else "-"
@@ -255,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         f"the hang named rank 1, the all_reduce and the step in {sum(r['hang_named'] for r in results)})",
         f"- restart after a SIGKILL of rank 1 ({len(kills)} restarts): kill -> the restarted group starts training: "
         f"median {med([c['to_train_start_s'] for c in kills])} s; kill -> end of its first step: median "
-        f"{med([c['to_first_step_s'] for c in kills])} s (min {min((c['to_first_step_s'] for c in kills), default=0):.1f}, "
-        f"max {max((c['to_first_step_s'] for c in kills), default=0):.1f})",
+        f"{med(kill_steps)} s (min {min(kill_steps, default=0):.1f}, max {max(kill_steps, default=0):.1f})",
         f"- a hang (collective_timeout={TIMEOUT:g} s, {len(hangs)} hangs): rank 1 stops -> the watchdog's report "
         f"(it exits right after): median {med([c['detect_s'] for c in hangs])} s; report -> end of the first step "
-        f"after the restart: median {med([c['to_first_step_s'] for c in hangs])} s",
+        f"after the restart: median {med([c['to_first_step_s'] for c in hangs if c['to_first_step_s'] is not None])} s",
         f"- one faulted run (3 faults, {STEPS} steps): median {med([r['seconds'] for r in results])} s; the "
         f"uninterrupted run: {took:.1f} s",
     ]

@@ -9,7 +9,8 @@ on, and the reading of those records into the run's history.
 
 `RecordSamples` (added to the run from the command line; this folder must be on PYTHONPATH) appends one line
 per finished training step to `<run>/samples.rank<k>.jsonl`: the step, the rank, the world size, the sample ids,
-the epoch of the source after the batch, when the process started training and at which step, and the time.
+the epoch of the source after the batch, when the process started training and at which step, and the time (and
+one line, with "start", when a process starts training).
 A restarted group appends to the same files; `lineage` keeps, for every step, what the run that the final
 weights come from trained on (a step trained again after a restart replaces the earlier one).
 """
@@ -40,6 +41,8 @@ class RecordSamples(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started, self.first = time.time(), trainer.global_step + 1
+        self._write(trainer, {"start": True, "rank": trainer.global_rank, "started": self.started,
+                              "first": self.first, "pid": os.getpid()})
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -54,16 +57,20 @@ class RecordSamples(pl.Callback):
                "ids": list(batch.sample_ids), "epoch": epoch, "started": self.started, "first": self.first,
                "pid": os.getpid(), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
                "t_start": self.t0, "time": time.time()}
+        self._write(trainer, row)
+
+    def _write(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / f"samples.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def records(run: Path) -> list[dict[str, Any]]:
+def records(run: Path, starts: bool = False) -> list[dict[str, Any]]:
+    """The rows of the finished steps (with `starts`: the rows written when a process started training)."""
     rows = []
     for path in sorted(Path(run).glob("samples.rank*.jsonl")):
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
+    return [r for r in rows if bool(r.get("start")) == starts]
 
 
 def lineage(run: Path) -> dict[int, dict[int, dict[str, Any]]]:

@@ -37,6 +37,7 @@ at most once per process and is recorded, before it acts, in `<run dir>/injected
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -509,9 +510,12 @@ class CollectiveWatchdog(pl.Callback):
 
     # ---- the thread ----------------------------------------------------------------------------------
     def _start(self) -> None:
-        global _ACTIVE
+        global _ACTIVE, _EXIT_REGISTERED
         if self._thread is not None:
             return
+        if not _EXIT_REGISTERED:
+            atexit.register(_destroy_process_group)
+            _EXIT_REGISTERED = True
         self.main_thread = threading.current_thread()
         self._store = _heartbeat_store()
         self._stop.clear()
@@ -647,6 +651,22 @@ class CollectiveWatchdog(pl.Callback):
         except OSError as e:
             print(f"[mogao] could not write {path}: {e}", file=sys.stderr, flush=True)
             return None
+
+
+_EXIT_REGISTERED = False
+
+
+def _destroy_process_group() -> None:
+    """At the exit of a multi-process run: end the default process group (Lightning does so for NCCL only). A gloo
+    group left to the interpreter's teardown now and then aborts the process at exit ("terminate called without
+    an active exception"), which a launcher counts as a failed run and restarts."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as e:  # exiting anyway
+        log.debug("destroy_process_group at exit: %s", e)
 
 
 def _heartbeat_store() -> Any:
