@@ -16,6 +16,10 @@ run. The cost of a restart is the time from the fault (the SIGKILL, or the watch
 end of the first training step of the restarted group, from the run's own records (`injected_faults.jsonl`,
 `watchdog.json` and the samples each step trained on).
 
+Then the cost of a restart on the tiny recipe itself (`--config tiny/t2i` as shipped, with the tests' tiny
+components: 6 built-in sources, EMA, throughput, the curriculum schedule), `--tiny-recipe` times over: rank 1
+SIGKILLed 0.1 s into step 5 under `--trainer.strategy=ddp`, a checkpoint every 2 steps.
+
 Then one elastic run: two torchrun agents on this machine, `--nnodes=1:2 --nproc-per-node=1` with the c10d
 rendezvous, the second "node" (its agent and its worker) SIGKILLed after step 3: the first restarts alone on
 world size 1 and finishes; every sample of the first epoch must be read exactly once over the run.
@@ -148,6 +152,21 @@ def one_faulted_run(parts: dict, data: Path, folder: Path, rng: random.Random) -
             "hang_named": named, "run": run, "costs": restart_costs(run) if injected else []}
 
 
+def tiny_recipe_restart(parts: dict, folder: Path) -> dict:
+    """`torchrun --max-restarts=1 -m mogao.cli fit --config tiny/t2i` on 2 processes, rank 1 killed in step 5."""
+    run = folder / "run"
+    ckpt = ("--trainer.callbacks+={class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: "
+            "{every_n_train_steps: 2, save_top_k: -1, monitor: step, mode: max}}")
+    record = f"--trainer.callbacks+={{class_path: rank_fault_child.RecordSamples, init_args: {{folder: '{run}'}}}}"
+    args = ["fit", "--config", "tiny/t2i", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=8",
+            "--trainer.val_check_interval=1000", f"--trainer.default_root_dir={run}",
+            f"--model.init_args.save_dir={run / 'model'}", f"--model.init_args.tokenizer={parts['tokenizer']}",
+            f"--model.init_args.model.llm={parts['llm']}", f"--model.init_args.model.vit={parts['vit']}", ckpt, record]
+    code, _, took = launch(child.torchrun_cmd(args, 2, max_restarts=1), folder, "kill:rank=1,step=5,delay=0.1,restart=0")
+    costs = restart_costs(run) if (run / "injected_faults.jsonl").is_file() else []
+    return {"exit": code, "seconds": round(took, 1), "costs": costs}
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -211,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/rank_faults"))
     ap.add_argument("--seed", type=int, default=None, help="seed of the fault steps (default: random, printed)")
     ap.add_argument("--no-elastic", action="store_true", help="skip the elastic run")
+    ap.add_argument("--tiny-recipe", type=int, default=3, help="restarts timed on the tiny recipe (0: none)")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -238,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
               f"named {r['hang_named']}, same weights {r['same_weights']}, same batches {r['same_batches']}, "
               f"{r['seconds']} s; restarts: "
               + ", ".join(f"{c['action']}@{c['at']} {c['to_first_step_s']} s" for c in r["costs"]), flush=True)
+    tiny = []
+    for i in range(args.tiny_recipe):
+        tiny.append(tiny_recipe_restart(parts, out / f"tiny{i}"))
+        print(f"tiny recipe, restart {i + 1}/{args.tiny_recipe}: {tiny[-1]}", flush=True)
     elastic = None
     if not args.no_elastic:
         elastic = elastic_run(parts, data, out / "elastic")
@@ -267,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- one faulted run (3 faults, {STEPS} steps): median {med([r['seconds'] for r in results])} s; the "
         f"uninterrupted run: {took:.1f} s",
     ]
+    tiny_costs = [c for r in tiny for c in r["costs"] if r["exit"] == 0 and c["to_first_step_s"] is not None]
+    if tiny:
+        lines.append(f"- the tiny recipe (`--config tiny/t2i --trainer.strategy=ddp`, 2 processes; {len(tiny)} runs, "
+                     f"{sum(r['exit'] == 0 for r in tiny)} finished): kill -> the restarted group starts training: "
+                     f"median {med([c['to_train_start_s'] for c in tiny_costs])} s; kill -> end of its first step: "
+                     f"median {med([c['to_first_step_s'] for c in tiny_costs])} s (min "
+                     f"{min((c['to_first_step_s'] for c in tiny_costs), default=0):.1f}, max "
+                     f"{max((c['to_first_step_s'] for c in tiny_costs), default=0):.1f})")
     if elastic is not None:
         lines.append(f"- elastic (`--nnodes=1:2`, one process a node, the second node SIGKILLed after step 3): exit "
                      f"{elastic['exit']}, world sizes {elastic['worlds']}, steps {elastic['steps'][0]}-"
@@ -277,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + summary)
     (out / "summary.md").write_text(summary + "\n")
     (out / "results.json").write_text(json.dumps({"seed": seed, "command": cmd, "machine": machine(),
-                                                  "reference_seconds": took, "runs": results, "elastic": elastic},
+                                                  "reference_seconds": took, "runs": results, "tiny_recipe": tiny,
+                                                  "elastic": elastic},
                                                  indent=2))
     return 0 if identical == len(results) and (elastic is None or elastic["exactly_once"]) else 1
 
