@@ -24,7 +24,7 @@ Then one elastic run: two torchrun agents on this machine, `--nnodes=1:2 --nproc
 rendezvous, the second "node" (its agent and its worker) SIGKILLed after step 3: the first restarts alone on
 world size 1 and finishes; every sample of the first epoch must be read exactly once over the run.
 
-    python benchmarks/rank_faults.py --repeats 10 --out runs/rank_faults     # about 15 minutes on 2 CPU cores
+    python benchmarks/rank_faults.py --repeats 10 --out runs/rank_faults     # 15-20 minutes on 2 CPU cores
     python benchmarks/rank_faults.py --repeats 1 --out /tmp/rf               # one faulted run
 
 Prints a markdown summary (and writes it with every figure to `--out`/results.json and summary.md) naming the
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {i + 1}/{args.repeats}: {r['faults']}: exit {r['exit']}, {r['faults_fired']} faults fired, hang "
               f"named {r['hang_named']}, same weights {r['same_weights']}, same batches {r['same_batches']}, "
               f"{r['seconds']} s; restarts: "
-              + ", ".join(f"{c['action']}@{c['at']} {c['to_first_step_s']} s" for c in r["costs"]), flush=True)
+              + ", ".join(f"{c['action']}@{c['at']} {c['to_first_step_s'] or float('nan'):.1f} s" for c in r["costs"]),
+              flush=True)
     tiny = []
     for i in range(args.tiny_recipe):
         tiny.append(tiny_recipe_restart(parts, out / f"tiny{i}"))
