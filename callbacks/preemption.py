@@ -254,11 +254,11 @@ class CrashCheckpoint(OnExceptionCheckpoint):
 
 def add_fault_tolerance(trainer: pl.Trainer, fit: bool = True) -> None:
     """Give a trainer what `mogao fit` runs with: `PreemptionCheckpoint`, appended last so that it stops a run
-    after every other callback's batch-end work (periodic checkpoints included), - for a fit with
-    checkpointing on - `CrashCheckpoint` in the run's checkpoint directory, and first of all the
-    `CollectiveWatchdog` with the strategy's collective timeout (`configure_collective_timeout`, which also
-    gives Lightning's strategies mogao's default). Each is added only where the trainer has none of its kind
-    (any `OnExceptionCheckpoint` counts). Under torchrun the strategy takes the launcher's number of nodes when
+    after every other callback's batch-end work (periodic checkpoints included); for a fit with checkpointing
+    on, `CrashCheckpoint` in the run's checkpoint directory; and, first in the list, the `CollectiveWatchdog`
+    with the strategy's collective timeout (`configure_collective_timeout`, which also gives Lightning's
+    strategies mogao's default). Each is added only where the trainer has none of its kind (any
+    `OnExceptionCheckpoint` counts). Under torchrun the strategy takes the launcher's number of nodes when
     it differs (`follow_launcher_world`: an elastic restart with fewer or more nodes), and a restarted group
     gets store keys of its own (`isolate_restarted_store`)."""
     from mogao.training.strategies import (
