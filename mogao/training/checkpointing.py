@@ -70,7 +70,7 @@ from mogao.model.checkpoint_files import (
     validate_checkpoint,
 )
 from mogao.model.io import TEMP_SUFFIX, fsync_directory
-from mogao.training.faults import RESTART_ENV
+from mogao.training.faults import launcher_restart
 
 CHECKPOINT_SUFFIX = ".ckpt"
 QUARANTINE_SUFFIX = ".corrupt"
@@ -373,20 +373,6 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
-
-
-def launcher_restart() -> tuple[str, int] | None:
-    """(environment variable, count) when this process belongs to a process group that its launcher restarted
-    (`TORCHELASTIC_RESTART_COUNT` > 0 under torchrun --max-restarts, `SLURM_RESTART_COUNT` > 0 in a requeued
-    SLURM job); None for a first start."""
-    for name in RESTART_ENV:
-        try:
-            count = int(os.environ.get(name, "0") or 0)
-        except ValueError:
-            continue
-        if count > 0:
-            return name, count
-    return None
 
 
 def resolve_ckpt_path(trainer: Any, ckpt_path: str | None, fit: bool) -> str | None:

@@ -195,16 +195,24 @@ def backstop_margin(collective_timeout: float) -> float:
     return max(10.0, 0.1 * float(collective_timeout))
 
 
-def restart_count() -> int:
-    """How many times the launcher restarted this process group (0 for a first start)."""
+def launcher_restart() -> tuple[str, int] | None:
+    """(environment variable, count) when this process belongs to a process group that its launcher restarted
+    (`TORCHELASTIC_RESTART_COUNT` > 0 under torchrun --max-restarts, `SLURM_RESTART_COUNT` > 0 in a requeued
+    SLURM job); None for a first start."""
     for name in RESTART_ENV:
         try:
             count = int(os.environ.get(name, "0") or 0)
         except ValueError:
             continue
         if count > 0:
-            return count
-    return 0
+            return name, count
+    return None
+
+
+def restart_count() -> int:
+    """How many times the launcher restarted this process group (0 for a first start)."""
+    restart = launcher_restart()
+    return 0 if restart is None else restart[1]
 
 
 def is_collective_failure(exception: BaseException | None) -> bool:
