@@ -54,18 +54,20 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
     position_ids[:, phys] = torch.cat([p.position_ids for p in plans], dim=1)
 
     index: dict[Modality, list[torch.Tensor]] = {Modality.VIT: [], Modality.VAE_CLEAN: [], Modality.VAE_NOISY: []}
-    vit_pixels, vae_pixels, grids, is_target, has_clean, seeds, weights = [], [], [], [], [], [], []
+    vit_pixels, vae_pixels, grids, is_target, has_clean, has_vit, seeds, weights = [], [], [], [], [], [], [], []
     offset = 0
     for p in plans:
         for img, starts in zip(p.images, p.copy_start):
             gh, gw = img.grid
             for kind, start in starts.items():
                 index[kind].append(phys[offset + start: offset + start + gh * gw])
-            vit_pixels.append(img.tensors.vit)
+            if Modality.VIT in starts:  # (only images with a ViT copy: `PackedBatch.vit_pixels`)
+                vit_pixels.append(img.tensors.vit)
             vae_pixels.append(img.tensors.vae)
             grids.append((gh, gw))
             is_target.append(img.is_target)
             has_clean.append(Modality.VAE_CLEAN in starts)
+            has_vit.append(Modality.VIT in starts)
             seeds.append(img.seed)
             weights.append(img.loss_weight)
         offset += p.num_tokens
@@ -79,6 +81,7 @@ def collate_plans(plans: Sequence[SequencePlan], budget: int) -> PackedBatch:
         image_grid=torch.tensor(grids, dtype=torch.long).reshape(-1, 2),
         image_is_target=torch.tensor(is_target, dtype=torch.bool),
         image_has_clean=torch.tensor(has_clean, dtype=torch.bool),
+        image_has_vit=torch.tensor(has_vit, dtype=torch.bool),
         image_seed=torch.tensor(seeds, dtype=torch.long),
         image_loss_weight=torch.tensor(weights, dtype=torch.float32),
         vit_index=cat(index[Modality.VIT]), vae_clean_index=cat(index[Modality.VAE_CLEAN]),

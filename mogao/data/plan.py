@@ -16,7 +16,9 @@ and in BAGEL's ("bagel", `DataConfig.sequence_format`; `mogao.sequence.formats`)
                           loss-bearing token, so a model learns to stop, and nothing reads it)
 
 Each image copy is gh*gw tokens, row-major. With `DataConfig.drop_unread_vae` (training, when text does
-not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample.
+not see VAE tokens) an image has a clean VAE copy only when a generation target follows it in the sample. With
+`DataConfig.drop_unread_vit` (format "mogao" only) a generation target that ends the sample has no ViT copy:
+`<|vision_start|>, noisy VAE copy, [clean VAE copy], <|vision_end|>`.
 Cross-entropy labels: a text token's label is the next logical token when that token is loss-bearing text,
 else -100. Loss-bearing text: tokens of `loss: true` text segments (with BAGEL's format their <|im_start|> and
 <|im_end|> too), `<|vision_start|>` of a generation target (so the model learns *when* to draw; with BAGEL's
@@ -25,8 +27,9 @@ loss-bearing text or a generated image. (The marker of a wrapped copy is a text 
 one inside a noisy copy never does.)
 
 Positions follow the model's scheme (`DataConfig.positions`), by the rules of `mogao.sequence.positions`.
-Under BAGEL's 1-D scheme a clean VAE copy left out by `drop_unread_vae` still advances the position, so the
-copy's absence changes nothing the model computes for the tokens after it.
+Under BAGEL's 1-D scheme a clean VAE copy left out by `drop_unread_vae`, or a ViT copy left out by
+`drop_unread_vit`, still advances the position, so the copy's absence changes no position of the tokens after
+it. (Under IL-RoPE and M-RoPE the copies of one image share T, so leaving one out moves nothing either.)
 
 Condition dropout (for classifier-free guidance) and the per-image noise seeds are drawn from hashes of
 (seed, sample id, epoch[, image index]), so they are reproducible and do not depend on packing or workers.
@@ -91,6 +94,14 @@ class DataConfig:
     `text_sees_vae`), like the patch sizes. It changes no loss and no gradient (nothing with a loss attends to
     such a copy) and saves its tokens, so more samples fit a pack: an image that is only read costs one copy
     instead of two, the last generated image of a sample two instead of three."""
+    drop_unread_vit: bool = False
+    """Leave out the ViT copy of a generation target that ends the sample (sequence_format 'mogao' only): after
+    it come only <|vision_end|> and <|endoftext|>, so no later text or noisy copy reads it. It changes the
+    context of one prediction and nothing else: the label of that <|vision_end|> (<|endoftext|>, the model
+    learning to stop after a generated image) is then predicted without the image's ViT copy (it still sees the
+    rest of the sample); every other loss term, and every position, is unchanged. It saves gh*gw tokens per such
+    sample (a text-to-image sample's target costs one or two copies instead of two or three). A data option:
+    `for_model` leaves it as set."""
     seed: int = 0
     """Seed of shuffling, condition dropout and the per-image noise seeds."""
     lookahead: int = 8
@@ -142,6 +153,9 @@ class DataConfig:
                 or self.position_offset < 0:
             raise ConfigError(f"data.position_offset must be an integer >= 0, got {self.position_offset!r}")
         check_choice(self.sequence_format, SEQUENCE_FORMATS, "data.sequence_format")
+        if self.drop_unread_vit and self.sequence_format == "bagel":
+            raise ConfigError("data.drop_unread_vit is only for sequence_format 'mogao' (the model's is 'bagel'); "
+                              "turn it off")
 
     def for_model(self, model: Any) -> DataConfig:
         """This config on the token geometry and sequence options of `model` (a `MogaoModel`, read through its
@@ -159,7 +173,7 @@ class PlanSpan:
 
     A wrapped image copy (BAGEL's format) has `markers` = (begin id, end id), counted in `length`, and `loss` =
     the loss flags of its two markers. An image span of length 0 is a copy left out of the sequence that still
-    takes its position (BAGEL's scheme, `drop_unread_vae`): it has no token and no layout span.
+    takes its position (BAGEL's scheme, `drop_unread_vae`, `drop_unread_vit`): it has no token and no layout span.
     """
 
     kind: Modality
@@ -240,13 +254,14 @@ def _grid(img: Image.Image, config: DataConfig, sample: Sample, i: int) -> tuple
 
 
 def _segment_cost(seg: TextSegment | ImageSegment, ids: list[int] | None, grid: tuple[int, int] | None,
-                  clean: bool, wrapped: bool = False) -> int:
-    """Tokens of a segment; `wrapped`: BAGEL's format (two markers per text segment and per image copy)."""
+                  clean: bool, wrapped: bool = False, vit: bool = True) -> int:
+    """Tokens of a segment; `clean` / `vit`: whether an image has its clean VAE / ViT copy; `wrapped`: BAGEL's
+    format (two markers per text segment and per image copy)."""
     if isinstance(seg, TextSegment):
         n = len(ids or ())
         return n + 2 if wrapped and n else n
     assert grid is not None
-    copies = int(seg.generate) + 1 + int(clean)
+    copies = int(seg.generate) + int(vit) + int(clean)
     if wrapped:
         return copies * (grid[0] * grid[1] + 2)
     return 2 + copies * grid[0] * grid[1]
@@ -279,6 +294,15 @@ def _clean_copies(segs: list[TextSegment | ImageSegment], indices: list[int], dr
     return read
 
 
+def _unread_vit(segs: list[TextSegment | ImageSegment], indices: list[int], drop_unread: bool) -> set[int]:
+    """Of the segments at `indices`, those whose ViT copy is left out: with `drop_unread`, the last one when it is
+    a generation target (nothing after it reads it but its <|vision_end|>, whose label is <|endoftext|>)."""
+    if not drop_unread or not indices:
+        return set()
+    last = segs[indices[-1]]
+    return {indices[-1]} if isinstance(last, ImageSegment) and last.generate else set()
+
+
 def lower_sample(
     sample: Sample, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, epoch: int = 0,
     special: SpecialTokens | None = None, index: int = -1,
@@ -305,7 +329,9 @@ def lower_sample(
             rgb[i] = _load(seg, sample, i, config.max_image_bytes)
             grids[i] = _grid(rgb[i], config, sample, i)
     read = _clean_copies(segs, list(range(len(segs))), config.drop_unread_vae)
-    costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read, wrapped) for i, seg in enumerate(segs)]
+    no_vit = _unread_vit(segs, list(range(len(segs))), config.drop_unread_vit)
+    costs = [_segment_cost(seg, text_ids.get(i), grids.get(i), i in read, wrapped, i not in no_vit)
+             for i, seg in enumerate(segs)]
 
     total = sum(costs) + 1  # + <|endoftext|>
     keep = len(segs)
@@ -341,9 +367,10 @@ def lower_sample(
 
     image_order = {i: n for n, i in enumerate(i for i, s in enumerate(segs) if isinstance(s, ImageSegment))}
     read = _clean_copies(segs, kept, config.drop_unread_vae)  # (dropout and truncation only remove readers)
+    no_vit = _unread_vit(segs, kept, config.drop_unread_vit)  # (the same: what they remove only saves tokens)
     spans: list[PlanSpan] = []
     images: list[PlanImage] = []
-    gaps = config.positions == "bagel"  # a left-out clean copy keeps its position (see the module docstring)
+    gaps = config.positions == "bagel"  # a left-out copy keeps its position (see the module docstring)
     for i in kept:
         seg = segs[i]
         if isinstance(seg, TextSegment):
@@ -371,11 +398,10 @@ def lower_sample(
                                       loss=(begins, False)))
             continue
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_start_id,), loss=(seg.generate,)))
-        copies = ([Modality.VAE_NOISY] if seg.generate else []) + [Modality.VIT]
-        copies += [Modality.VAE_CLEAN] if i in read else []
-        spans.extend(PlanSpan(kind, n, image=k) for kind in copies)
-        if gaps and i not in read:
-            spans.append(PlanSpan(Modality.VAE_CLEAN, 0, image=k))
+        for kind, there in ((Modality.VAE_NOISY, seg.generate), (Modality.VIT, i not in no_vit),
+                            (Modality.VAE_CLEAN, i in read)):
+            if there or (gaps and kind != Modality.VAE_NOISY):  # (a left-out copy: length 0, its position only)
+                spans.append(PlanSpan(kind, n if there else 0, image=k))
         spans.append(PlanSpan(Modality.TEXT, 1, token_ids=(special.vision_end_id,), loss=(False,)))
     last = segs[kept[-1]]
     eos_loss = last.generate if isinstance(last, ImageSegment) else last.loss

@@ -64,8 +64,8 @@ class SequenceInputs:
     grid_cells: (2, N) the (row, column) of each image token in its image's token grid (any value elsewhere);
         None: rows 1 and 2 of position_ids, which hold them under IL-RoPE only (the other schemes need them).
     n_und: rows [0, n_und) are understanding tokens (text, ViT), the rest generation tokens (VAE copies).
-    vit_pixels: the ViT copy (3, gh*vit_patch, gw*vit_patch) of each image; vit_index: the rows of their tokens,
-        image after image, row-major.
+    vit_pixels: the ViT copy (3, gh*vit_patch, gw*vit_patch) of each image that has one (`PackedBatch.image_has_vit`);
+        vit_index: the rows of their tokens, image after image, row-major.
     clean_tokens: (n_clean, token_dim) latent tokens of the clean VAE copies, or clean_pixels: those images
         (3, gh*vae_patch, gw*vae_patch), encoded here; clean_index: their rows.
     noisy_tokens: (n_noisy, token_dim) the noisy latents x_σ; noisy_index: their rows; noisy_target: (n_noisy,)

@@ -14,22 +14,26 @@ class PackedBatch:
     """One packed batch. Token tensors are in the physical order of `layout` (see `mogao.sequence.layout`).
 
     N = number of tokens, I = number of images in the pack (image-major order: sample by sample, then the
-    order of the images inside each sample). Every image has a ViT copy of gh*gw tokens; generation targets also
-    have a noisy VAE copy, and images whose clean VAE copy some token reads a clean VAE copy, of gh*gw tokens each.
+    order of the images inside each sample). Every image has a ViT copy of gh*gw tokens, except a generation
+    target that ends its sample under `DataConfig.drop_unread_vit`; generation targets also have a noisy VAE copy,
+    and images whose clean VAE copy some token reads a clean VAE copy, of gh*gw tokens each.
 
     input_ids:      (N,)  text token ids at text positions (markers of wrapped copies included), 0 elsewhere
     labels:         (N,)  next-token CE target of each token (-100 where none): the label of a text token is the
                           next logical token when that token is loss-bearing text (incl. begin-of-image markers)
     position_ids:   (3, N) rotary positions (T, H, W) under the model's position scheme (IL-RoPE, or BAGEL's
                           1-D positions as (p, p, p)); each image token's grid cell is `grid_cells`
-    vit_pixels:     I tensors (3, gh*vit_patch, gw*vit_patch), float in [0, 1]
+    vit_pixels:     one tensor (3, gh*vit_patch, gw*vit_patch), float in [0, 1], per image with a ViT copy
+                          (image_has_vit), in image order: what the ViT embeds into the rows `vit_index`
     vae_pixels:     I tensors (3, gh*vae_patch, gw*vae_patch), float in [0, 1]
     image_grid:     (I, 2) token grid (gh, gw) of each image
     image_is_target:(I,) bool, True for generation targets (they have a noisy copy)
     image_has_clean:(I,) bool, True for images with a clean VAE copy (`DataConfig.drop_unread_vae`)
+    image_has_vit:  (I,) bool, True for images with a ViT copy (`DataConfig.drop_unread_vit`)
     image_seed:     (I,) int64 seed of the image's timestep and noise draw (independent of the pack it lands in)
     image_loss_weight: (I,) float weight of the image's flow loss (0 for condition images)
-    vit_index:      (sum gh*gw,) physical positions of ViT tokens; image-major, row-major inside an image
+    vit_index:      (sum gh*gw over image_has_vit,) physical positions of ViT tokens; image-major, row-major
+                          inside an image
     vae_clean_index:(sum gh*gw over image_has_clean,) physical positions of clean VAE tokens; same order
     noisy_index:    (sum over targets gh*gw,) physical positions of noisy VAE tokens; same order
     sample_ids:     the samples' ids (file:line or the JSONL `id`), for logs and fault reports
@@ -47,6 +51,7 @@ class PackedBatch:
     image_grid: torch.Tensor
     image_is_target: torch.Tensor
     image_has_clean: torch.Tensor
+    image_has_vit: torch.Tensor
     image_seed: torch.Tensor
     image_loss_weight: torch.Tensor
     vit_index: torch.Tensor
@@ -77,8 +82,7 @@ class PackedBatch:
         read, whatever the position scheme (under IL-RoPE it equals rows 1 and 2 of `position_ids`)."""
         cells = torch.zeros(2, self.num_tokens, dtype=torch.long, device=self.input_ids.device)
         grids = self.image_grid.to(cells.device)
-        every = torch.ones(grids.shape[0], dtype=torch.bool, device=cells.device)
-        for images, index in ((every, self.vit_index), (self.image_has_clean, self.vae_clean_index),
+        for images, index in ((self.image_has_vit, self.vit_index), (self.image_has_clean, self.vae_clean_index),
                               (self.image_is_target, self.noisy_index)):
             g = grids[images.to(cells.device)]
             if not index.numel():
