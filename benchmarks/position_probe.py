@@ -15,6 +15,12 @@ Under a shift-invariant position scheme ("mrope", "bagel") every figure is the s
 float noise). Under IL-RoPE an image token's (H, W) does not move with o while text does, so a model whose
 figures change with o has learnt angles that depend on absolute depth.
 
+`--caption-swap`: the teacher-forced first turns of the same stories drawn twice, with the story's own first
+caption and with the caption of another story's first scene (the condition image and the instruction kept): the
+share of turns whose image shows the caption's scene, the condition image's scene, or the instructed edit. A model
+that draws what the first caption says instead of editing the image it is shown has learnt the text-to-image
+reading (caption -> picture) and applies it to the oldest text of a story.
+
 `--older`: teacher-forced turns k >= 2 of the same stories drawn twice, with every earlier turn's image in
 context and with only turn k-1's image (the older images' instructions kept): whether older images, which share
 each cell's code (and, under IL-RoPE, its H/W angle) with the previous one, distract the copy.
@@ -107,15 +113,56 @@ def older_images(model, tok, n: int, seed: int, steps: int, cfg: float) -> dict[
     return result
 
 
+def _largest_like(parsed, scene) -> bool:
+    """Whether the largest object of `parsed` has the colour and cell of `scene`'s first object."""
+    if not parsed.objects:
+        return False
+    big, ref = parsed.objects[0], scene.objects[0]
+    return (big.colour, big.where) == (ref.colour, ref.where)
+
+
+def caption_swap(model, tok, n: int, seed: int, steps: int, cfg: float) -> dict[str, dict[str, float]]:
+    """First story turns with their own first caption and with another story's: what the image follows."""
+    from mogao.data.builtin.shapes import caption, render, sentence
+    from mogao.eval import edit_judge, shapes_judge
+    from mogao.eval.generation import generate_images, prompt
+    from mogao.eval.suites import story_items
+
+    stories = story_items(n, seed)
+    others = stories[1:] + stories[:1]
+    result = {}
+    for name, swap in (("own_caption", False), ("other_caption", True)):
+        captions = [sentence("draw " + caption((o if swap else s)["scenes"][0])) for s, o in zip(stories, others)]
+        contexts = [[prompt(c), {"image": render(s["scenes"][0], 32)}, prompt(s["texts"][1])]
+                    for c, s in zip(captions, stories)]
+        images = []
+        for i in range(0, len(contexts), 16):
+            images += generate_images(model, tok, contexts[i:i + 16], seed=seed + i, steps=steps, cfg=cfg)
+        parsed = [shapes_judge.parse_image(img) for img in images]
+        follows = {"caption_scene": [p.matches((o if swap else s)["scenes"][0]) for p, s, o in zip(parsed, stories, others)],
+                   "condition_scene": [p.matches(s["scenes"][0]) for p, s in zip(parsed, stories)],
+                   "edit_correct": [edit_judge.judge_edit(shapes_judge.parse_image(render(s["scenes"][0], 32)), p,
+                                                          s["ops"][0], pronoun=len(s["scenes"][0].objects) == 1).correct
+                                    for p, s in zip(parsed, stories)],
+                   # softer: the largest object drawn has the colour and cell of the caption's / condition's object
+                   "caption_colour_cell": [_largest_like(p, (o if swap else s)["scenes"][0])
+                                           for p, s, o in zip(parsed, stories, others)],
+                   "condition_colour_cell": [_largest_like(p, s["scenes"][0]) for p, s in zip(parsed, stories)]}
+        result[name] = {"turns": len(stories), **{k: sum(v) / len(v) for k, v in follows.items()}}
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="saved model directory (pixel autoencoder, 32-pixel images)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="default: the model folder's, else the tiny one")
-    ap.add_argument("--offsets", type=int, nargs="+", default=[0, 15, 40])
+    ap.add_argument("--offsets", type=int, nargs="*", default=[0, 15, 40], help="(none: skip the per-offset figures)")
     ap.add_argument("--n", type=int, default=24, help="stories, VQA questions and edits per offset")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--older", action="store_true", help="also measure older images in story context")
+    ap.add_argument("--caption-swap", action="store_true",
+                    help="also measure first turns with another story's first caption")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -151,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.older:
         out["older_images"] = older_images(model, tok, 4 * args.n, args.seed, args.steps, 2.0)
         print(json.dumps(out["older_images"]))
+    if args.caption_swap:
+        out["caption_swap"] = caption_swap(model, tok, 2 * args.n, args.seed, args.steps, 2.0)
+        print(json.dumps(out["caption_swap"]))
     print("| offset | x̂₀ MSE σ 0.95 with / without condition | TF edit changed / kept / correct | TF first turn "
           "| free stories correct | one-object edits | VQA |")
     print("|---:|---|---|---:|---:|---:|---:|")
