@@ -21,6 +21,11 @@ share of turns whose image shows the caption's scene, the condition image's scen
 that draws what the first caption says instead of editing the image it is shown has learnt the text-to-image
 reading (caption -> picture) and applies it to the oldest text of a story.
 
+`--text-effect`: how much the first edit turn's x̂₀ at σ = 0.95 moves (mean absolute change) when the story's
+instruction is swapped for another story's, and when its first caption is; the same instruction swap in the edit
+task's form (image, instruction, target). A model that reads the instruction moves with it; one that draws from
+the caption moves with the caption.
+
 `--older`: teacher-forced turns k >= 2 of the same stories drawn twice, with every earlier turn's image in
 context and with only turn k-1's image (the older images' instructions kept): whether older images, which share
 each cell's code (and, under IL-RoPE, its H/W angle) with the previous one, distract the copy.
@@ -113,6 +118,62 @@ def older_images(model, tok, n: int, seed: int, steps: int, cfg: float) -> dict[
     return result
 
 
+def text_effect(model, tok, n: int, seed: int, sigma: float = 0.95) -> dict[str, float]:
+    """Mean |change| of x̂₀ at `sigma` of first story turns (and of the same edits in the edit task's form) when
+    the instruction, or the first caption, is swapped for another story's; the noise is the same in each pair."""
+    from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts
+    from mogao.data.builtin.shapes import render
+    from mogao.diffusion.flow import add_noise
+    from mogao.eval.suites import story_items
+    from mogao.model.mogao import NoisyState
+
+    stories = story_items(n, seed)
+    others = stories[1:] + stories[:1]
+    data = DataConfig(token_budget=1 << 20, max_image_tokens=(32 // model.vae_patch) ** 2, p_drop_text=0.0,
+                      p_drop_images=0.0).for_model(model)
+
+    def last_x0(dicts: list[dict]) -> torch.Tensor:
+        batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(dicts)], data.token_budget)
+        x0 = model.image_tokens(batch.vae_pixels)
+        targets = batch.image_is_target.nonzero().flatten().tolist()
+        clean = torch.cat([x0[i] for i in targets])
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+        x_sigma = add_noise(clean, noise, sigma)
+        with torch.no_grad():
+            v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
+        est = (x_sigma - sigma * v).split([x0[i].shape[0] for i in targets])
+        return torch.stack([est[j] for j in _last_of_each(dicts)])
+
+    def story(caption_of, instruction_of) -> list[dict]:
+        return [{"segments": [{"text": caption_of["texts"][0], "loss": False},
+                              {"image": render(s["scenes"][0], 32), "generate": True},
+                              {"text": instruction_of["texts"][1], "loss": False},
+                              {"image": render(s["scenes"][1], 32), "generate": True}]}
+                for s, caption_of, instruction_of in zip(stories, caption_of, instruction_of)]
+
+    def edit(instruction_of) -> list[dict]:
+        return [{"segments": [{"image": render(s["scenes"][0], 32)},
+                              {"text": i["texts"][1], "loss": False},
+                              {"image": render(s["scenes"][1], 32), "generate": True}]}
+                for s, i in zip(stories, instruction_of)]
+
+    own = last_x0(story(stories, stories))
+    out = {"story_instruction_swapped": float((last_x0(story(stories, others)) - own).abs().mean()),
+           "story_caption_swapped": float((last_x0(story(others, stories)) - own).abs().mean()),
+           "edit_instruction_swapped": float((last_x0(edit(others)) - last_x0(edit(stories))).abs().mean())}
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _last_of_each(dicts: list[dict]) -> list[int]:
+    """Indexes (into the pack's targets) of each sample's last generation target."""
+    counts = [sum(1 for seg in d["segments"] if seg.get("generate")) for d in dicts]
+    ends, total = [], 0
+    for c in counts:
+        total += c
+        ends.append(total - 1)
+    return ends
+
+
 def _largest_like(parsed, scene) -> bool:
     """Whether the largest object of `parsed` has the colour and cell of `scene`'s first object."""
     if not parsed.objects:
@@ -163,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--older", action="store_true", help="also measure older images in story context")
     ap.add_argument("--caption-swap", action="store_true",
                     help="also measure first turns with another story's first caption")
+    ap.add_argument("--text-effect", action="store_true",
+                    help="also measure how x̂₀ of first story turns moves with the instruction and the caption")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -201,6 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.caption_swap:
         out["caption_swap"] = caption_swap(model, tok, 2 * args.n, args.seed, args.steps, 2.0)
         print(json.dumps(out["caption_swap"]))
+    if args.text_effect:
+        out["text_effect"] = text_effect(model, tok, 2 * args.n, args.seed)
+        print(json.dumps(out["text_effect"]))
     print("| offset | x̂₀ MSE σ 0.95 with / without condition | TF edit changed / kept / correct | TF first turn "
           "| free stories correct | one-object edits | VQA |")
     print("|---:|---|---|---:|---:|---:|---:|")
