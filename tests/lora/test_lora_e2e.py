@@ -30,6 +30,10 @@ KNOWN = ("red", "blue")
 REPO = RECIPES_DIR.parent
 IMAGE_SIZE = 16
 IMAGE_TOKENS = 16  # (16 / latent patch 4)^2: the base and the adapter train at the size they are scored at
+# The geometry this test was built on (the tiny recipes draw 32-pixel images at patch 8 under M-RoPE; a 16-pixel
+# image would be 2x2 tokens there): patch 4, IL-RoPE.
+GEOMETRY = ["--model.init_args.tiny.vit_patch_size=4", "--model.init_args.model.latent_patch=4",
+            "--model.init_args.model.positions=il_rope"]
 BASE_STEPS = 450
 LORA_STEPS = 150
 QUIET = ["--trainer.val_check_interval=100000", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
@@ -44,7 +48,7 @@ def base(one_thread, tmp_path_factory):
     prompted palette colour, saved with its tokenizer in `<run>/model`."""
     root = tmp_path_factory.mktemp("e2e_base")
     parts = root / "parts"  # built from the recipe's `tiny` spec on first use
-    build_cli(["fit", "--config", str(RECIPES_DIR / "tiny" / "t2i.yaml"), *QUIET,
+    build_cli(["fit", "--config", str(RECIPES_DIR / "tiny" / "t2i.yaml"), *QUIET, *GEOMETRY,
                f"--model.init_args.tokenizer={parts / 'tokenizer'}", f"--model.init_args.model.llm={parts / 'llm'}",
                f"--model.init_args.model.vit={parts / 'vit'}", "--model.init_args.tiny.vit_pretrain_steps=0",
                f"--trainer.max_steps={BASE_STEPS}",

@@ -309,7 +309,7 @@ def test_long_curriculum_runs_the_same_stages_three_times_longer(parts, recipes,
     short = load_curriculum(recipes / "curriculum.yaml", out=tmp_path)
     assert [s.name for s in long.stages] == [s.name for s in short.stages]
     keep = [o for o in small(parts, tmp_path) if not o.startswith(("--trainer.max_steps", "--trainer.val_check"))]
-    for i, steps in enumerate((1800, 7500, 6000)):
+    for i, steps in enumerate((1500, 4800, 4800)):
         fresh = ["--model.init_args.init_from=null"]  # (the earlier stages' models do not exist here)
         cli = build_cli(stage_args(long, i, keep)[1:] + fresh, run=False)
         base = build_cli(stage_args(short, i, keep)[1:] + fresh, run=False)
