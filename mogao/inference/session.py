@@ -126,9 +126,16 @@ class Response:
         return [s.image for s in self.segments if s.image is not None]
 
 
+TINY_WORLD_PIXELS = 32  # the built-in shapes and digits images' side
+
+
 def default_image_size(model: MogaoModel) -> tuple[int, int]:
-    """The recipes' image size: an 8x8 token grid for the pixel autoencoder of tiny recipes, else 16x16."""
-    side = (8 if isinstance(model.autoencoder, PixelAutoencoder) else 16) * model.vae_patch
+    """The recipes' image size: for the pixel autoencoder of tiny recipes an 8x8 token grid, at most the 32 pixels
+    of the built-in world's images (4x4 tokens at latent patch 8, what the tiny recipes train on); else 16x16."""
+    if isinstance(model.autoencoder, PixelAutoencoder):
+        side = min(8 * model.vae_patch, max(TINY_WORLD_PIXELS, model.vae_patch))
+    else:
+        side = 16 * model.vae_patch
     return side, side
 
 

@@ -32,8 +32,8 @@ from mogao.model.autoencoder import (
 )
 from mogao.model.backbone import GenerationModulation, MoTBackbone
 from mogao.model.config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig, model_architecture
-from mogao.model.rope import ROPE_AXES
 from mogao.model.config import resolve_checkpoint as resolve_checkpoint  # (importable from here too)
+from mogao.model.rope import ROPE_AXES
 from mogao.model.timestep import AdditiveTimestep, TimestepEmbedder
 from mogao.model.vision import MLPConnector, VisionEncoder
 from mogao.sequence.batch import PackedBatch

@@ -7,8 +7,13 @@ from mogao.sequence.formats import POSITION_SCHEMES, SEQUENCE_FORMATS, image_cop
 from mogao.sequence.layout import Span, TokenLayout
 from mogao.sequence.loss import LossTerms
 from mogao.sequence.modality import GENERATION, UNDERSTANDING, Modality
-from mogao.sequence.positions import (bagel_positions, grid_cells, il_rope_positions, mrope_positions,
-                                      sequence_positions)
+from mogao.sequence.positions import (
+    bagel_positions,
+    grid_cells,
+    il_rope_positions,
+    mrope_positions,
+    sequence_positions,
+)
 
 __all__ = ["GENERATION", "POSITION_SCHEMES", "SEQUENCE_FORMATS", "UNDERSTANDING", "LossTerms", "Modality",
            "PackedBatch", "Span", "TokenLayout", "bagel_positions", "grid_cells", "il_rope_positions",

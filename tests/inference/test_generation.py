@@ -396,3 +396,16 @@ def test_lockstep_runs_max_new_tokens_text_steps(model, tok, monkeypatch):
     assert seen[True][:2] == (texts, reasons) and seen[True][3] == lengths
     assert texts == ["", ""] and reasons == ["eos", "eos"] and plain_calls == []
     assert seen[True][2] == [False] * 5  # five idle steps, none committing anything
+
+
+@pytest.mark.parametrize("patch, side", [(2, 16), (4, 32), (8, 32), (16, 32), (32, 32)])
+def test_tiny_models_draw_the_built_in_worlds_size_by_default(patch, side):
+    """A pixel-autoencoder model draws (and reads conditions) at 8x8 tokens up to the built-in world's 32 pixels:
+    the tiny recipes at latent patch 8 train on 4x4 tokens, and an 8x8 grid (64 pixels) is a size they never saw."""
+    from types import SimpleNamespace
+
+    from mogao.inference import default_image_size
+    from mogao.model.autoencoder import PixelAutoencoder
+
+    model = SimpleNamespace(autoencoder=PixelAutoencoder(), vae_patch=patch)
+    assert default_image_size(model) == (side, side)
