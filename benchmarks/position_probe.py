@@ -41,13 +41,31 @@ from pathlib import Path
 import torch
 
 
+def x0_estimates(model, tok, data, dicts: list[dict], seed: int, sigma: float
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The model's x̂₀ at `sigma` and the clean tokens of every generation target of the samples `dicts` (one pack,
+    in pack order), the noise drawn from `seed`."""
+    from mogao.data import collate_plans, lower_sample, samples_from_dicts
+    from mogao.diffusion.flow import add_noise
+    from mogao.model.mogao import NoisyState
+
+    batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(dicts)], data.token_budget)
+    x0 = model.image_tokens(batch.vae_pixels)
+    targets = batch.image_is_target.nonzero().flatten().tolist()
+    clean = torch.cat([x0[i] for i in targets])
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    x_sigma = add_noise(clean, noise, sigma)
+    with torch.no_grad():
+        v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
+    sizes = [x0[i].shape[0] for i in targets]
+    return list((x_sigma - sigma * v).split(sizes)), list(clean.split(sizes))
+
+
 def x0_mse(model, tok, offset: int, n: int, seed: int, sigma: float = 0.95) -> dict[str, float]:
     """Mean squared error of x̂₀ at `sigma` against the targets of `n` validation edits, with and without the
     condition image, every sample starting at `offset`."""
-    from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts
+    from mogao.data import DataConfig
     from mogao.data.builtin import make_builtin
-    from mogao.diffusion.flow import add_noise
-    from mogao.model.mogao import NoisyState
 
     src = make_builtin("edit", split="validation", n=n, seed=seed, image_size=32, max_objects=2)
     data = DataConfig(token_budget=1 << 20, max_image_tokens=(32 // model.vae_patch) ** 2, p_drop_text=0.0,
@@ -55,15 +73,8 @@ def x0_mse(model, tok, offset: int, n: int, seed: int, sigma: float = 0.95) -> d
     out = {}
     for name, drop in (("with_condition", False), ("without_condition", True)):
         dicts = [{"segments": s["segments"][1:] if drop else s["segments"]} for s in src.samples]
-        batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(dicts)], data.token_budget)
-        x0 = model.image_tokens(batch.vae_pixels)
-        targets = batch.image_is_target.nonzero().flatten().tolist()
-        clean = torch.cat([x0[i] for i in targets])
-        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
-        x_sigma = add_noise(clean, noise, sigma)
-        with torch.no_grad():
-            v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
-        out[name] = float(((x_sigma - sigma * v - clean) ** 2).mean())
+        est, clean = x0_estimates(model, tok, data, dicts, seed, sigma)
+        out[name] = float(((torch.cat(est) - torch.cat(clean)) ** 2).mean())
     return out
 
 
@@ -121,11 +132,9 @@ def older_images(model, tok, n: int, seed: int, steps: int, cfg: float) -> dict[
 def text_effect(model, tok, n: int, seed: int, sigma: float = 0.95) -> dict[str, float]:
     """Mean |change| of x̂₀ at `sigma` of first story turns (and of the same edits in the edit task's form) when
     the instruction, or the first caption, is swapped for another story's; the noise is the same in each pair."""
-    from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts
+    from mogao.data import DataConfig
     from mogao.data.builtin.shapes import render
-    from mogao.diffusion.flow import add_noise
     from mogao.eval.suites import story_items
-    from mogao.model.mogao import NoisyState
 
     stories = story_items(n, seed)
     others = stories[1:] + stories[:1]
@@ -133,15 +142,7 @@ def text_effect(model, tok, n: int, seed: int, sigma: float = 0.95) -> dict[str,
                       p_drop_images=0.0).for_model(model)
 
     def last_x0(dicts: list[dict]) -> torch.Tensor:
-        batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(dicts)], data.token_budget)
-        x0 = model.image_tokens(batch.vae_pixels)
-        targets = batch.image_is_target.nonzero().flatten().tolist()
-        clean = torch.cat([x0[i] for i in targets])
-        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
-        x_sigma = add_noise(clean, noise, sigma)
-        with torch.no_grad():
-            v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), x_sigma)).velocity
-        est = (x_sigma - sigma * v).split([x0[i].shape[0] for i in targets])
+        est, _ = x0_estimates(model, tok, data, dicts, seed, sigma)
         return torch.stack([est[j] for j in _last_of_each(dicts)])
 
     def story(caption_of, instruction_of) -> list[dict]:
