@@ -117,9 +117,9 @@ class DataConfig:
     """The largest image file read (a larger one is a bad sample); only regular files are read, never a FIFO or
     a device."""
     positions: str = "il_rope"
-    """Rotary position scheme: 'il_rope' (IL-RoPE), 'mrope' (M-RoPE: image H, W counted from the image's T) or
-    'bagel' (BAGEL's 1-D positions, one per image copy). Set from the model (`ModelConfig.positions`,
-    `for_model`), like the patch sizes."""
+    """Rotary position scheme: 'il_rope' (IL-RoPE), 'mrope' (M-RoPE: image H, W counted from the image's T),
+    'mrope_aligned' (M-RoPE, every image at a multiple of 32) or 'bagel' (BAGEL's 1-D positions, one per image
+    copy). Set from the model (`ModelConfig.positions`, `for_model`), like the patch sizes."""
     position_offset: int = 0
     """The position every sample starts at (0 in training). Another value probes how a model's outputs depend on
     depth: under a shift-invariant scheme ('mrope', 'bagel') nothing changes (`benchmarks/position_probe.py`)."""

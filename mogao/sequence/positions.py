@@ -14,6 +14,13 @@ Positions are (T, H, W) per token, in logical order, under one of two schemes (`
   H/W count from 0 whatever the depth, so an image token's angle to a text token depends on where the text
   sits). The cost: the same cell of two images is (d, d, d) apart for a gap d that varies with what lies
   between them, so copying a cell across images must come from content (the cell code), not from a rotary match.
+- Aligned M-RoPE (`aligned_mrope_positions`): as M-RoPE, but every image starts at the next multiple of
+  `IMAGE_ALIGN` (32) at or after the T it would take (the text before it keeps its positions; the positions in
+  between are skipped). Two images with less than `IMAGE_ALIGN` - max(gh, gw) text tokens between them are then
+  exactly `IMAGE_ALIGN` apart on all three axes, whatever the instruction's length, so the same cell of the
+  previous image is one fixed rotary offset away - a match attention can learn - and an older image a multiple
+  of it. Angles between images are relative; an image's angle to the text before it depends on that text's
+  length modulo the alignment. Text alone is positioned as under the other schemes.
 - BAGEL's 1-D positions (`bagel_positions`), as (p, p, p): a text span of n tokens takes p .. p+n-1; every
   token of one image copy (its markers included) takes one p, and the next span starts at p + 1 - or at p for
   a noisy copy, which the clean copy after it shares. A copy left out of the sequence (an entry None) still
@@ -59,8 +66,18 @@ def mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0:
     return _three_axis(spans, grids, t0, relative=True)
 
 
-def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool
-                ) -> tuple[torch.Tensor, int]:
+def aligned_mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0
+                            ) -> tuple[torch.Tensor, int]:
+    """As `mrope_positions`, with every image's T moved up to the next multiple of `IMAGE_ALIGN`."""
+    return _three_axis(spans, grids, t0, relative=True, align=IMAGE_ALIGN)
+
+
+IMAGE_ALIGN = 32
+"""The multiple every image's T is moved up to under "mrope_aligned"."""
+
+
+def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool,
+                align: int = 1) -> tuple[torch.Tensor, int]:
     rows: list[torch.Tensor] = []
     t = t0
     for n, s in enumerate(spans):
@@ -68,6 +85,8 @@ def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int
             rows.append(torch.arange(t, t + s.length).expand(3, s.length))
             t += s.length
             continue
+        if n == 0 or spans[n - 1].image != s.image:  # an image's first copy
+            t = -(-t // align) * align
         gh, gw = _grid(s, grids)
         m = gh * gw
         base = t if relative else 0
@@ -108,7 +127,8 @@ def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Te
 
 def sequence_positions(scheme: str, spans: Sequence[Span | None], grids: Sequence[tuple[int, int]], t0: int = 0
                        ) -> tuple[torch.Tensor, int]:
-    """Positions of `spans` under the position scheme `scheme` ("il_rope", "mrope" or "bagel"); an entry None is a
+    """Positions of `spans` under the position scheme `scheme` ("il_rope", "mrope", "mrope_aligned" or "bagel"); an
+    entry None is a
     copy left out of the sequence (it advances BAGEL's positions, not the 3-axis schemes': an image's copies share
     T)."""
     scheme = check_choice(scheme, POSITION_SCHEMES, "positions")
@@ -117,7 +137,8 @@ def sequence_positions(scheme: str, spans: Sequence[Span | None], grids: Sequenc
             if s is not None and s.kind != Modality.TEXT:
                 _grid(s, grids)
         return bagel_positions(spans, t0)
-    return _three_axis([s for s in spans if s is not None], grids, t0, relative=scheme == "mrope")
+    return _three_axis([s for s in spans if s is not None], grids, t0, relative=scheme != "il_rope",
+                       align=IMAGE_ALIGN if scheme == "mrope_aligned" else 1)
 
 
 def grid_cells(spans: Sequence[Span], grids: Sequence[tuple[int, int]]) -> torch.Tensor:

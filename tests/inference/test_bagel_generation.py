@@ -27,6 +27,8 @@ from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel, NoisyState
 from mogao.sequence.modality import Modality
+from mogao.sequence.layout import Span
+from mogao.sequence.positions import IMAGE_ALIGN, sequence_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +79,9 @@ def _concat(model, a, b):
     pos = b.position_ids.clone()
     if model.cfg.positions == "bagel":
         pos += t0
+    elif model.cfg.positions == "mrope_aligned":  # b's images move up to the next multiple from where b starts
+        spans = [Span(p.kind, p.length, p.image, markers=bool(p.markers)) for p in b.spans]
+        pos, _ = sequence_positions("mrope_aligned", spans, [im.grid for im in b.images], t0)
     else:  # IL-RoPE: T of every token, (H, W) of text tokens and markers
         pos[0] += t0
         pos[1:, b.modality == Modality.TEXT] += t0
@@ -104,7 +109,8 @@ def _decode(model, s, n):
     return ids, torch.stack(logits)
 
 
-@pytest.mark.parametrize("positions, fmt", [("bagel", "bagel"), ("bagel", "mogao"), ("il_rope", "bagel")])
+@pytest.mark.parametrize("positions, fmt", [("bagel", "bagel"), ("bagel", "mogao"), ("il_rope", "bagel"),
+                                           ("mrope_aligned", "mogao")])
 @pytest.mark.parametrize("text_sees_vae", [False, True])
 def test_cached_decoding_equals_full_recompute_before_and_after_a_generated_image(tiny_parts, tok, positions, fmt,
                                                                                    text_sees_vae):
@@ -118,11 +124,17 @@ def test_cached_decoding_equals_full_recompute_before_and_after_a_generated_imag
     s.add_user_turn([[{"text": "Now make it blue."}]])
     ids1, got1 = _decode(model, s, 3)
     tail = _without_last_token(_plan(model, tok, [{"image": img}, {"text": "Now make it blue."}]))
-    ref1 = _logits(model, _concat(model, head, _with_text(tail, ids1)), 3)
+    full = _concat(model, head, _with_text(tail, ids1))
+    ref1 = _logits(model, full, 3)
     torch.testing.assert_close(got1, ref1, rtol=0, atol=1e-5)
     assert ref1.abs().max() > 0.1
     # positions advance as the scheme says: text by its tokens; the image (its noisy copy took none) by 1 under
     # IL-RoPE, by 1 per copy under BAGEL's scheme, plus its two markers in Mogao's format
+    if positions == "mrope_aligned":  # the image on a multiple of the alignment; the cache goes on after the text
+        image_t = full.position_ids[0][full.modality != Modality.TEXT]
+        assert bool((image_t == image_t[0]).all()) and int(image_t[0]) % IMAGE_ALIGN == 0 and image_t[0] > 0
+        assert s.cache.next_t[s.row(0, FULL)] == int(full.position_ids[0, -1]) + 1
+        return
     markers = 4 if fmt == "bagel" else 2
     text = s.cache.lengths[s.row(0, FULL)] - 2 * GRID[0] * GRID[1] - markers
     image = {("bagel", "bagel"): 2, ("bagel", "mogao"): 4, ("il_rope", "bagel"): 1}[positions, fmt]
