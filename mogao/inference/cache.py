@@ -30,7 +30,7 @@ from torch import Tensor
 from mogao.attention.mask import ectf_allowed
 from mogao.model.mogao import MogaoModel, SequenceInputs
 from mogao.sequence import Modality, Span
-from mogao.sequence.positions import grid_cells, sequence_positions
+from mogao.sequence.positions import grid_cells, positions_from
 
 _UND = (Modality.TEXT, Modality.VIT)
 
@@ -73,7 +73,8 @@ class KVCache:
     """Per-layer keys/values of R rows, padded to a common capacity; see the module docstring.
 
     k[l], v[l]: (R, Hk, cap, D); order / modality / block: (R, cap) int64; lengths[r] tokens are valid in row r;
-    next_t[r] is the IL-RoPE T of row r's next token.
+    next_t[r] is the T of row r's next token; image_t[r] the T of its last image (None: none yet; the aligned
+    position scheme places the next image from it).
     """
 
     num_rows: int
@@ -84,11 +85,13 @@ class KVCache:
     block: Tensor | None = None
     lengths: list[int] = field(default_factory=list)
     next_t: list[int] = field(default_factory=list)
+    image_t: list[int | None] = field(default_factory=list)
     next_block: int = 0
 
     def __post_init__(self) -> None:
         self.lengths = [0] * self.num_rows
         self.next_t = [0] * self.num_rows
+        self.image_t = [None] * self.num_rows
 
     @property
     def capacity(self) -> int:
@@ -135,7 +138,7 @@ class KVCache:
                 t[dst, :, :n] = t[src, :, :n]
             for t in (self.order, self.modality, self.block):
                 t[dst, :n] = t[src, :n]
-        self.lengths[dst], self.next_t[dst] = n, self.next_t[src]
+        self.lengths[dst], self.next_t[dst], self.image_t[dst] = n, self.next_t[src], self.image_t[src]
 
 
 @dataclass
@@ -228,9 +231,10 @@ class _CachedAttention:
             self.cache.v[layer][r, :, start:start + m] = vr[i, :, :m]
 
 
-def _positions(pieces: list[Piece], t0: int, scheme: str = "il_rope") -> tuple[list[Tensor], list[Tensor], int]:
-    """Positions (3, n) and grid cells (2, n) of each piece of one row starting at T = t0 (position scheme
-    `scheme`), and the row's next T."""
+def _positions(pieces: list[Piece], t0: int, scheme: str = "il_rope", image_t: int | None = None
+               ) -> tuple[list[Tensor], list[Tensor], int, int | None]:
+    """Positions (3, n) and grid cells (2, n) of each piece of one row starting at T = t0 after an image at
+    T = image_t (position scheme `scheme`), and the row's next T and last image's T."""
     spans, grids = [], []
     kinds: set[Modality] = set()  # the copies of the current image so far
     for p in pieces:
@@ -244,14 +248,14 @@ def _positions(pieces: list[Piece], t0: int, scheme: str = "il_rope") -> tuple[l
         else:
             kinds.add(p.kind)
         spans.append(p.span(len(grids) - 1))
-    pos, t = sequence_positions(scheme, spans, grids, t0)
+    pos, t, image_t = positions_from(scheme, spans, grids, t0, image_t)
     sizes = [p.length for p in pieces]
-    return list(pos.split(sizes, 1)), list(grid_cells(spans, grids).split(sizes, 1)), t
+    return list(pos.split(sizes, 1)), list(grid_cells(spans, grids).split(sizes, 1)), t, image_t
 
 
-def next_position(pieces: list[Piece], t0: int, scheme: str = "il_rope") -> int:
-    """The position (T) that follows `pieces` appended to a row whose next T is t0."""
-    return _positions(pieces, t0, scheme)[2]
+def next_position(pieces: list[Piece], t0: int, scheme: str = "il_rope", image_t: int | None = None) -> int:
+    """The position (T) that follows `pieces` appended to a row whose next T is t0 (and last image's T image_t)."""
+    return _positions(pieces, t0, scheme, image_t)[2]
 
 
 @dataclass
@@ -303,10 +307,11 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
 
     # the new tokens as runs, each with its row, its slot inside the row's new tokens and its positions
     runs: list[_Run] = []
-    next_t = []
+    next_t, image_t = [], []
     for i, (r, ps) in enumerate(zip(rows, pieces)):
-        pos, cells, t_after = _positions(ps, cache.next_t[r], scheme)
+        pos, cells, t_after, image_after = _positions(ps, cache.next_t[r], scheme, cache.image_t[r])
         next_t.append(t_after)
+        image_t.append(image_after)
         runs += _runs(i, ps, pos, cells)
     und = [e for e in runs if e.route in _UND]
     gen = [e for e in runs if e.route not in _UND]
@@ -404,5 +409,5 @@ def cached_forward(model: MogaoModel, cache: KVCache, rows: list[int], pieces: l
             cache.modality[r, s:s + m] = q_mod[i, :m].to(cache.order.device)
             cache.block[r, s:s + m] = q_block[i, :m].to(cache.order.device)
             cache.lengths[r] = s + m
-            cache.next_t[r] = next_t[i]
+            cache.next_t[r], cache.image_t[r] = next_t[i], image_t[i]
     return StepOutput(logits=logits, velocities=velocities)

@@ -247,7 +247,8 @@ class GenerationSession:
             full = [p for _, ps in parts for p in ps]
             if not full:
                 continue
-            t_need = next_position(full, self.cache.next_t[self.row(c, FULL)], self.model.cfg.positions)
+            row = self.row(c, FULL)
+            t_need = next_position(full, self.cache.next_t[row], self.model.cfg.positions, self.cache.image_t[row])
             if t_need > self.context_limit:
                 raise ConfigError(f"conversation {c}: the prompt needs {t_need} positions, more than the model's "
                                   f"context of {self.context_limit}; shorten the prompt or start a new session")

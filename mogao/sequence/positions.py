@@ -14,13 +14,15 @@ Positions are (T, H, W) per token, in logical order, under one of two schemes (`
   H/W count from 0 whatever the depth, so an image token's angle to a text token depends on where the text
   sits). The cost: the same cell of two images is (d, d, d) apart for a gap d that varies with what lies
   between them, so copying a cell across images must come from content (the cell code), not from a rotary match.
-- Aligned M-RoPE (`aligned_mrope_positions`): as M-RoPE, but every image starts at the next multiple of
-  `IMAGE_ALIGN` (32) at or after the T it would take (the text before it keeps its positions; the positions in
-  between are skipped). Two images with less than `IMAGE_ALIGN` - max(gh, gw) text tokens between them are then
-  exactly `IMAGE_ALIGN` apart on all three axes, whatever the instruction's length, so the same cell of the
-  previous image is one fixed rotary offset away - a match attention can learn - and an older image a multiple
-  of it. Angles between images are relative; an image's angle to the text before it depends on that text's
-  length modulo the alignment. Text alone is positioned as under the other schemes.
+- Aligned M-RoPE (`aligned_mrope_positions`): as M-RoPE, but an image that follows an earlier image of the
+  sample starts a whole number of `IMAGE_STRIDE`s (32) after that image's T - the first such T at or after the
+  one M-RoPE would give it (the positions in between are skipped). An edit's target or a story turn with less
+  than `IMAGE_STRIDE` - max(gh, gw) text tokens since the previous image is then exactly `IMAGE_STRIDE` from it
+  on all three axes, whatever the instruction's length: the same cell of the previous image is one fixed rotary
+  offset away, a match attention can learn, and an older image a multiple of it. A sample's first image follows
+  its text as under M-RoPE (text-to-image is unchanged), every angle stays relative (a shifted sample computes
+  the same), and text alone is positioned as under every scheme. The price: the text just before a later image
+  (its `<|vision_start|>` included) is a varying distance from it.
 - BAGEL's 1-D positions (`bagel_positions`), as (p, p, p): a text span of n tokens takes p .. p+n-1; every
   token of one image copy (its markers included) takes one p, and the next span starts at p + 1 - or at p for
   a noisy copy, which the clean copy after it shares. A copy left out of the sequence (an entry None) still
@@ -56,28 +58,31 @@ def il_rope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t
     grids[i] is the token grid (gh, gw) of image i (the `Span.image` of its copies); an image span's image
     tokens must number gh * gw. Adjacent spans of the same image are copies of it and share T.
     """
-    return _three_axis(spans, grids, t0, relative=False)
+    return _three_axis(spans, grids, t0, relative=False)[:2]
 
 
 def mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0
                     ) -> tuple[torch.Tensor, int]:
     """As `il_rope_positions`, under M-RoPE: an image token is (T, T + row, T + column) and the next T after the
     image is T + max(gh, gw)."""
-    return _three_axis(spans, grids, t0, relative=True)
+    return _three_axis(spans, grids, t0, relative=True)[:2]
 
 
-def aligned_mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0
-                            ) -> tuple[torch.Tensor, int]:
-    """As `mrope_positions`, with every image's T moved up to the next multiple of `IMAGE_ALIGN`."""
-    return _three_axis(spans, grids, t0, relative=True, align=IMAGE_ALIGN)
+def aligned_mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0,
+                            previous_image: int | None = None) -> tuple[torch.Tensor, int, int | None]:
+    """As `mrope_positions`, with every image after the first moved up to a whole number of `IMAGE_STRIDE`s after
+    the image before it. `previous_image`: the T of the last image before `spans` (None: there is none). Returns
+    the positions, the next T and the T of the last image so far."""
+    return _three_axis(spans, grids, t0, relative=True, stride=IMAGE_STRIDE, previous_image=previous_image)
 
 
-IMAGE_ALIGN = 32
-"""The multiple every image's T is moved up to under "mrope_aligned"."""
+IMAGE_STRIDE = 32
+"""Under "mrope_aligned", an image after another one starts a whole number of these after it."""
 
 
 def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool,
-                align: int = 1) -> tuple[torch.Tensor, int]:
+                stride: int | None = None, previous_image: int | None = None
+                ) -> tuple[torch.Tensor, int, int | None]:
     rows: list[torch.Tensor] = []
     t = t0
     for n, s in enumerate(spans):
@@ -86,7 +91,9 @@ def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int
             t += s.length
             continue
         if n == 0 or spans[n - 1].image != s.image:  # an image's first copy
-            t = -(-t // align) * align
+            if stride is not None and previous_image is not None:
+                t = previous_image + -(-(t - previous_image) // stride) * stride
+            previous_image = t
         gh, gw = _grid(s, grids)
         m = gh * gw
         base = t if relative else 0
@@ -99,8 +106,8 @@ def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int
         if n + 1 == len(spans) or spans[n + 1].image != s.image:  # the image's last copy
             t += max(gh, gw) if relative else 1
     if not rows:
-        return torch.zeros(3, 0, dtype=torch.long), t
-    return torch.cat(rows, 1).long(), t
+        return torch.zeros(3, 0, dtype=torch.long), t, previous_image
+    return torch.cat(rows, 1).long(), t, previous_image
 
 
 def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Tensor, int]:
@@ -127,18 +134,25 @@ def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Te
 
 def sequence_positions(scheme: str, spans: Sequence[Span | None], grids: Sequence[tuple[int, int]], t0: int = 0
                        ) -> tuple[torch.Tensor, int]:
-    """Positions of `spans` under the position scheme `scheme` ("il_rope", "mrope", "mrope_aligned" or "bagel"); an
-    entry None is a
-    copy left out of the sequence (it advances BAGEL's positions, not the 3-axis schemes': an image's copies share
-    T)."""
+    """Positions of `spans` (a whole sample, or its start) under the position scheme `scheme` ("il_rope", "mrope",
+    "mrope_aligned" or "bagel") starting at T = `t0`, and the next T; an entry None is a copy left out of the
+    sequence (it advances BAGEL's positions, not the 3-axis schemes': an image's copies share T)."""
+    return positions_from(scheme, spans, grids, t0)[:2]
+
+
+def positions_from(scheme: str, spans: Sequence[Span | None], grids: Sequence[tuple[int, int]], t0: int = 0,
+                   previous_image: int | None = None) -> tuple[torch.Tensor, int, int | None]:
+    """`sequence_positions` of `spans` that continue a sequence whose next T is `t0` and whose last image so far
+    was at T = `previous_image` (None: no image yet; read by "mrope_aligned" only). Returns the positions, the
+    next T and the T of the last image so far - the state the KV cache keeps per row."""
     scheme = check_choice(scheme, POSITION_SCHEMES, "positions")
     if scheme == "bagel":
         for s in spans:
             if s is not None and s.kind != Modality.TEXT:
                 _grid(s, grids)
-        return bagel_positions(spans, t0)
+        return (*bagel_positions(spans, t0), previous_image)
     return _three_axis([s for s in spans if s is not None], grids, t0, relative=scheme != "il_rope",
-                       align=IMAGE_ALIGN if scheme == "mrope_aligned" else 1)
+                       stride=IMAGE_STRIDE if scheme == "mrope_aligned" else None, previous_image=previous_image)
 
 
 def grid_cells(spans: Sequence[Span], grids: Sequence[tuple[int, int]]) -> torch.Tensor:

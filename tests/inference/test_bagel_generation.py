@@ -28,7 +28,7 @@ from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel, NoisyState
 from mogao.sequence.modality import Modality
 from mogao.sequence.layout import Span
-from mogao.sequence.positions import IMAGE_ALIGN, sequence_positions
+from mogao.sequence.positions import positions_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,9 +79,11 @@ def _concat(model, a, b):
     pos = b.position_ids.clone()
     if model.cfg.positions == "bagel":
         pos += t0
-    elif model.cfg.positions == "mrope_aligned":  # b's images move up to the next multiple from where b starts
+    elif model.cfg.positions == "mrope_aligned":  # b's first image a whole number of strides after a's last
         spans = [Span(p.kind, p.length, p.image, markers=bool(p.markers)) for p in b.spans]
-        pos, _ = sequence_positions("mrope_aligned", spans, [im.grid for im in b.images], t0)
+        a_images = a.position_ids[0][a.modality != Modality.TEXT]
+        pos = positions_from("mrope_aligned", spans, [im.grid for im in b.images], t0,
+                             int(a_images[-1]) if len(a_images) else None)[0]
     else:  # IL-RoPE: T of every token, (H, W) of text tokens and markers
         pos[0] += t0
         pos[1:, b.modality == Modality.TEXT] += t0
@@ -130,10 +132,10 @@ def test_cached_decoding_equals_full_recompute_before_and_after_a_generated_imag
     assert ref1.abs().max() > 0.1
     # positions advance as the scheme says: text by its tokens; the image (its noisy copy took none) by 1 under
     # IL-RoPE, by 1 per copy under BAGEL's scheme, plus its two markers in Mogao's format
-    if positions == "mrope_aligned":  # the image on a multiple of the alignment; the cache goes on after the text
+    if positions == "mrope_aligned":  # the cache goes on where the full sequence's positions do
         image_t = full.position_ids[0][full.modality != Modality.TEXT]
-        assert bool((image_t == image_t[0]).all()) and int(image_t[0]) % IMAGE_ALIGN == 0 and image_t[0] > 0
         assert s.cache.next_t[s.row(0, FULL)] == int(full.position_ids[0, -1]) + 1
+        assert s.cache.image_t[s.row(0, FULL)] == int(image_t[0]) == int(image_t[-1])
         return
     markers = 4 if fmt == "bagel" else 2
     text = s.cache.lengths[s.row(0, FULL)] - 2 * GRID[0] * GRID[1] - markers

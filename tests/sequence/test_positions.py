@@ -143,33 +143,30 @@ def test_the_mask_of_bagels_format_is_bagels_rule():
         assert torch.equal(mask, _bagel_mask([(mode_of[k], n) for k, n, _ in case])), case
 
 
-def test_aligned_mrope_puts_every_image_on_a_multiple_of_the_alignment_by_hand():
-    from mogao.sequence.positions import IMAGE_ALIGN
+def test_aligned_mrope_puts_later_images_whole_strides_after_the_previous_one_by_hand():
+    from mogao.sequence.positions import IMAGE_STRIDE, positions_from
 
-    a = IMAGE_ALIGN
+    a = IMAGE_STRIDE
     # caption (5), a generated image (noisy, ViT, clean on a 2x3 grid), an instruction (7), the next image, text
     spans = [Span(TXT, 5), Span(NOISY, 6, 0), Span(VIT, 6, 0), Span(CLEAN, 6, 0), Span(TXT, 7),
              Span(NOISY, 6, 1), Span(CLEAN, 6, 1), Span(TXT, 2)]
     pos, nxt = sequence_positions("mrope_aligned", spans, [(2, 3), (2, 3)], 0)
-    rows = [a, a, a, a + 1, a + 1, a + 1]
-    cols = [a, a + 1, a + 2] * 2
-    image0 = torch.tensor([[a] * 6, rows, cols])
-    assert pos[:, :5].tolist() == [list(range(5))] * 3  # text as ever
-    for k in range(3):  # the three copies of image 0 share its positions
-        assert torch.equal(pos[:, 5 + 6 * k: 11 + 6 * k], image0)
-    assert pos[:, 23:30].tolist() == [list(range(a + 3, a + 10))] * 3  # the instruction continues past the image
-    assert torch.equal(pos[:, 30:36], image0 + a) and torch.equal(pos[:, 36:42], image0 + a)  # one alignment on
-    assert pos[:, 42:].tolist() == [[2 * a + 3, 2 * a + 4]] * 3 and nxt == 2 * a + 5
-    # the offset between the two images does not depend on the instruction's length (while it fits)
-    for n in (1, 12, a - 4):
+    assert torch.equal(pos[:, :23], sequence_positions("mrope", spans[:4], [(2, 3)], 0)[0])  # M-RoPE up to there
+    image0 = pos[:, 5:11]
+    assert image0[0].tolist() == [5] * 6 and image0[1].tolist() == [5, 5, 5, 6, 6, 6]
+    assert pos[:, 23:30].tolist() == [list(range(8, 15))] * 3  # the instruction continues past the image
+    assert torch.equal(pos[:, 30:36], image0 + a) and torch.equal(pos[:, 36:42], image0 + a)  # one stride on
+    assert pos[:, 42:].tolist() == [[a + 8, a + 9]] * 3 and nxt == a + 10
+    # the offset between the two images does not depend on the instruction's length while it fits; then two
+    for n, strides in ((1, 1), (12, 1), (a - 3, 1), (a - 2, 2), (2 * a, 3)):
         longer = [*spans[:4], Span(TXT, n), *spans[5:]]
         p, _ = sequence_positions("mrope_aligned", longer, [(2, 3), (2, 3)], 0)
-        assert torch.equal(p[:, 23 + n: 29 + n] - p[:, 5:11], torch.full((3, 6), a))
-    # an image already on a multiple stays there; an image at the very start too
-    p, _ = sequence_positions("mrope_aligned", [Span(TXT, a), Span(VIT, 6, 0)], [(2, 3)], 0)
-    assert p[0, a:].tolist() == [a] * 6
-    p, _ = sequence_positions("mrope_aligned", [Span(VIT, 6, 0), Span(TXT, 1)], [(2, 3)], 0)
-    assert p[0].tolist() == [0] * 6 + [3]
+        assert torch.equal(p[:, 23 + n: 29 + n] - image0, torch.full((3, 6), strides * a)), n
+    # continuing a sequence: from the image before, which the cache keeps
+    p, t, last = positions_from("mrope_aligned", [Span(TXT, 4), Span(VIT, 6, 0)], [(2, 3)], 50, previous_image=40)
+    assert p[0, 4:].tolist() == [40 + a] * 6 and last == 40 + a and t == 40 + a + 3
+    p, t, last = positions_from("mrope_aligned", [Span(TXT, 4), Span(VIT, 6, 0)], [(2, 3)], 50)
+    assert p[0, 4:].tolist() == [54] * 6 and last == 54  # no image before: as M-RoPE
     # text alone: identical to every other scheme
     assert torch.equal(sequence_positions("mrope_aligned", [Span(TXT, 9)], [], 4)[0],
                        il_rope_positions([Span(TXT, 9)], [], 4)[0])
