@@ -26,8 +26,8 @@ from mogao.model.autoencoder import patchify
 from mogao.model.config import ModelConfig
 from mogao.model.io import load_model
 from mogao.model.mogao import MogaoModel, NoisyState
-from mogao.sequence.modality import Modality
 from mogao.sequence.layout import Span
+from mogao.sequence.modality import Modality
 from mogao.sequence.positions import positions_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
