@@ -8,7 +8,9 @@ import pytest
 import torch
 from attention_cases import (
     NOISY,
+    T,
     fixed_cases,
+    image,
     layout_of,
     random_qkv,
     reference_attention,
@@ -25,7 +27,7 @@ from mogao.attention.flash_varlen import MODES, FlashVarlenAttention, ectf_piece
 from mogao.attention.flex import padded_length
 from mogao.attention.mask import ectf_mask
 from mogao.errors import ConfigError
-from mogao.sequence.layout import TokenLayout
+from mogao.sequence.layout import Span, TokenLayout
 
 TOL = 1e-10
 HEADS = st.sampled_from([(4, 2), (2, 2), (4, 1)])
@@ -214,3 +216,19 @@ def test_flash_varlen_rejects_a_non_physical_layout() -> None:
 def test_flex_buckets() -> None:
     assert [padded_length(n) for n in (1, 128, 129, 1000, 4096, 4097, 8192, 8193)] == [
         128, 128, 256, 1024, 4096, 8192, 8192, 16384]
+
+
+def test_sdpa_dense_groups_samples_by_length_and_stays_exact() -> None:
+    from mogao.attention.sdpa_dense import length_groups
+
+    assert length_groups([10, 300, 40, 160, 35, 20]) == [[1, 3], [2, 4, 5], [0]]
+    assert length_groups([]) == [] and length_groups([5]) == [[0]]
+    # a story-like sample beside short ones: three groups, none padded to the longest sample
+    spans = [[Span(T, 3), *image(0, 6, True), Span(T, 2), *image(1, 6, True)], [Span(T, 4)], [Span(T, 5)],
+             [*image(0, 2, False), Span(T, 3)], [Span(T, 1)]]
+    layout = layout_of(spans)
+    plan = get_attention_backend("sdpa_dense").prepare(layout, False)
+    assert len(plan.groups) >= 2
+    assert sum(g.gather.numel() for g in plan.groups) < len(spans) * int(torch.bincount(layout.sample).max())
+    _check_all_backends(layout, False, 4, 2)
+    _check_all_backends(layout, True, 2, 1, seed=1)
