@@ -11,7 +11,7 @@ No training. For each offset o, every sample starts at position o instead of 0 (
   turn k drawn from the reference images of turns < k; `first_turn_correct`: turn 1 alone), free-running
   stories, one-object edits of the edit task (validation, a centred object: correct share) and VQA exact match.
 
-Under a shift-invariant position scheme ("mrope", "bagel") every figure is the same at every offset (up to
+Under a shift-invariant position scheme ("mrope", "mrope_aligned", "bagel") every figure is the same at every offset (up to
 float noise). Under IL-RoPE an image token's (H, W) does not move with o while text does, so a model whose
 figures change with o has learnt angles that depend on absolute depth.
 

@@ -20,7 +20,6 @@ from mogao.attention.base import check_qkv
 from mogao.attention.mask import ectf_allowed
 from mogao.sequence.layout import TokenLayout
 
-
 GROUP_RATIO = 0.5
 """A sample shorter than this share of its group's longest sample starts a new group."""
 
@@ -80,6 +79,11 @@ def _sample_rows(layout: TokenLayout, samples: Tensor | None = None) -> tuple[Te
     return gather, valid
 
 
+def _batched(x: Tensor, gather: Tensor) -> Tensor:
+    """(N, H, D) physical rows -> (S, H, L, D) by the (S, L) gather; index_select's backward is an index_add."""
+    return x.index_select(0, gather.flatten()).view(*gather.shape, *x.shape[1:]).transpose(1, 2)
+
+
 class SdpaDenseAttention:
     """Dense masked SDPA per sample; exact, simple, memory O(S * L^2). See the module docstring."""
 
@@ -94,11 +98,7 @@ class SdpaDenseAttention:
         groups, offset = [], 0
         for members in length_groups(lengths):
             gather, valid = _sample_rows(layout, torch.tensor(members, device=dev))
-
-            def ids(t: Tensor) -> Tensor:
-                return t[gather]  # (S, L)
-
-            s, o, m, b = ids(layout.sample), ids(layout.order), ids(layout.modality), ids(layout.block)
+            s, o, m, b = (t[gather] for t in (layout.sample, layout.order, layout.modality, layout.block))  # (S, L)
             allowed = ectf_allowed(
                 s[:, :, None], o[:, :, None], m[:, :, None], b[:, :, None],
                 s[:, None, :], o[:, None, :], m[:, None, :], b[:, None, :],
@@ -123,13 +123,9 @@ class SdpaDenseAttention:
         outs = []
         for g in plan.groups:
             num_samples, longest = g.gather.shape
-            flat = g.gather.flatten()
-
-            def batch(x: Tensor) -> Tensor:  # (N, H, D) -> (S, H, L, D); index_select's backward is an index_add
-                return x.index_select(0, flat).view(num_samples, longest, *x.shape[1:]).transpose(1, 2)
-
             out = torch.nn.functional.scaled_dot_product_attention(
-                batch(q), batch(k), batch(v), attn_mask=g.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                _batched(q, g.gather), _batched(k, g.gather), _batched(v, g.gather), attn_mask=g.mask, scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
             )  # (S, Hq, L, D)
             outs.append(out.transpose(1, 2).reshape(num_samples * longest, q.shape[1], v.shape[2]))
         return torch.cat(outs).index_select(0, plan.scatter)

@@ -122,7 +122,8 @@ class DataConfig:
     copy). Set from the model (`ModelConfig.positions`, `for_model`), like the patch sizes."""
     position_offset: int = 0
     """The position every sample starts at (0 in training). Another value probes how a model's outputs depend on
-    depth: under a shift-invariant scheme ('mrope', 'bagel') nothing changes (`benchmarks/position_probe.py`)."""
+    depth: under a shift-invariant scheme ('mrope', 'mrope_aligned', 'bagel') nothing changes
+    (`benchmarks/position_probe.py`)."""
     sequence_format: str = "mogao"
     """'mogao' (one marker pair around all copies of an image) or 'bagel' (<|im_start|>/<|im_end|> around each
     text segment, a marker pair around each image copy, copies ordered noisy, clean VAE, ViT). Set from the model

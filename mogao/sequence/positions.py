@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from mogao.sequence.formats import POSITION_SCHEMES, check_choice
@@ -83,11 +84,11 @@ IMAGE_STRIDE = 32
 def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool,
                 stride: int | None = None, previous_image: int | None = None
                 ) -> tuple[torch.Tensor, int, int | None]:
-    rows: list[torch.Tensor] = []
+    rows: list[np.ndarray] = []
     t = t0
     for n, s in enumerate(spans):
         if s.kind == Modality.TEXT:
-            rows.append(torch.arange(t, t + s.length).expand(3, s.length))
+            rows.append(np.broadcast_to(np.arange(t, t + s.length), (3, s.length)))
             t += s.length
             continue
         if n == 0 or spans[n - 1].image != s.image:  # an image's first copy
@@ -95,19 +96,20 @@ def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int
                 t = previous_image + -(-(t - previous_image) // stride) * stride
             previous_image = t
         gh, gw = _grid(s, grids)
-        m = gh * gw
         base = t if relative else 0
-        image = torch.stack((torch.full((m,), t), base + torch.arange(gh).repeat_interleave(gw),
-                             base + torch.arange(gw).repeat(gh)))
+        image = np.empty((3, s.length), dtype=np.int64)
+        inner = image[:, 1:-1] if s.markers else image
+        inner[0] = t
+        inner[1] = base + np.repeat(np.arange(gh), gw)
+        inner[2] = base + np.tile(np.arange(gw), gh)
         if s.markers:
-            marker = torch.full((3, 1), t)
-            image = torch.cat((marker, image, marker), 1)
+            image[:, 0] = image[:, -1] = t
         rows.append(image)
         if n + 1 == len(spans) or spans[n + 1].image != s.image:  # the image's last copy
             t += max(gh, gw) if relative else 1
     if not rows:
         return torch.zeros(3, 0, dtype=torch.long), t, previous_image
-    return torch.cat(rows, 1).long(), t, previous_image
+    return torch.from_numpy(np.concatenate(rows, 1).astype(np.int64)), t, previous_image
 
 
 def bagel_positions(spans: Sequence[Span | None], t0: int = 0) -> tuple[torch.Tensor, int]:
