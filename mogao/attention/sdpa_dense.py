@@ -53,14 +53,12 @@ def length_groups(lengths: list[int], ratio: float = GROUP_RATIO) -> list[list[i
     return groups
 
 
-def _sample_rows(layout: TokenLayout, samples: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(S, L) physical indices of the tokens of `samples` (default: every sample of the pack, in order) and the
-    (S, L) validity mask."""
+def _sample_rows(layout: TokenLayout, samples: Tensor) -> tuple[Tensor, Tensor]:
+    """(S, L) physical indices of the tokens of `samples` (sample ids, one row each) and the (S, L) validity
+    mask."""
     n = layout.num_tokens
     sample = layout.sample
     num_samples = int(sample.max()) + 1 if n else 0
-    if samples is None:
-        samples = torch.arange(num_samples, device=sample.device)
     row_of = torch.full((num_samples,), -1, dtype=torch.long, device=sample.device)
     row_of[samples] = torch.arange(len(samples), device=sample.device)
     mine = (row_of[sample] >= 0).nonzero().flatten() if n else sample.new_zeros(0)

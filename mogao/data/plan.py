@@ -118,8 +118,9 @@ class DataConfig:
     a device."""
     positions: str = "il_rope"
     """Rotary position scheme: 'il_rope' (IL-RoPE), 'mrope' (M-RoPE: image H, W counted from the image's T),
-    'mrope_aligned' (M-RoPE, every image at a multiple of 32) or 'bagel' (BAGEL's 1-D positions, one per image
-    copy). Set from the model (`ModelConfig.positions`, `for_model`), like the patch sizes."""
+    'mrope_aligned' (M-RoPE, a later image whole 32-position strides after the one before) or 'bagel' (BAGEL's
+    1-D positions, one per image copy). Set from the model (`ModelConfig.positions`, `for_model`), like the patch
+    sizes."""
     position_offset: int = 0
     """The position every sample starts at (0 in training). Another value probes how a model's outputs depend on
     depth: under a shift-invariant scheme ('mrope', 'mrope_aligned', 'bagel') nothing changes

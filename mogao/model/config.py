@@ -76,9 +76,10 @@ class ModelConfig:
             each image token's (row, column), which the latent position code and tables read, then comes from
             the batch's `grid_cells`. "mrope": M-RoPE, as IL-RoPE with (H, W) = (T + row, T + column) and the
             next T past the image's largest position, so that every rotary angle is relative (shift-invariant;
-            cells from `grid_cells`). "mrope_aligned": M-RoPE with every image moved up to the next multiple
-            of 32 positions, so that the images of an edit or a story turn are one fixed offset apart and the
-            same cell of the previous image one fixed rotary angle away. The data side follows it
+            cells from `grid_cells`). "mrope_aligned": M-RoPE with every image after a sample's first moved
+            up to a whole number of 32-position strides after the image before it, so that the images of an edit
+            or a story turn are one fixed offset apart and the same cell of the previous image one fixed rotary
+            angle away. The data side follows it
             (`DataConfig.for_model`). Models saved before this option existed have no key and load as "il_rope".
         rope_axes: which rotary frequencies the H and W axes take (`mogao.model.rope.frequency_axes`).
             "interleaved": T, H, W in turn from the highest frequency, the lowest quarter all T (IL-RoPE's

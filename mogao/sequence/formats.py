@@ -15,8 +15,9 @@ Position schemes:
 - "mrope": M-RoPE (`positions.mrope_positions`): as IL-RoPE with (H, W) = (T + row, T + column), the next T one
   past the image's largest position; every angle is relative (a shifted sample computes the same). Cells are
   carried apart (`grid_cells`).
-- "mrope_aligned": M-RoPE with every image moved up to the next multiple of 32 positions
-  (`positions.aligned_mrope_positions`): consecutive images of a story or an edit are one fixed offset apart.
+- "mrope_aligned": M-RoPE with every image after a sample's first moved up to a whole number of 32-position
+  strides after the image before it (`positions.aligned_mrope_positions`): consecutive images of a story or an
+  edit are one fixed offset apart.
 - "bagel": BAGEL's 1-D RoPE written as (p, p, p) (`positions.bagel_positions`): every token of one image copy,
   markers included, takes one position p; text advances by its length, a clean copy by 1, a noisy copy by 0.
   The (row, column) of an image token is then carried apart from its position (`grid_cells`).

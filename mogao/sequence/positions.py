@@ -69,16 +69,16 @@ def mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0:
     return _three_axis(spans, grids, t0, relative=True)[:2]
 
 
+IMAGE_STRIDE = 32
+"""Under "mrope_aligned", an image after another one starts a whole number of these after it."""
+
+
 def aligned_mrope_positions(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int = 0,
                             previous_image: int | None = None) -> tuple[torch.Tensor, int, int | None]:
     """As `mrope_positions`, with every image after the first moved up to a whole number of `IMAGE_STRIDE`s after
     the image before it. `previous_image`: the T of the last image before `spans` (None: there is none). Returns
     the positions, the next T and the T of the last image so far."""
     return _three_axis(spans, grids, t0, relative=True, stride=IMAGE_STRIDE, previous_image=previous_image)
-
-
-IMAGE_STRIDE = 32
-"""Under "mrope_aligned", an image after another one starts a whole number of these after it."""
 
 
 def _three_axis(spans: Sequence[Span], grids: Sequence[tuple[int, int]], t0: int, relative: bool,
