@@ -38,6 +38,8 @@ from mogao.training.datamodule import DataPosition
 from mogao.training.exact_match import ExactMatch
 from mogao.training.faults import ELSEWHERE, NonFinite, NumericalFaults
 from mogao.training.objectives import combine_losses
+from mogao.training.optim import extend_scheduler
+from mogao.training.parts import check_lr_scale
 from mogao.training.rundir import run_dir
 from mogao.training.trainable import FullParts, LoraAdapters
 
@@ -69,6 +71,9 @@ class MogaoModule(pl.LightningModule):
         lambda_text: weight of the text cross-entropy (None: the stage's default).
         lambda_image: weight of the flow-matching loss (None: the stage's default).
         optimizer: optimizer factory, called with parameter groups (decay / no decay).
+        lr_scale: learning-rate multiplier per part (e.g. `{und: 0.25}`: the understanding expert learns at a
+            quarter of the optimizer's rate, the other parts at the full rate); the scheduler scales each
+            group's rate alike. Not with `lora`.
         lr_scheduler: LR-scheduler factory; stepped every optimizer step.
         weight_decay_norms_and_biases: also apply weight decay to norms, biases and embeddings.
         exact_match_samples: validation samples per source whose final answer is generated greedily and compared
@@ -111,11 +116,15 @@ class MogaoModule(pl.LightningModule):
         lora: LoraSpec | None = None,
         meta_init: bool = False,
         generation_from_understanding: bool = False,
+        lr_scale: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if meta_init and lora is not None:
             raise ConfigError("model.meta_init and model.lora are exclusive: LoRA wraps loaded weights; set "
                               "model.meta_init: false for a LoRA run")
+        if lr_scale and lora is not None:
+            raise ConfigError("model.lr_scale and model.lora are exclusive: a LoRA run's adapters form one group")
+        self.lr_scale = {k: float(v) for k, v in check_lr_scale(lr_scale or {}).items()}
         self.meta_init = meta_init
         self.weight_plan = None  # with meta_init: where configure_model reads the weights from
         self.faults = NumericalFaults(nonfinite, max_nonfinite_consecutive)
@@ -210,12 +219,21 @@ class MogaoModule(pl.LightningModule):
         self.optimizer_parts += new
         if self._trainer is not None and self.trainer.optimizers:
             opt = self.trainer.optimizers[0]
-            template = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "weight_decay")}
+            first = opt.param_groups[0]
+            template = {k: v for k, v in first.items() if k not in ("params", "weight_decay", "part")}
+            base = self._scale(first.get("part"))
             for group in self._param_groups(new):
-                opt.add_param_group({**template, **group})
+                ratio = self._scale(group.get("part")) / base  # the first group's rate is already scaled
+                scaled = {k: template[k] * ratio for k in ("lr", "initial_lr") if k in template}
+                opt.add_param_group({**template, **scaled, **group})
+                for config in self.trainer.lr_scheduler_configs:  # a scheduler keeps a list entry per group
+                    extend_scheduler(config.scheduler, opt.param_groups[-1])
 
     def _param_groups(self, parts: list[str]) -> list[dict[str, Any]]:
         return self.trainable.param_groups(self.model, parts, self.decay_all)
+
+    def _scale(self, part: str | None) -> float:
+        return self.lr_scale.get(part, 1.0) if part is not None else 1.0
 
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
@@ -237,6 +255,8 @@ class MogaoModule(pl.LightningModule):
         if not groups:
             raise ConfigError(f"nothing to train: train={self.train_parts} selects no parameters")
         optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:  # (before the scheduler reads each group's initial rate)
+            group["lr"] = group["lr"] * self._scale(group.get("part"))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

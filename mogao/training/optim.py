@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,6 +31,17 @@ class WarmupCosine(LambdaLR):
         span = max(1, self.total_steps - self.warmup_steps)
         t = min(1.0, (step - self.warmup_steps) / span)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
+    """Give a torch LR scheduler the entries of an optimizer group added after it was built (a part unfrozen
+    during the run): its base rate, and (LambdaLR, MultiplicativeLR) the first group's factor function."""
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs.append(group.get("initial_lr", group["lr"]))
+    if isinstance(getattr(scheduler, "lr_lambdas", None), list):
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+    if isinstance(getattr(scheduler, "_last_lr", None), list):
+        scheduler._last_lr.append(group["lr"])
 
 
 def AdamW8bit(params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -39,6 +39,15 @@ def check_parts(parts: Iterable[str], what: str = "train") -> list[str]:
     return parts
 
 
+def check_lr_scale(scale: dict[str, float], what: str = "model.lr_scale") -> dict[str, float]:
+    """A learning-rate multiplier per part: known parts, finite multipliers >= 0."""
+    check_parts(scale, what)
+    bad = {k: v for k, v in scale.items() if not isinstance(v, (int, float)) or not 0.0 <= float(v) < float("inf")}
+    if bad:
+        raise ConfigError(f"{what}: multipliers must be finite numbers >= 0, got {bad}")
+    return scale
+
+
 def set_trainable(model: nn.Module, parts: Iterable[str]) -> dict[str, int]:
     """Make exactly `parts` trainable (everything else frozen); returns trainable parameter counts per part."""
     parts = check_parts(parts)

@@ -36,14 +36,16 @@ class FullParts:
         return self.apply(model)
 
     def param_groups(self, model: nn.Module, parts: list[str], decay_all: bool) -> list[dict[str, Any]]:
-        """Two groups per part (weight decay / none), in `parts` order; empty groups are left out."""
+        """Two groups per part (weight decay / none), in `parts` order, each naming its part; empty groups are
+        left out."""
         by_part = part_parameters(model)
         groups = []
         for part in parts:
             decay, no_decay = [], []
             for name, p in by_part[part].items():
                 (decay if decay_all or (p.dim() >= 2 and "embed" not in name) else no_decay).append(p)
-            groups += [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+            groups += [g for g in ({"params": decay, "part": part},
+                                   {"params": no_decay, "weight_decay": 0.0, "part": part}) if g["params"]]
         return groups
 
     def step_context(self, seed_parts: tuple[Any, ...], devices: list[Any]) -> contextlib.AbstractContextManager:

@@ -171,10 +171,15 @@ def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
     sched = ("--trainer.callbacks+={class_path: callbacks.CurriculumSchedule, init_args: {milestones: "
              "[{step: 0, train: [gen]}, {step: 2, train: [gen, und], lambda_text: 0.5, shift: 2.0}]}}")
     cfg = str(recipes / "t2i.yaml")
-    build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "a", steps=4), sched])
+    # the optimizer starts with the generation expert's groups; those of the part unfrozen later join it, at a
+    # quarter of the rate
+    scale = ["--model.init_args.train=[gen]", "--model.init_args.lr_scale={und: 0.25}"]
+    build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "a", steps=4), sched, *scale])
     with pytest.raises(RuntimeError):
-        build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched], callbacks=[Interrupt(3)])
-    cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, "--ckpt_path=last"])
+        build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, *scale],
+                  callbacks=[Interrupt(3)])
+    cli = build_cli(["fit", "--config", cfg, *small(parts, tmp_path / "b", steps=4), sched, *scale,
+                     "--ckpt_path=last"])
     assert cli.model.train_parts == ["gen", "und"] and cli.model.lambda_text == 0.5
     assert cli.model.model.cfg.timestep_sampling.shift == 2.0
     from mogao.model.checkpoint_files import load_checkpoint_file
@@ -182,7 +187,12 @@ def test_unfreezing_schedule_survives_resume(parts, recipes, tmp_path):
     saved = load_checkpoint_file(tmp_path / "a" / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]
     ts = saved["timestep_sampling"] if isinstance(saved, dict) else saved.timestep_sampling
     assert (ts["shift"] if isinstance(ts, dict) else ts.shift) == 3.0  # the recipe's, as configured
-    assert len(cli.trainer.optimizers[0].param_groups) == 4  # gen (decay, no decay) + und (decay, no decay)
+    groups = cli.trainer.optimizers[0].param_groups
+    assert [g["part"] for g in groups] == ["gen", "gen", "und", "und"]  # (decay, no decay) each
+    gen = next(g for g in groups if g["part"] == "gen")
+    for key in ("lr", "initial_lr"):  # the scheduler moves both parts' rates alike
+        want = [gen[key] * (0.25 if g["part"] == "und" else 1.0) for g in groups]
+        assert [g[key] for g in groups] == pytest.approx(want, rel=1e-12) and gen[key] > 0
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert abs(a[4]["loss"] - b[4]["loss"]) <= 1e-6
 
@@ -282,6 +292,13 @@ def test_missing_checkpoint_fails_naming_the_path(capsys, tmp_path, monkeypatch)
     _fails_before_building(["fit", "--config", "tiny/t2i", "--model.init_args.tiny=null",
                  f"--model.init_args.tokenizer={tmp_path}/nowhere-tok"], capsys, f"{tmp_path}/nowhere-tok",
                            monkeypatch)
+
+
+def test_a_learning_rate_scale_of_an_unknown_part_fails_naming_it(capsys, monkeypatch):
+    _fails_before_building(["fit", "--config", "tiny/t2i", "--model.init_args.lr_scale={vision: 0.5}"], capsys,
+                           "model.lr_scale: unknown part(s) ['vision']", monkeypatch)
+    _fails_before_building(["fit", "--config", "tiny/t2i", "--model.init_args.lr_scale={und: -1}"], capsys,
+                           "model.lr_scale: multipliers must be finite numbers >= 0", monkeypatch)
 
 
 def test_recipe_not_found_fails_naming_it(capsys, monkeypatch):
