@@ -60,8 +60,10 @@ class MetricsHistory(pl.Callback):
         row = {"kind": "train", "step": trainer.global_step, "epoch": trainer.current_epoch,
                "time": round(time.perf_counter() - self._t0, 3)}
         row.update(getattr(pl_module, "last_metrics", {}))
-        if trainer.optimizers:
-            row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        if trainer.optimizers:  # the optimizer's rate, before a part's `lr_scale`
+            group = trainer.optimizers[0].param_groups[0]
+            scale = pl_module._scale(group.get("part")) if hasattr(pl_module, "_scale") else 1.0
+            row["lr"] = group["lr"] / scale if scale > 0 else group["lr"]
         self._write(row)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
