@@ -24,21 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The longest files, longest first (measured: `pytest --durations`). `-n 2 --dist loadfile` hands files to the
-# workers in collection order; starting with these keeps a long file from running alone at the end.
-LONGEST_FIRST = ("training/test_learnability_stories.py", "training/test_learnability.py",
-                 "recipes/test_multiprocess_cli.py", "training/test_distributed.py", "training/test_rank_faults.py",
-                 "training/test_checkpoint_faults.py", "bagel/test_recipes.py", "recipes/test_stages.py",
-                 "lora/test_lora_e2e.py")
-
-
-def _rank(item) -> int:
-    path = item.nodeid.split("::")[0]
-    return next((i for i, f in enumerate(LONGEST_FIRST) if path.endswith(f)), len(LONGEST_FIRST))
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_rank)  # (stable: the order within a file and among the rest is kept)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

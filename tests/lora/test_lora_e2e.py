@@ -33,7 +33,10 @@ IMAGE_TOKENS = 16  # (16 / latent patch 4)^2: the base and the adapter train at 
 # The geometry this test was built on (the tiny recipes draw 32-pixel images at patch 8 under M-RoPE; a 16-pixel
 # image would be 2x2 tokens there): patch 4, IL-RoPE.
 GEOMETRY = ["--model.init_args.tiny.vit_patch_size=4", "--model.init_args.model.latent_patch=4",
-            "--model.init_args.model.positions=il_rope"]
+            "--model.init_args.model.positions=il_rope",
+            # the base starts from random components, with no understanding stage before it: its understanding
+            # expert learns the captions here, at the full rate (the recipe's quarter is for a trained one)
+            "--model.init_args.lr_scale={}"]
 BASE_STEPS = 450
 LORA_STEPS = 150
 QUIET = ["--trainer.val_check_interval=100000", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
