@@ -142,7 +142,8 @@ def test_generate_main_fuzz(model_dir, tmp_path_factory, text, mode, side):
         path = path if mode not in ("CMYK", "F", "I") else d / "in.tiff"
     if "\x00" in text:  # an OS argument cannot hold NUL; the API fuzz covers it
         text = text.replace("\x00", "")
-    rc = generate_main(["--ckpt", str(model_dir), "--prompt", text, "--image", str(path), "--draw",
+    # (`--prompt=TEXT`: a prompt may start with "-", which argparse reads as an option after a separate `--prompt`)
+    rc = generate_main(["--ckpt", str(model_dir), f"--prompt={text}", "--image", str(path), "--draw",
                         "--steps", "1", "--image-size", "16", "--max-new-tokens", "1", "--out", str(d / "o")])
     assert rc in (0, 2)
 
