@@ -62,8 +62,8 @@ class MetricsHistory(pl.Callback):
         row.update(getattr(pl_module, "last_metrics", {}))
         if trainer.optimizers:  # the optimizer's rate, before a part's `lr_scale`
             group = trainer.optimizers[0].param_groups[0]
-            scale = pl_module._scale(group.get("part")) if hasattr(pl_module, "_scale") else 1.0
-            row["lr"] = group["lr"] / scale if scale > 0 else group["lr"]
+            scale = pl_module.lr_scale_of(group.get("part")) if hasattr(pl_module, "lr_scale_of") else 1.0
+            row["lr"] = group["lr"] / scale
         self._write(row)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -73,7 +73,8 @@ class MogaoModule(pl.LightningModule):
         optimizer: optimizer factory, called with parameter groups (decay / no decay).
         lr_scale: learning-rate multiplier per part (e.g. `{und: 0.25}`: the understanding expert learns at a
             quarter of the optimizer's rate, the other parts at the full rate); the scheduler scales each
-            group's rate alike. Not with `lora`.
+            group's rate alike. Multiples are > 0 (a part that must not learn is left out of `train`). Not with
+            `lora`.
         lr_scheduler: LR-scheduler factory; stepped every optimizer step.
         weight_decay_norms_and_biases: also apply weight decay to norms, biases and embeddings.
         exact_match_samples: validation samples per source whose final answer is generated greedily and compared
@@ -221,9 +222,9 @@ class MogaoModule(pl.LightningModule):
             opt = self.trainer.optimizers[0]
             first = opt.param_groups[0]
             template = {k: v for k, v in first.items() if k not in ("params", "weight_decay", "part")}
-            base = self._scale(first.get("part"))
+            base = self.lr_scale_of(first.get("part"))
             for group in self._param_groups(new):
-                ratio = self._scale(group.get("part")) / base  # the first group's rate is already scaled
+                ratio = self.lr_scale_of(group.get("part")) / base  # the first group's rate is already scaled
                 scaled = {k: template[k] * ratio for k in ("lr", "initial_lr") if k in template}
                 opt.add_param_group({**template, **scaled, **group})
                 for config in self.trainer.lr_scheduler_configs:  # a scheduler keeps a list entry per group
@@ -232,7 +233,8 @@ class MogaoModule(pl.LightningModule):
     def _param_groups(self, parts: list[str]) -> list[dict[str, Any]]:
         return self.trainable.param_groups(self.model, parts, self.decay_all)
 
-    def _scale(self, part: str | None) -> float:
+    def lr_scale_of(self, part: str | None) -> float:
+        """The multiple of the optimizer's rate a group of `part` learns at (`lr_scale`; 1 for other groups)."""
         return self.lr_scale.get(part, 1.0) if part is not None else 1.0
 
     def setup(self, stage: str) -> None:
@@ -256,7 +258,7 @@ class MogaoModule(pl.LightningModule):
             raise ConfigError(f"nothing to train: train={self.train_parts} selects no parameters")
         optimizer = self.optimizer_factory(groups)
         for group in optimizer.param_groups:  # (before the scheduler reads each group's initial rate)
-            group["lr"] = group["lr"] * self._scale(group.get("part"))
+            group["lr"] = group["lr"] * self.lr_scale_of(group.get("part"))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -40,11 +40,13 @@ def check_parts(parts: Iterable[str], what: str = "train") -> list[str]:
 
 
 def check_lr_scale(scale: dict[str, float], what: str = "model.lr_scale") -> dict[str, float]:
-    """A learning-rate multiplier per part: known parts, finite multipliers >= 0."""
+    """A learning-rate multiplier per part: known parts, finite multipliers > 0 (a part that must not learn is
+    left out of `train`)."""
     check_parts(scale, what)
-    bad = {k: v for k, v in scale.items() if not isinstance(v, (int, float)) or not 0.0 <= float(v) < float("inf")}
+    bad = {k: v for k, v in scale.items() if not isinstance(v, (int, float)) or not 0.0 < float(v) < float("inf")}
     if bad:
-        raise ConfigError(f"{what}: multipliers must be finite numbers >= 0, got {bad}")
+        raise ConfigError(f"{what}: multipliers must be finite numbers > 0 (to freeze a part, leave it out of "
+                          f"train), got {bad}")
     return scale
 
 

@@ -297,8 +297,9 @@ def test_missing_checkpoint_fails_naming_the_path(capsys, tmp_path, monkeypatch)
 def test_a_learning_rate_scale_of_an_unknown_part_fails_naming_it(capsys, monkeypatch):
     _fails_before_building(["fit", "--config", "tiny/t2i", "--model.init_args.lr_scale={vision: 0.5}"], capsys,
                            "model.lr_scale: unknown part(s) ['vision']", monkeypatch)
-    _fails_before_building(["fit", "--config", "tiny/t2i", "--model.init_args.lr_scale={und: -1}"], capsys,
-                           "model.lr_scale: multipliers must be finite numbers >= 0", monkeypatch)
+    for bad in ("-1", "0"):  # (a part that must not learn is left out of `train`)
+        _fails_before_building(["fit", "--config", "tiny/t2i", f"--model.init_args.lr_scale={{und: {bad}}}"], capsys,
+                               "model.lr_scale: multipliers must be finite numbers > 0", monkeypatch)
 
 
 def test_recipe_not_found_fails_naming_it(capsys, monkeypatch):
