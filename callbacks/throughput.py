@@ -1,6 +1,7 @@
 """Training throughput and model-FLOPs utilisation (MFU) of packed batches, over a sliding window of steps.
 
-Logged every training batch (Lightning writes them at the trainer's `log_every_n_steps` cadence):
+Logged at the steps Lightning writes logs (the trainer's `log_every_n_steps`) and at the last step (for
+`trainer.callback_metrics`); every batch's work is counted:
 
     throughput/tokens_per_sec      packed tokens per second on this device
     throughput/samples_per_sec     samples per second on this device
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from mogao.model.mogao import MogaoModel
 from mogao.training.flops import peak_flops as lookup_peak_flops
 from mogao.training.flops import training_flops
+from mogao.training.rundir import logs_this_step
 
 PREFIX = "throughput/"
 
@@ -106,6 +108,8 @@ class Throughput(Callback):
         flops = training_flops(model, batch).total if isinstance(model, MogaoModel) else None
         self._work.append(_Work(batch.num_tokens, batch.layout.num_samples, int(batch.budget), flops))
         self._times.append(self._now())
+        if not logs_this_step(trainer):
+            return  # a `log_dict` costs a few ms on a CPU: a tenth of a tiny model's step
         metrics = self._rates(trainer, pl_module)
         if metrics:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

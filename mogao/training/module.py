@@ -40,7 +40,7 @@ from mogao.training.faults import ELSEWHERE, NonFinite, NumericalFaults
 from mogao.training.objectives import combine_losses
 from mogao.training.optim import extend_scheduler
 from mogao.training.parts import check_lr_scale
-from mogao.training.rundir import run_dir
+from mogao.training.rundir import logs_this_step, run_dir
 from mogao.training.trainable import FullParts, LoraAdapters
 
 log = logging.getLogger(__name__)
@@ -304,8 +304,9 @@ class MogaoModule(pl.LightningModule):
                              "nonfinite_steps": self.faults.steps, "bad_samples": bad_samples}
         self.log_dict({"train/loss": loss, "train/text_loss": total.text_loss,
                        "train/image_loss": total.image_loss}, prog_bar=True, batch_size=1)
-        self.log_dict({"train/nonfinite_steps": float(self.faults.steps),
-                       "data/bad_samples": float(bad_samples)}, batch_size=1)
+        if logs_this_step(self.trainer):
+            self.log_dict({"train/nonfinite_steps": float(self.faults.steps),
+                           "data/bad_samples": float(bad_samples)}, batch_size=1)
         if not bad_loss:
             return total.loss
         if self.trainer.world_size == 1:

@@ -27,6 +27,17 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return cached
 
 
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training step's logs (its `log_every_n_steps`), or it is the last step: the
+    steps where per-step metrics need logging at all (a `log_dict` costs a few ms on a CPU, a tenth of a tiny
+    model's step). Asked in `on_train_batch_end` or `training_step`; the same answer on every rank, so a
+    collective behind it is reached by all or none."""
+    if trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps:
+        return True
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
 def cached_run_dir(trainer: Any) -> Path | None:
     """`run_dir`'s answer when it is known already (no collective), else None: for code that may run on one
     rank alone or outside the main thread (fault reports, the collective watchdog)."""

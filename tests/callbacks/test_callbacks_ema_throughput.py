@@ -331,9 +331,9 @@ def test_ema_validation_swap_and_saved_model(tiny_parts, batches, tmp_path):
 # ---- throughput -------------------------------------------------------------------------------------
 
 
-def _throughput_rows(tiny_parts, batches, tmp_path, callback: Throughput) -> list[dict[str, float]]:
+def _throughput_rows(tiny_parts, batches, tmp_path, callback: Throughput, every: int = 1) -> list[dict[str, float]]:
     logger = CSVLogger(tmp_path, name="tp")
-    trainer = _trainer(STEPS, [callback], logger=logger, log_every_n_steps=1)
+    trainer = _trainer(STEPS, [callback], logger=logger, log_every_n_steps=every)
     trainer.fit(_Module(tiny_parts, frozen=("vit",)), _loader(batches))
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
@@ -350,6 +350,24 @@ def test_throughput_logs_rates_without_mfu_on_cpu(tiny_parts, batches, tmp_path)
         assert 0.0 <= r["throughput/padding_fraction"] < 1.0
         assert "throughput/mfu" not in r
         assert r["throughput/tokens_per_sec"] > r["throughput/samples_per_sec"]
+
+
+def test_throughput_logs_at_the_logging_steps_and_the_last_over_every_batch(tiny_parts, batches, tmp_path,
+                                                                            monkeypatch):
+    """Rates are computed and logged only where Lightning writes logs (every 3rd step here; the logger gets that
+    row) and at the last step (for `trainer.callback_metrics`), but the window holds every batch."""
+    seen = []
+    original = Throughput._rates
+
+    def spy(self, trainer, pl_module):
+        seen.append((trainer.global_step, len(self._work)))
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(Throughput, "_rates", spy)
+    rows = _throughput_rows(tiny_parts, batches, tmp_path, Throughput(window=3), every=3)
+    assert [s for s, _ in seen] == [3, STEPS]
+    assert [w for _, w in seen] == [3, 3]
+    assert len(rows) == 1 and rows[0]["throughput/tokens_per_sec"] > 0
 
 
 def test_throughput_mfu_with_a_given_peak(tiny_parts, batches, tmp_path):
