@@ -14,9 +14,19 @@ from the source there (near the reference-source distance); one that copies has 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (position_probe, also when loaded by path)
+from position_probe import x0_estimates  # noqa: E402
+
+NOISE_SEED = 1
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[float, dict[str, float]]]:
@@ -25,58 +35,43 @@ def main(argv: list[str] | None = None) -> dict[str, dict[float, dict[str, float
     ap.add_argument("--tokenizer", type=Path, default=Path("runs/tiny/components/tokenizer"))
     ap.add_argument("--n", type=int, default=64, help="samples of each kind")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 0.95, 1.0])
-    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=3, help="seed of the validation samples")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
-    from mogao.data import DataConfig, collate_plans, lower_sample, samples_from_dicts
+    from mogao.data import DataConfig
     from mogao.data.builtin import make_builtin
-    from mogao.diffusion.flow import add_noise
     from mogao.model.io import load_model
-    from mogao.model.mogao import NoisyState
 
     model = load_model(args.model).eval()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     size = 32
-    data = DataConfig(token_budget=1 << 20, max_image_tokens=(size // model.vae_patch) ** 2,
-                      vit_patch=model.vit_patch, vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0)
+    data = DataConfig(token_budget=1 << 20, max_image_tokens=(size // model.vae_patch) ** 2, p_drop_text=0.0,
+                      p_drop_images=0.0).for_model(model)
     out: dict[str, dict[float, dict[str, float]]] = {}
     for kind, opts in (("story", {"max_objects": 2, "max_images": 2}), ("edit", {"max_objects": 2})):
-        src = make_builtin(kind, split="validation", n=args.n, seed=args.seed, image_size=size, **opts)
-        batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(src.samples)],
-                              data.token_budget)
-        x0 = model.image_tokens(batch.vae_pixels)
-        targets = batch.image_is_target.nonzero().flatten().tolist()
-        per = x0[targets[0]].shape[0]
-        clean = torch.cat([x0[i] for i in targets])
-        # each sample's last image is the edited one; the image just before it (a target in a story, a
-        # condition in an edit) is its source
-        pairs = [(targets[k] - 1, k) for k in range(len(targets))
-                 if kind == "edit" or k % 2 == 1]
+        dicts = make_builtin(kind, split="validation", n=args.n, seed=args.seed, image_size=size, **opts).samples
+        if kind == "edit":  # the source is a condition image: its clean tokens, drawn as a target of its own
+            _, sources = x0_estimates(model, tok, data, [{"segments": [{"image": s["segments"][0]["image"],
+                                                                        "generate": True}]} for s in dicts],
+                                      NOISE_SEED, 1.0)
         out[kind] = {}
         for sigma in args.sigmas:
-            gen = torch.Generator().manual_seed(1)
-            noisy = add_noise(clean, torch.randn(clean.shape, generator=gen), sigma)
-            with torch.no_grad():
-                v = model(batch, noisy=NoisyState(torch.full((len(targets),), sigma), noisy)).velocity
-            x0_hat = noisy - sigma * v
+            est, clean = x0_estimates(model, tok, data, dicts, NOISE_SEED, sigma)
+            if kind == "story":  # two targets a story: the first image is the second's source
+                sources, est, clean = clean[0::2], est[1::2], clean[1::2]
             changed, kept, from_source, source_ref = [], [], [], []
-            for s, k in pairs:
-                pred, ref, source = x0_hat[k * per:(k + 1) * per], x0[targets[k]], x0[s]
+            for pred, ref, source in zip(est, clean, sources):
                 diff = ((ref - source) ** 2).mean(-1) > 1e-3
                 err = ((pred - ref) ** 2).mean(-1)
                 changed += err[diff].tolist()
                 kept += err[~diff].tolist()
                 from_source += ((pred - source) ** 2).mean(-1)[diff].tolist()
                 source_ref += ((ref - source) ** 2).mean(-1)[diff].tolist()
-
-            def mean(xs: list[float]) -> float:
-                return sum(xs) / max(1, len(xs))
-
-            row = {"changed_tokens": len(changed), "kept_tokens": len(kept), "err_changed": mean(changed),
-                   "err_kept": mean(kept), "share_changed": sum(changed) / max(1e-12, sum(changed) + sum(kept)),
-                   "x0_from_source": mean(from_source), "reference_from_source": mean(source_ref)}
+            row = {"changed_tokens": len(changed), "kept_tokens": len(kept), "err_changed": _mean(changed),
+                   "err_kept": _mean(kept), "share_changed": sum(changed) / max(1e-12, sum(changed) + sum(kept)),
+                   "x0_from_source": _mean(from_source), "reference_from_source": _mean(source_ref)}
             out[kind][sigma] = row
             print(f"{kind:5s} σ={sigma:<4g} tokens changed {row['changed_tokens']} / kept {row['kept_tokens']} | "
                   f"x̂₀ error changed {row['err_changed']:.4f} kept {row['err_kept']:.4f} "
