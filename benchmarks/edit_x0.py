@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> Path:
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     size = 32
     src = make_builtin("edit", split="validation", n=args.n, seed=args.seed, image_size=size, max_objects=2)
-    data = DataConfig(token_budget=1 << 20, max_image_tokens=(size // model.vae_patch) ** 2,
-                      vit_patch=model.vit_patch, vae_patch=model.vae_patch, p_drop_text=0.0, p_drop_images=0.0)
+    data = DataConfig(token_budget=1 << 20, max_image_tokens=(size // model.vae_patch) ** 2, p_drop_text=0.0,
+                      p_drop_images=0.0).for_model(model)  # (its patch sizes, position scheme and sequence format)
     batch = collate_plans([lower_sample(s, tok, data) for s in samples_from_dicts(src.samples)], data.token_budget)
     x0 = model.image_tokens(batch.vae_pixels)
     targets = batch.image_is_target.nonzero().flatten().tolist()
