@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (position_probe, also when loaded by path)
 from position_probe import x0_estimates  # noqa: E402
 
